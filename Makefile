@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh machine:
+#   make test       install into .venv, fetch MNIST, lint, run pytest (includes a quick notebook run)
+#   make tutorial   install, fetch MNIST, execute the notebook headless (SPARSITY=0.99 to rerun)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SPARSITY ?= 0.95
+# Extra papermill parameters, e.g. PARAMS="-p regrow gradient -p allocation uniform".
+PARAMS ?=
+EXECUTED := executed/dst_tutorial_s$(SPARSITY).ipynb
+
+.PHONY: install data test lint tutorial benchmarks clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+data: install
+	$(BIN)/python -m dst.data data
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install data lint
+	$(BIN)/python -m pytest
+
+tutorial: install data
+	mkdir -p executed
+	$(BIN)/papermill dst_tutorial.ipynb $(EXECUTED) -p GLOBAL_SPARSITY $(SPARSITY) $(PARAMS)
+	@echo "Executed notebook: $(EXECUTED); plots in plots/, results in results/"
+
+benchmarks: install
+	$(BIN)/python benchmarks/sparse_inference.py
+	$(BIN)/python benchmarks/sparse_training.py
+
+clean:
+	rm -rf executed .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,50 @@
+"""The tutorial's networks: the seed's CNN and a plain MLP.
+
+Both are written as chains of layers (``nn.Sequential``) so the truly sparse
+engine can convert them by walking their layers in order.
+"""
+
+from collections import OrderedDict
+
+from torch import nn
+
+
+class SimpleNet(nn.Sequential):
+    """The seed's CNN for 28x28 grey images: two conv blocks, then four linears.
+
+    conv 1->16 and 16->32 (3x3, padding 1), each followed by ReLU and 2x2
+    max-pool, then linear 1568->128->1000->1000->num_classes with ReLU between.
+    With ``num_classes=10`` it has 1,345,642 parameters.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__(OrderedDict([
+            ("conv1", nn.Conv2d(1, 16, kernel_size=3, padding=1)),
+            ("relu1", nn.ReLU()),
+            ("pool1", nn.MaxPool2d(2)),
+            ("conv2", nn.Conv2d(16, 32, kernel_size=3, padding=1)),
+            ("relu2", nn.ReLU()),
+            ("pool2", nn.MaxPool2d(2)),
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(32 * 7 * 7, 128)),
+            ("relu3", nn.ReLU()),
+            ("fc2", nn.Linear(128, 1000)),
+            ("relu4", nn.ReLU()),
+            ("fc3", nn.Linear(1000, 1000)),
+            ("relu5", nn.ReLU()),
+            ("fc4", nn.Linear(1000, num_classes)),
+        ]))
+
+
+class MLP(nn.Sequential):
+    """A plain multi-layer perceptron on flattened images, ReLU between layers."""
+
+    def __init__(self, in_features: int = 784, hidden: tuple[int, ...] = (1000, 1000),
+                 num_classes: int = 10):
+        widths = (in_features, *hidden, num_classes)
+        layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
+        for index, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+            if index > 1:
+                layers.append((f"relu{index - 1}", nn.ReLU()))
+            layers.append((f"fc{index}", nn.Linear(fan_in, fan_out)))
+        super().__init__(OrderedDict(layers))

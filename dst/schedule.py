@@ -1,0 +1,116 @@
+"""When DST updates happen and how much they move: the config and a small scheduler."""
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from dst.masked import MaskedNet
+from dst.prune_regrow import REGROW, Batch, LayerUpdate, apply_dst_step, check_prune_ratio
+
+SCHEDULES = ("constant", "cosine")
+UNITS = ("epoch", "step")
+
+
+@dataclass(frozen=True)
+class DSTConfig:
+    """Hyperparameters of the topology updates, validated on construction."""
+
+    # Fraction of each layer's active weights moved per update. 0.1 is the seed's;
+    # RigL uses 0.3 and lets the cosine schedule decay it.
+    prune_ratio: float = 0.1
+    # "random" (SET) or "gradient" (RigL). Both keep the same active count.
+    regrow: str = "random"
+    # "constant" (the seed) or "cosine": ratio * (1 + cos(pi * t / end)) / 2, zero from `end` on,
+    # so the topology settles before training ends (RigL stops updating at 75% of training).
+    schedule: str = "constant"
+    # An update every `every` units; the seed updates every 2 epochs.
+    every: int = 2
+    unit: str = "epoch"
+    # Last unit (epoch or optimizer step count) at which updates may happen; None = never stop.
+    end: int | None = None
+
+    def __post_init__(self):
+        check_prune_ratio(self.prune_ratio)
+        if self.regrow not in REGROW:
+            raise ValueError(f"unknown regrow method {self.regrow!r}; choose one of {sorted(REGROW)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        if self.unit not in UNITS:
+            raise ValueError(f"unknown unit {self.unit!r}; choose one of {list(UNITS)}")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"every must be a positive int (units between updates), got {self.every!r}")
+        if self.end is not None and (not isinstance(self.end, int) or self.end < 1):
+            raise ValueError(f"end must be None or a positive int, got {self.end!r}")
+        if self.schedule == "cosine" and self.end is None:
+            raise ValueError("schedule='cosine' needs end= (the epoch or step where the ratio reaches 0)")
+
+    def prune_ratio_at(self, t: int) -> float:
+        """Prune ratio for an update at unit ``t`` (epochs or steps counted from 1)."""
+        if self.end is not None and t > self.end:
+            return 0.0
+        if self.schedule == "cosine":
+            return self.prune_ratio * 0.5 * (1.0 + math.cos(math.pi * t / self.end))
+        return self.prune_ratio
+
+    def is_update(self, t: int) -> bool:
+        """Whether an update is due after unit ``t`` (counted from 1)."""
+        return t % self.every == 0 and self.prune_ratio_at(t) > 0.0
+
+
+@dataclass
+class DSTEvent:
+    """One update that happened: when, how much, and the per-layer report."""
+
+    unit: str
+    t: int
+    prune_ratio: float
+    layers: dict[str, LayerUpdate]
+
+
+@dataclass
+class DSTScheduler:
+    """Applies DST updates to ``masked_net`` when ``config`` says they are due.
+
+    Call ``after_step(batch)`` after every optimizer step (``train_epoch`` does
+    when given ``dst=``) and ``after_epoch(loader)`` after every epoch; only
+    the calls matching ``config.unit`` count. Each returns the ``DSTEvent`` it
+    applied, or None. All events are kept in ``history``.
+    """
+
+    masked_net: MaskedNet
+    config: DSTConfig
+    optimizer: torch.optim.Optimizer | None = None
+    loss_fn: Callable = F.cross_entropy
+    generator: torch.Generator | None = None
+    history: list[DSTEvent] = field(default_factory=list)
+    steps: int = 0
+    epochs: int = 0
+
+    def after_step(self, batch: Batch) -> DSTEvent | None:
+        """Count one optimizer step; update if step-based updates are due."""
+        self.steps += 1
+        if self.config.unit != "step":
+            return None
+        return self._maybe_update(self.steps, lambda: batch)
+
+    def after_epoch(self, loader: Iterable[Batch]) -> DSTEvent | None:
+        """Count one epoch; update if epoch-based updates are due (RigL draws one batch from loader)."""
+        self.epochs += 1
+        if self.config.unit != "epoch":
+            return None
+        return self._maybe_update(self.epochs, lambda: next(iter(loader)))
+
+    def _maybe_update(self, t: int, get_batch: Callable[[], Batch]) -> DSTEvent | None:
+        if not self.config.is_update(t):
+            return None
+        ratio = self.config.prune_ratio_at(t)
+        batch = get_batch() if self.config.regrow == "gradient" else None
+        layers = apply_dst_step(self.masked_net, prune_ratio=ratio, regrow=self.config.regrow,
+                                batch=batch, loss_fn=self.loss_fn, optimizer=self.optimizer,
+                                generator=self.generator)
+        event = DSTEvent(unit=self.config.unit, t=t, prune_ratio=ratio, layers=layers)
+        self.history.append(event)
+        return event

@@ -1,0 +1,70 @@
+"""Training and evaluation loops shared by dense and masked networks."""
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dst.schedule import DSTScheduler
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global random generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_epoch(model: nn.Module, loader, criterion, optimizer: torch.optim.Optimizer,
+                device: torch.device | str, dst: DSTScheduler | None = None,
+                progress: bool = True) -> tuple[float, float]:
+    """Train for one pass over ``loader``; returns (mean loss, accuracy in %).
+
+    With ``dst``, its step-based updates run after each optimizer step.
+    ``progress=False`` turns the tqdm bar off.
+    """
+    model.train()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for inputs, targets in tqdm(loader, desc="train", leave=False, disable=not progress):
+        inputs, targets = inputs.to(device), targets.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        outputs = model(inputs)
+        loss = criterion(outputs, targets)
+        loss.backward()
+        optimizer.step()
+        if dst is not None:
+            dst.after_step((inputs, targets))
+        # Accumulate on the device: a .item() per batch would synchronise a GPU every step.
+        total_loss += loss.detach() * len(targets)
+        correct += (outputs.argmax(1) == targets).sum()
+        seen += len(targets)
+    if seen == 0:
+        raise ValueError("train_epoch got an empty loader")
+    return total_loss.item() / seen, 100.0 * correct.item() / seen
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device | str, criterion=None,
+             progress: bool = False) -> float | tuple[float, float]:
+    """Accuracy in % on ``loader``; with ``criterion``, (accuracy %, mean loss)."""
+    model.eval()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for inputs, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        inputs, targets = inputs.to(device), targets.to(device)
+        outputs = model(inputs)
+        if criterion is not None:
+            total_loss += criterion(outputs, targets) * len(targets)
+        correct += (outputs.argmax(1) == targets).sum()
+        seen += len(targets)
+    if seen == 0:
+        raise ValueError("evaluate got an empty loader")
+    accuracy = 100.0 * correct.item() / seen
+    if criterion is None:
+        return accuracy
+    return accuracy, total_loss.item() / seen

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny synthetic MNIST-shaped data, no downloads."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def synthetic_mnist(samples: int = 64, seed: int = 0) -> TensorDataset:
+    """MNIST-shaped random images whose label is learnable from the mean brightness of a band."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(samples, 1, 28, 28, generator=generator)
+    labels = torch.randint(0, 10, (samples,), generator=generator)
+    images[:, 0, :, :3] += labels.view(-1, 1, 1).float()
+    return TensorDataset(images, labels)
+
+
+@pytest.fixture
+def tiny_loader() -> DataLoader:
+    return DataLoader(synthetic_mnist(), batch_size=16, shuffle=False)

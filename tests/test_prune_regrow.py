@@ -1,0 +1,192 @@
+"""The DST step: counts kept, prune/regrow choices against an oracle, optimizer state reset."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dst.masked import MaskedNet
+from dst.models import MLP, SimpleNet
+from dst.prune_regrow import LayerUpdate, apply_dst_step
+from dst.schedule import DSTConfig, DSTScheduler
+
+
+def toy_net(weights: torch.Tensor, mask: torch.Tensor) -> MaskedNet:
+    """A single masked Linear (no bias) with the given weights and mask."""
+    net = MaskedNet(nn.Sequential(nn.Linear(weights.shape[1], weights.shape[0], bias=False)), sparsity=0.5,
+                    scale_init=False)
+    layer = net.masked_layers()["0"]
+    with torch.no_grad():
+        layer.mask.copy_(mask)
+        layer.weight.copy_(weights * mask)
+    return net
+
+
+def test_gradient_regrow_prunes_smallest_and_regrows_top_gradient_positions():
+    weights = torch.tensor([[0.5, -0.1, 0.0, 0.3], [0.0, 0.05, -0.9, 0.0], [0.2, 0.0, 0.0, -0.4]])
+    mask = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    net = toy_net(weights, mask)
+    inputs, targets = torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1])
+    # Oracle: dense gradient of the loss w.r.t. the (masked) weight matrix.
+    dense = (weights * mask).clone().requires_grad_(True)
+    F.cross_entropy(inputs @ dense.T, targets).backward()
+    inactive = (~mask).view(-1).nonzero().squeeze(1)
+    expected_regrown = set(inactive[dense.grad.view(-1)[inactive].abs().topk(2).indices].tolist())
+    active = mask.view(-1).nonzero().squeeze(1)
+    expected_pruned = set(active[(weights * mask).view(-1)[active].abs().topk(2, largest=False).indices].tolist())
+
+    report = apply_dst_step(net, prune_ratio=2 / 7, regrow="gradient", batch=(inputs, targets))
+
+    new_mask = net.masked_layers()["0"].mask.view(-1)
+    assert report == {"0": LayerUpdate(active=7, pruned=2, regrown=2)}
+    assert {i for i in range(12) if mask.view(-1)[i] and not new_mask[i]} == expected_pruned
+    assert {i for i in range(12) if not mask.view(-1)[i] and new_mask[i]} == expected_regrown
+    assert torch.all(net.masked_layers()["0"].weight.view(-1)[list(expected_regrown)] == 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(sparsity=st.floats(0.0, 0.98), prune_ratio=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
+def test_random_regrow_moves_only_inactive_positions_and_keeps_counts(sparsity, prune_ratio, seed):
+    torch.manual_seed(seed)
+    net = MaskedNet(MLP(20, (30,), num_classes=5), sparsity=sparsity)
+    before = {name: layer.mask.clone() for name, layer in net.masked_layers().items()}
+    report = apply_dst_step(net, prune_ratio=prune_ratio, generator=torch.Generator().manual_seed(seed))
+    for name, layer in net.masked_layers().items():
+        old, new = before[name], layer.mask
+        regrown, pruned = new & ~old, old & ~new
+        assert int(new.sum()) == int(old.sum()) == report[name].active
+        assert int(regrown.sum()) == int(pruned.sum()) == report[name].regrown == report[name].pruned
+        expected = min(round(prune_ratio * int(old.sum())), int((~old).sum()))
+        assert report[name].pruned == expected
+        assert torch.all(layer.weight[~new] == 0) and torch.all(layer.weight[regrown] == 0)
+
+
+def test_pruned_weights_are_the_smallest_active_magnitudes():
+    torch.manual_seed(1)
+    net = MaskedNet(MLP(50, (40,)), sparsity=0.7)
+    before = {n: (layer.mask.clone(), layer.weight.detach().abs().clone()) for n, layer in net.masked_layers().items()}
+    apply_dst_step(net, prune_ratio=0.25)
+    for name, layer in net.masked_layers().items():
+        old_mask, magnitude = before[name]
+        pruned = old_mask & ~layer.mask
+        survivors = old_mask & layer.mask
+        assert magnitude[pruned].max() <= magnitude[survivors].min()
+
+
+def run_training(optimizer_factory, steps=40, unit_every=7, regrow="random", seed=0):
+    """Train a small masked MLP with step-based DST, checking invariants after every step."""
+    torch.manual_seed(seed)
+    net = MaskedNet(MLP(30, (40, 40), num_classes=4), sparsity=0.8, allocation="erk")
+    optimizer = optimizer_factory(net.parameters())
+    scheduler = DSTScheduler(net, DSTConfig(prune_ratio=0.3, regrow=regrow, every=unit_every, unit="step"))
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        inputs = torch.randn(16, 30, generator=generator)
+        targets = torch.randint(0, 4, (16,), generator=generator)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(inputs), targets)
+        loss.backward()
+        for layer in net.masked_layers().values():
+            assert torch.all(layer.weight.grad[~layer.mask] == 0)
+        optimizer.step()
+        scheduler.after_step((inputs, targets))
+        losses.append(loss.item())
+        for layer in net.masked_layers().values():
+            assert torch.all(layer.weight[~layer.mask] == 0)
+            for value in optimizer.state[layer.weight].values():
+                if torch.is_tensor(value) and value.shape == layer.weight.shape:
+                    assert torch.all(value[~layer.mask] == 0)
+    return net, scheduler, losses
+
+
+OPTIMIZERS = {
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
+    "sgd_momentum_wd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-2),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+    "adam_amsgrad": lambda params: torch.optim.Adam(params, lr=1e-2, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("regrow", ["random", "gradient"])
+def test_inactive_weights_and_optimizer_state_stay_exactly_zero(optimizer_name, regrow):
+    _, scheduler, _ = run_training(OPTIMIZERS[optimizer_name], regrow=regrow)
+    assert len(scheduler.history) == 40 // 7
+    assert all(sum(u.pruned for u in event.layers.values()) > 0 for event in scheduler.history)
+
+
+def test_regrown_connections_start_with_fresh_optimizer_state():
+    torch.manual_seed(0)
+    net = MaskedNet(MLP(30, (40,), num_classes=4), sparsity=0.5)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    inputs, targets = torch.randn(16, 30), torch.randint(0, 4, (16,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(net(inputs), targets).backward()
+        optimizer.step()
+    layer = net.masked_layers()["fc1"]
+    before = layer.mask.clone()
+    apply_dst_step(net, prune_ratio=0.5)  # optimizer found through the step hook, not passed
+    buffer = optimizer.state[layer.weight]["momentum_buffer"]
+    changed = before ^ layer.mask
+    assert changed.any() and torch.all(buffer[changed] == 0)
+    assert torch.any(buffer[before & layer.mask] != 0)  # survivors keep their momentum
+
+
+def test_same_seed_gives_same_masks_choices_and_losses():
+    first_net, first_scheduler, first_losses = run_training(OPTIMIZERS["adam"], seed=5)
+    second_net, second_scheduler, second_losses = run_training(OPTIMIZERS["adam"], seed=5)
+    assert first_losses == second_losses
+    for name, layer in first_net.masked_layers().items():
+        assert torch.equal(layer.mask, second_net.masked_layers()[name].mask)
+        assert torch.equal(layer.weight, second_net.masked_layers()[name].weight)
+
+
+def test_training_resumes_exactly_from_a_checkpoint():
+    net, _, _ = run_training(OPTIMIZERS["adam"], steps=10)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    resumed = MaskedNet(MLP(30, (40, 40), num_classes=4), sparsity=0.8, allocation="erk")
+    resumed.load_state_dict(copy.deepcopy(net.state_dict()))
+    resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    inputs, targets = torch.randn(16, 30), torch.randint(0, 4, (16,))
+    for model, opt in ((net, optimizer), (resumed, resumed_optimizer)):
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(inputs), targets).backward()
+            opt.step()
+        apply_dst_step(model, 0.2, generator=torch.Generator().manual_seed(9))
+    for name, layer in net.masked_layers().items():
+        assert torch.equal(layer.mask, resumed.masked_layers()[name].mask)
+        assert torch.allclose(layer.weight, resumed.masked_layers()[name].weight)
+
+
+def test_apply_dst_step_on_unmasked_model_is_rejected():
+    with pytest.raises(TypeError, match="MaskedNet"):
+        apply_dst_step(SimpleNet(), prune_ratio=0.1)
+
+
+@pytest.mark.parametrize("ratio, error", [(1.5, ValueError), (-0.1, ValueError), ("0.1", TypeError)])
+def test_bad_prune_ratio_is_rejected(ratio, error):
+    with pytest.raises(error, match="prune_ratio"):
+        apply_dst_step(MaskedNet(MLP(10, (5,)), 0.5), prune_ratio=ratio)
+
+
+def test_unknown_regrow_lists_choices():
+    with pytest.raises(ValueError, match=r"\['gradient', 'random'\]"):
+        apply_dst_step(MaskedNet(MLP(10, (5,)), 0.5), regrow="momentum")
+
+
+def test_gradient_regrow_without_batch_is_rejected():
+    with pytest.raises(ValueError, match="batch"):
+        apply_dst_step(MaskedNet(MLP(10, (5,)), 0.5), regrow="gradient")
+
+
+def test_dense_layer_has_nothing_to_regrow():
+    net = MaskedNet(MLP(10, (5,)), sparsity=0.0)
+    report = apply_dst_step(net, prune_ratio=0.5)
+    assert all(update.pruned == 0 for update in report.values())
