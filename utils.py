@@ -1,7 +1,8 @@
 """The tutorial's doorway: the names ``dst_tutorial.ipynb`` imports, re-exported from ``dst``."""
 
-from dst.allocation import ALLOCATIONS, layer_densities
 from dst.benchmark import benchmark_environment, benchmark_inference
+
+from dst.allocation import ALLOCATIONS, layer_densities
 from dst.data import ensure_mnist, load_mnist, load_mnist_tensors
 from dst.gpu import CUPY_GPU_AVAILABLE
 from dst.masked import MaskedNet

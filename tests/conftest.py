@@ -1,16 +1,12 @@
 """Shared fixtures: tiny synthetic MNIST-shaped data, no downloads."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def synthetic_mnist(samples: int = 64, seed: int = 0) -> TensorDataset:

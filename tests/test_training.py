@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dst.masked import MaskedNet
 from dst.models import SimpleNet
-from dst.prune_regrow import apply_dst_step
 from dst.training import evaluate, train_epoch
 
 

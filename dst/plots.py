@@ -1,0 +1,334 @@
+"""Figures for the tutorial: mask topology over training, dense vs masked curves, benchmarks.
+
+Every function takes plain data, draws with ``plt.subplots`` (so Jupyter's
+inline backend shows the figure at the end of the cell) and returns the
+Figure; ``save_path`` additionally writes it to disk. Accuracies are in
+percent and sparsities are fractions in [0, 1], as the training code records them.
+"""
+
+import math
+import re
+import textwrap
+from itertools import pairwise
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+# Codes ordered by display priority, so a block of pixels takes the maximum code:
+# one regrown connection must stay visible among thousands of kept ones.
+EMPTY, KEPT, PRUNED, REGROWN = 0, 1, 2, 3
+TRANSITION_COLORS = np.array([[0, 0, 0], [255, 255, 255], [214, 39, 40], [44, 160, 44]], dtype=np.uint8)
+TRANSITION_NAMES = ("empty (off in both)", "kept (on in both)", "pruned (on -> off)", "regrown (off -> on)")
+# Past ~128 pixels a side a subplot has fewer screen pixels than the image, and
+# the few changed connections of a DST step would be lost to aliasing.
+MAX_IMAGE_SIDE = 128
+
+
+def mask_transition_image(previous, current, block=(1, 1)):
+    """Colour a 2-D mask against its previous version: pruned red, regrown green, kept white, empty black.
+
+    ``block=(rows, cols)`` reduces the image by blocks of that size; a block shows its
+    highest-priority transition (regrown > pruned > kept > empty). Returns (H', W', 3) uint8.
+    """
+    previous, current = np.asarray(previous, dtype=bool), np.asarray(current, dtype=bool)
+    if previous.shape != current.shape or previous.ndim != 2:
+        raise ValueError(f"masks must be 2-D and the same shape, got {previous.shape} and {current.shape}")
+    codes = np.where(current, np.where(previous, KEPT, REGROWN), np.where(previous, PRUNED, EMPTY))
+    block_rows, block_cols = block
+    if (block_rows, block_cols) != (1, 1):
+        height, width = codes.shape
+        padded = np.zeros((-(-height // block_rows) * block_rows, -(-width // block_cols) * block_cols), int)
+        padded[:height, :width] = codes
+        codes = padded.reshape(padded.shape[0] // block_rows, block_rows, -1, block_cols).max(axis=(1, 3))
+    return TRANSITION_COLORS[codes]
+
+
+def plot_mask_evolution_per_epoch(sparsity_per_epoch, masks_per_epoch=None, save_path=None):
+    """Plot per-layer sparsity (%) per epoch and, given masks, the topology turnover (%) between epochs."""
+    if not sparsity_per_epoch:
+        raise ValueError("sparsity_per_epoch is empty: record one {layer: sparsity} dict per epoch")
+    names = list(sparsity_per_epoch[0])
+    epochs = np.arange(1, len(sparsity_per_epoch) + 1)
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    if masks_per_epoch is None:
+        fig, sparsity_ax = plt.subplots(figsize=(7, 4.5))
+    else:
+        _check_lengths(sparsity_per_epoch=sparsity_per_epoch, masks_per_epoch=masks_per_epoch)
+        masks_per_epoch = _as_2d_masks(masks_per_epoch)
+        fig, (sparsity_ax, turnover_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
+        for name in masks_per_epoch[0]:
+            turnover = [_turnover(before[name], after[name]) for before, after in pairwise(masks_per_epoch)]
+            turnover_ax.plot(epochs[1:], turnover, "o-", color=colors.get(name), label=name)
+        turnover_ax.set(xlabel="epoch", ylabel="active connections replaced (%)", xticks=epochs,
+                        title="Topology turnover since the previous epoch")
+        turnover_ax.set_ylim(bottom=0)
+        turnover_ax.grid(alpha=0.3)
+    for name in names:
+        sparsity = [100 * epoch.get(name, np.nan) for epoch in sparsity_per_epoch]
+        sparsity_ax.plot(epochs, sparsity, "o-", color=colors[name], label=name)
+    sparsity_ax.set(xlabel="epoch", ylabel="sparsity (%)", xticks=epochs, title="Sparsity per layer")
+    sparsity_ax.ticklabel_format(axis="y", useOffset=False)  # flat DST lines otherwise read "1e-14 + 95"
+    sparsity_ax.grid(alpha=0.3)
+    sparsity_ax.legend(fontsize=8)
+    return _finish(fig, save_path)
+
+
+def plot_mask_2d_evolution(masks_per_epoch, save_path=None):
+    """Show each layer's mask (rows) per epoch (columns), coloured by change since the previous epoch."""
+    if not masks_per_epoch:
+        raise ValueError("masks_per_epoch is empty: record one {layer: 2-D mask} dict per epoch")
+    masks_per_epoch = _as_2d_masks(masks_per_epoch)
+    names = list(masks_per_epoch[0])
+    n_layers, n_epochs = len(names), len(masks_per_epoch)
+    fig, axes = plt.subplots(n_layers, n_epochs, squeeze=False,
+                             figsize=(min(1.5 * n_epochs + 1.5, 24), min(1.35 * n_layers + 1.2, 20)))
+    for row, name in enumerate(names):
+        height, width = masks_per_epoch[0][name].shape
+        block = (math.ceil(height / MAX_IMAGE_SIDE), math.ceil(width / MAX_IMAGE_SIDE))
+        for column, masks in enumerate(masks_per_epoch):
+            previous = masks_per_epoch[max(column - 1, 0)][name]
+            ax = axes[row, column]
+            image = mask_transition_image(previous, masks[name], block)
+            ax.imshow(image, aspect="auto", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column > 0:
+                pruned, regrown = int((previous & ~masks[name]).sum()), int((~previous & masks[name]).sum())
+                ax.set_xlabel(f"-{pruned} / +{regrown}" if pruned or regrown else "unchanged", fontsize=7)
+        title = f"{name} {height}x{width}, {100 * masks_per_epoch[0][name].mean():.3g}% on"
+        if block != (1, 1):
+            title += f" ({block[0]}x{block[1]} blocks)"
+        axes[row, 0].set_title(title, fontsize=8, loc="left")
+    for column in range(n_epochs):
+        axes[0, column].text(0.5, 1.35, f"epoch {column + 1}", ha="center", fontsize=9,
+                             transform=axes[0, column].transAxes)
+    fig.tight_layout(h_pad=1.6)  # before the legend and title, which sit above the figure's top edge
+    handles = [Patch(facecolor=color / 255, edgecolor="gray", label=label)
+               for color, label in zip(TRANSITION_COLORS[::-1], TRANSITION_NAMES[::-1], strict=True)]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle("Mask topology per epoch (x-label: connections pruned / regrown since previous epoch)",
+                 y=1.06, fontsize=11)
+    return _finish(fig, save_path)
+
+
+def plot_dense_vs_masked_comparison(dense_train_losses, dense_train_accs, dense_test_losses, dense_test_accs,
+                                    masked_train_losses, masked_train_accs, masked_test_losses,
+                                    masked_test_accs, save_path=None):
+    """Plot loss and accuracy (%) curves of the dense and masked nets, and masked minus dense, per epoch."""
+    curves = dict(dense_train_losses=dense_train_losses, dense_train_accs=dense_train_accs,
+                  dense_test_losses=dense_test_losses, dense_test_accs=dense_test_accs,
+                  masked_train_losses=masked_train_losses, masked_train_accs=masked_train_accs,
+                  masked_test_losses=masked_test_losses, masked_test_accs=masked_test_accs)
+    _check_lengths(**curves)
+    curves = {key: np.asarray(values, dtype=float) for key, values in curves.items()}
+    epochs = np.arange(1, len(dense_train_losses) + 1)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for row, (metric, unit) in enumerate([("losses", "loss"), ("accs", "accuracy (%)")]):
+        for column, split in enumerate(["train", "test"]):
+            ax = axes[row, column]
+            ax.plot(epochs, curves[f"dense_{split}_{metric}"], "o-", label="dense")
+            ax.plot(epochs, curves[f"masked_{split}_{metric}"], "s--", label="dense+mask (sparse)")
+            ax.set(title=f"{split.capitalize()} {unit}", ylabel=unit)
+        difference_ax = axes[row, 2]
+        for split, marker in [("train", "o-"), ("test", "s-")]:
+            difference = curves[f"masked_{split}_{metric}"] - curves[f"dense_{split}_{metric}"]
+            difference_ax.plot(epochs, difference, marker, label=split)
+        difference_ax.axhline(0, color="gray", linestyle=":")
+        difference_ax.set(title=f"{unit.capitalize()}: masked minus dense", ylabel=f"difference in {unit}")
+    for ax in axes.flat:
+        ax.set(xlabel="epoch", xticks=epochs)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, save_path)
+
+
+def plot_benchmark(timings, memory=None, save_path=None):
+    """Bar-plot median times (ms, std error bars), each with its ratio to Dense+Mask on the same device."""
+    if not timings:
+        raise ValueError("timings is empty: expected {label: {'mean', 'std', 'median', 'runs'}}")
+    labels = list(timings)
+    medians = np.array([timings[label]["median"] for label in labels], dtype=float)
+    stds = np.array([timings[label]["std"] for label in labels], dtype=float)
+    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(14 if memory else 7.5, 5), squeeze=False)
+    time_ax = axes[0, 0]
+    bars = time_ax.bar(range(len(labels)), medians, color=[plt.cm.tab10(i % 10) for i in range(len(labels))],
+                       yerr=[np.minimum(stds, 0.9 * medians), stds], capsize=4)
+    # Bars can span orders of magnitude (GPU vs CPU); a log axis keeps the short ones visible.
+    if medians.min() > 0 and medians.max() / medians.min() > 30:
+        time_ax.set_yscale("log")
+    for bar, label, median, std in zip(bars, labels, medians, stds, strict=True):
+        time_ax.annotate(_bar_annotation(timings, label), (bar.get_x() + bar.get_width() / 2, median + std),
+                         xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    time_ax.margins(y=0.2)
+    time_ax.set_xticks(range(len(labels)), [textwrap.fill(label, 16) for label in labels], fontsize=8)
+    time_ax.set(ylabel="median time per batch (ms)",
+                title="Inference time (ratio vs Dense+Mask on the same device)")
+    if memory:
+        _plot_memory(axes[0, 1], memory)
+    fig.tight_layout()
+    return _finish(fig, save_path)
+
+
+def plot_sparsity_sweep(rows, save_path=None):
+    """Plot sparse speedup over dense+mask and memory (MiB) vs sparsity, a line per backend and batch size."""
+    _check_rows(rows, ["sparsity", "batch_size", "backend", "speedup", "dense_bytes", "sparse_bytes"])
+    fig, (speed_ax, memory_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for backend, batch_size in sorted({(row["backend"], row["batch_size"]) for row in rows}):
+        line = sorted((row["sparsity"], row["speedup"]) for row in rows
+                      if (row["backend"], row["batch_size"]) == (backend, batch_size))
+        speed_ax.plot([100 * s for s, _ in line], [speedup for _, speedup in line], "o-",
+                      label=f"{backend}, batch {batch_size}")
+    _ratio_axis(speed_ax)
+    speed_ax.set(xlabel="sparsity (%)", ylabel="speedup (dense+mask time / sparse time)",
+                 title="Where truly sparse starts to win (above the dashed line)")
+    speed_ax.legend(fontsize=8)
+    sparsities = sorted({row["sparsity"] for row in rows})
+    dense = [np.mean([r["dense_bytes"] for r in rows if r["sparsity"] == s]) / 2**20 for s in sparsities]
+    memory_ax.plot([100 * s for s in sparsities], dense, "k-o", label="dense weights + mask")
+    for backend in sorted({row["backend"] for row in rows}):
+        points = sorted({(r["sparsity"], r["sparse_bytes"]) for r in rows if r["backend"] == backend})
+        memory_ax.plot([100 * s for s, _ in points], [size / 2**20 for _, size in points], "o--",
+                       label=f"CSR ({backend})")
+    memory_ax.set(xlabel="sparsity (%)", ylabel="memory (MiB)", title="Weight memory")
+    memory_ax.set_ylim(bottom=0)
+    memory_ax.legend(fontsize=8)
+    for ax in (speed_ax, memory_ax):
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return _finish(fig, save_path)
+
+
+def plot_runs_comparison(runs, save_path=None):
+    """Compare runs at several sparsities: final test accuracy (%), CSR speedup and memory ratio."""
+    _check_rows(runs, ["sparsity", "label", "dense_test_acc", "masked_test_acc", "speedup", "memory_ratio"])
+    runs = sorted(runs, key=lambda run: run["sparsity"])
+    sparsity = [100 * run["sparsity"] for run in runs]
+    fig, (accuracy_ax, ratio_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    accuracy_ax.plot(sparsity, [run["dense_test_acc"] for run in runs], "o-", label="dense")
+    accuracy_ax.plot(sparsity, [run["masked_test_acc"] for run in runs], "s--", label="dense+mask (sparse)")
+    accuracy_ax.set(xlabel="sparsity (%)", ylabel="final test accuracy (%)", title="Accuracy vs sparsity")
+    for key, marker, label in [("speedup", "o-", "CSR speedup (dense+mask time / CSR time)"),
+                               ("memory_ratio", "s-", "memory ratio (dense+mask / CSR)")]:
+        values = [np.nan if run[key] is None else run[key] for run in runs]
+        ratio_ax.plot(sparsity, values, marker, label=label)
+    _ratio_axis(ratio_ax)
+    ratio_ax.set(xlabel="sparsity (%)", ylabel="ratio (>1 = CSR better)", title="What truly sparse buys")
+    for ax in (accuracy_ax, ratio_ax):
+        ax.set_xticks(sparsity, [f"{x:g}\n{run['label']}" for x, run in zip(sparsity, runs, strict=True)])
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, save_path)
+
+
+def _ratio_axis(ax):
+    """Log-scale ratio axis labelled '0.5x', '1x', '2x'... with a dashed break-even line at 1."""
+    ax.axhline(1, color="gray", linestyle="--", label="break-even")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _plot_memory(ax, memory):
+    names = list(memory["layers"])
+    x = np.arange(len(names))
+    dense = [memory["layers"][name]["dense_bytes"] / 1024 for name in names]
+    sparse = [memory["layers"][name]["sparse_bytes"] / 1024 for name in names]
+    ax.bar(x - 0.2, dense, 0.4, label="dense weights + mask", color="gray")
+    ax.bar(x + 0.2, sparse, 0.4, label="CSR (values + indices)", color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xticks(x, names, fontsize=8)
+    saving = memory["dense_bytes"] / memory["sparse_bytes"]
+    ratio = f"{saving:.1f}x smaller" if saving >= 1 else f"{1 / saving:.1f}x larger"
+    ax.set(ylabel="memory (KiB, log scale)",
+           title=f"Weight memory: {memory['dense_bytes'] / 2**20:.2f} MiB dense+mask vs "
+                 f"{memory['sparse_bytes'] / 2**20:.2f} MiB CSR ({ratio})")
+    ax.legend(fontsize=8)
+
+
+def _bar_annotation(timings, label):
+    """'0.830 ms' plus, where the same device has a Dense+Mask bar, 'baseline' or the speed ratio to it."""
+    median = float(timings[label]["median"])
+    text = (f"{median:#.3g}" if median < 1000 else f"{median:.0f}") + " ms"
+    baseline = _baseline_median(timings, label)
+    if baseline is None or baseline <= 0 or median <= 0:
+        return text
+    return f"{text}\n" + ("baseline" if label.startswith("Dense+Mask") else _speed_ratio(baseline / median))
+
+
+def _baseline_median(timings, label):
+    """Median of the 'Dense+Mask' entry on the same device as ``label`` ('CPU' in "... (CPU)"), or None."""
+    for other, timing in timings.items():
+        if other.startswith("Dense+Mask") and _device(other) == _device(label):
+            return float(timing["median"])
+    return None
+
+
+def _device(label):
+    match = re.search(r"\(([^()]*)\)\s*$", label)
+    return match[1] if match else ""
+
+
+def _speed_ratio(speedup):
+    """Word baseline time / this time so it reads right either way: '4.8x faster' or '2.5x slower'."""
+    ratio, word = (speedup, "faster") if speedup >= 1 else (1 / speedup, "slower")
+    if ratio < 1.05:
+        return "same speed"
+    return f"{ratio:.1f}x {word}" if ratio < 10 else f"{ratio:.0f}x {word}"
+
+
+def _turnover(previous, current):
+    """Percent of the previously active connections that are no longer active."""
+    active = previous.sum()
+    return 100 * (previous & ~current).sum() / active if active else np.nan
+
+
+def _as_2d_masks(masks_per_epoch):
+    """Masks as 2-D bool arrays (conv ones as (out, in*kh*kw)); every epoch must hold the same layers."""
+    names = list(masks_per_epoch[0])
+    result = []
+    for epoch, masks in enumerate(masks_per_epoch, start=1):
+        if list(masks) != names:
+            raise ValueError(f"epoch {epoch} has layers {list(masks)}, epoch 1 has {names}")
+        arrays = {name: np.asarray(mask, dtype=bool) for name, mask in masks.items()}
+        # Conv masks become (out, in*kh*kw); a 1-D mask becomes one row.
+        arrays = {name: mask.reshape(len(mask), -1) if mask.ndim > 2 else np.atleast_2d(mask)
+                  for name, mask in arrays.items()}
+        for name, mask in arrays.items():
+            if result and mask.shape != result[0][name].shape:
+                raise ValueError(f"layer {name!r} has shape {mask.shape} at epoch {epoch}, "
+                                 f"{result[0][name].shape} at epoch 1")
+        result.append(arrays)
+    return result
+
+
+def _check_lengths(**series):
+    lengths = {name: len(values) for name, values in series.items()}
+    if len(set(lengths.values())) > 1:
+        first = next(iter(lengths))
+        mismatched = ", ".join(f"{name} has {n}" for name, n in lengths.items() if n != lengths[first])
+        raise ValueError(f"lists must have the same length: {first} has {lengths[first]} entries, "
+                         f"but {mismatched}")
+    if not next(iter(lengths.values())):
+        raise ValueError(f"{', '.join(lengths)} are empty")
+
+
+def _check_rows(rows, keys):
+    if not rows:
+        raise ValueError("no rows to plot")
+    for index, row in enumerate(rows):
+        missing = [key for key in keys if key not in row]
+        if missing:
+            raise ValueError(f"row {index} is missing {missing}")
+
+
+def _finish(fig, save_path):
+    if save_path is not None:
+        Path(save_path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save_path, dpi=120, bbox_inches="tight")
+    return fig

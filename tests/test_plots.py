@@ -1,0 +1,210 @@
+"""Tests for dst.plots: the mask colouring against an oracle, and that every figure draws and saves."""
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless; must precede the pyplot import
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from dst import plots  # noqa: E402
+
+BLACK, WHITE, RED, GREEN = (tuple(color) for color in plots.TRANSITION_COLORS)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def random_masks(epochs=3, shapes=None, density=0.2, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = shapes or {"conv1": (4, 9), "fc1": (8, 300)}
+    return [{name: rng.random(shape) < density for name, shape in shapes.items()} for _ in range(epochs)]
+
+
+def test_mask_transition_image_colours_each_transition():
+    previous = np.array([[1, 1, 0], [0, 1, 0]], dtype=bool)
+    current = np.array([[1, 0, 1], [0, 1, 0]], dtype=bool)
+    image = plots.mask_transition_image(previous, current)
+    assert image.shape == (2, 3, 3)
+    assert image.dtype == np.uint8
+    expected = [[WHITE, RED, GREEN], [BLACK, WHITE, BLACK]]
+    assert [[tuple(pixel) for pixel in row] for row in image] == expected
+
+
+def test_first_epoch_against_itself_is_only_white_and_black():
+    mask = np.array([[1, 0, 1], [0, 0, 1]], dtype=bool)
+    image = plots.mask_transition_image(mask, mask)
+    assert {tuple(pixel) for pixel in image.reshape(-1, 3)} == {WHITE, BLACK}
+
+
+def test_block_with_one_regrown_pixel_among_kept_is_green():
+    previous = np.ones((8, 8), dtype=bool)
+    current = previous.copy()
+    current[3, 5] = False  # pruned
+    previous[6, 1] = False  # regrown: off before, on now
+    image = plots.mask_transition_image(previous, current, block=(8, 8))
+    assert image.shape == (1, 1, 3)
+    assert tuple(image[0, 0]) == GREEN
+
+
+def test_block_priority_pruned_over_kept_over_empty():
+    previous = np.zeros((4, 6), dtype=bool)
+    current = np.zeros((4, 6), dtype=bool)
+    previous[0, 0] = True  # block (0, 0): one pruned pixel
+    previous[0, 3] = current[0, 3] = True  # block (0, 1): one kept pixel
+    image = plots.mask_transition_image(previous, current, block=(2, 3))
+    assert [[tuple(pixel) for pixel in row] for row in image] == [[RED, WHITE], [BLACK, BLACK]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 9), st.integers(1, 9), st.integers(0, 10**6))
+def test_block_reduction_takes_each_blocks_highest_priority(height, width, block_rows, block_cols, seed):
+    rng = np.random.default_rng(seed)
+    previous, current = rng.random((2, height, width)) < 0.3
+    full = plots.mask_transition_image(previous, current)
+    reduced = plots.mask_transition_image(previous, current, block=(block_rows, block_cols))
+    priority = [BLACK, WHITE, RED, GREEN]
+    assert reduced.shape == (-(-height // block_rows), -(-width // block_cols), 3)
+    for row in range(reduced.shape[0]):
+        for column in range(reduced.shape[1]):
+            rows = slice(row * block_rows, (row + 1) * block_rows)
+            columns = slice(column * block_cols, (column + 1) * block_cols)
+            expected = max((tuple(pixel) for pixel in full[rows, columns].reshape(-1, 3)), key=priority.index)
+            assert tuple(reduced[row, column]) == expected
+
+
+def test_mask_transition_image_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        plots.mask_transition_image(np.zeros((2, 3), bool), np.zeros((3, 2), bool))
+
+
+def test_mask_2d_evolution_reduces_large_masks_and_names_the_block_size(tmp_path):
+    masks = random_masks(epochs=2, shapes={"fc3": (1000, 1000), "conv1": (16, 9)}, density=0.05)
+    path = tmp_path / "nested" / "dir" / "mask_2d.png"
+    fig = plots.plot_mask_2d_evolution(masks, save_path=path)
+    assert isinstance(fig, Figure)
+    assert path.is_file()
+    big_image = fig.axes[0].images[0].get_array()
+    assert max(big_image.shape[:2]) <= plots.MAX_IMAGE_SIDE
+    assert "(8x8 blocks)" in fig.axes[0].get_title(loc="left")
+    assert "blocks" not in fig.axes[2].get_title(loc="left")
+
+
+def test_mask_2d_evolution_rejects_layers_that_change_between_epochs():
+    masks = random_masks(epochs=2)
+    del masks[1]["fc1"]
+    with pytest.raises(ValueError, match="epoch 2"):
+        plots.plot_mask_2d_evolution(masks)
+
+
+def test_mask_evolution_per_epoch_reports_turnover(tmp_path):
+    masks = random_masks(epochs=3)
+    masks[2] = {name: mask.copy() for name, mask in masks[1].items()}  # no change from epoch 2 to 3
+    sparsity = [{name: 1 - mask.mean() for name, mask in epoch.items()} for epoch in masks]
+    path = tmp_path / "a" / "evolution.png"
+    fig = plots.plot_mask_evolution_per_epoch(sparsity, masks, save_path=path)
+    assert path.is_file()
+    turnover = fig.axes[1].lines[0].get_ydata()
+    assert len(turnover) == 2 and turnover[0] > 0 and turnover[1] == 0
+    assert isinstance(plots.plot_mask_evolution_per_epoch(sparsity), Figure)
+
+
+def test_mask_evolution_per_epoch_rejects_mismatched_epochs():
+    masks = random_masks(epochs=3)
+    sparsity = [{name: 0.8 for name in masks[0]}] * 2
+    with pytest.raises(ValueError, match="masks_per_epoch"):
+        plots.plot_mask_evolution_per_epoch(sparsity, masks)
+
+
+def curves(epochs=4):
+    return [list(np.linspace(1, 0.1, epochs)), list(np.linspace(80, 98, epochs))] * 4
+
+
+def test_dense_vs_masked_comparison_draws_and_saves(tmp_path):
+    path = tmp_path / "out" / "comparison.png"
+    fig = plots.plot_dense_vs_masked_comparison(*curves(), save_path=path)
+    assert isinstance(fig, Figure)
+    assert path.is_file()
+
+
+def test_dense_vs_masked_comparison_names_the_short_list():
+    arguments = curves()
+    arguments[6] = arguments[6][:-1]  # masked_test_losses
+    with pytest.raises(ValueError, match="masked_test_losses has 3"):
+        plots.plot_dense_vs_masked_comparison(*arguments)
+
+
+def timing(median):
+    return {"mean": median * 1.05, "std": median * 0.1, "median": median, "runs": 10}
+
+
+def annotation_for(fig, prefix):
+    texts = [text.get_text() for text in fig.axes[0].texts]
+    return next(text for text in texts if text.startswith(prefix))
+
+
+def test_benchmark_ratio_wording_both_directions(tmp_path):
+    timings = {"Dense+Mask (CPU)": timing(4.0), "Truly Sparse CSR (CPU)": timing(0.8),
+               "Truly Sparse torch.sparse (CPU)": timing(10.0),
+               "Dense+Mask (GPU)": timing(0.1), "Truly Sparse CSR (GPU)": timing(0.25)}
+    layers = {"fc1": {"shape": [128, 1568], "nnz": 10035, "dense_bytes": 1003520, "sparse_bytes": 80796}}
+    memory = {"dense_bytes": 1003520, "sparse_bytes": 80796, "ratio": 12.4, "layers": layers}
+    path = tmp_path / "bench" / "benchmark.png"
+    fig = plots.plot_benchmark(timings, memory, save_path=path)
+    assert path.is_file()
+    assert annotation_for(fig, "4.00 ms").endswith("baseline")
+    assert annotation_for(fig, "0.800 ms").endswith("5.0x faster")  # against the CPU baseline
+    assert annotation_for(fig, "10.0 ms").endswith("2.5x slower")
+    assert annotation_for(fig, "0.250 ms").endswith("2.5x slower")  # against the GPU baseline, not CPU
+    assert "12.4x smaller" in fig.axes[1].get_title()
+
+
+def test_benchmark_calls_equal_times_the_same_speed():
+    fig = plots.plot_benchmark({"Dense+Mask": timing(1.0), "Truly Sparse CSR": timing(1.01)})
+    assert annotation_for(fig, "1.01 ms").endswith("same speed")
+
+
+def test_benchmark_without_baseline_shows_time_only():
+    fig = plots.plot_benchmark({"Truly Sparse CSR (GPU)": timing(0.3)})
+    assert [text.get_text() for text in fig.axes[0].texts] == ["0.300 ms"]
+
+
+def sweep_rows():
+    return [{"sparsity": sparsity, "batch_size": batch_size, "backend": backend,
+             "speedup": (1 - sparsity) ** -0.8 / 8, "dense_bytes": 5_000_000,
+             "sparse_bytes": int(8_000_000 * (1 - sparsity))}
+            for backend in ("scipy", "torch") for batch_size in (1, 64) for sparsity in (0.5, 0.9, 0.99)]
+
+
+def test_sparsity_sweep_draws_a_line_per_backend_and_batch_size(tmp_path):
+    path = tmp_path / "sweep" / "sweep.png"
+    fig = plots.plot_sparsity_sweep(sweep_rows(), save_path=path)
+    assert path.is_file()
+    labels = {line.get_label() for line in fig.axes[0].lines}
+    assert {"scipy, batch 1", "scipy, batch 64", "torch, batch 1", "torch, batch 64", "break-even"} <= labels
+
+
+def test_sparsity_sweep_rejects_rows_missing_keys():
+    rows = sweep_rows()
+    del rows[2]["speedup"]
+    with pytest.raises(ValueError, match="row 2 .*speedup"):
+        plots.plot_sparsity_sweep(rows)
+
+
+def test_runs_comparison_draws_and_saves_with_missing_speedup(tmp_path):
+    runs = [{"sparsity": sparsity, "label": f"s={sparsity}", "dense_test_acc": 98.9,
+             "masked_test_acc": 98.9 - 10 * (sparsity - 0.8), "speedup": speedup,
+             "memory_ratio": memory_ratio}
+            for sparsity, speedup, memory_ratio in [(0.99, None, 50.0), (0.8, 0.7, 2.9), (0.95, 2.1, None)]]
+    path = tmp_path / "runs" / "runs.png"
+    fig = plots.plot_runs_comparison(runs, save_path=path)
+    assert isinstance(fig, Figure)
+    assert path.is_file()
+    assert list(fig.axes[0].lines[0].get_xdata()) == [80, 95, 99]  # sorted by sparsity
