@@ -1,6 +1,7 @@
 """Training and evaluation loops shared by dense and masked networks."""
 
 import random
+import time
 
 import numpy as np
 import torch
@@ -68,3 +69,15 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, criterion=Non
     if criterion is None:
         return accuracy
     return accuracy, total_loss.item() / seen
+
+
+def train_and_evaluate(model: nn.Module, train_loader, test_loader, criterion,
+                       optimizer: torch.optim.Optimizer, device: torch.device | str,
+                       dst: DSTScheduler | None = None, progress: bool = True) -> dict[str, float]:
+    """One epoch of training then a test pass: losses, accuracies (%) and training seconds."""
+    start = time.perf_counter()
+    train_loss, train_acc = train_epoch(model, train_loader, criterion, optimizer, device, dst, progress)
+    seconds = time.perf_counter() - start
+    test_acc, test_loss = evaluate(model, test_loader, device, criterion)
+    return {"train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
+            "train_seconds": seconds}
