@@ -1,0 +1,311 @@
+"""Truly sparse inference: a MaskedNet converted to CSR matrices and run entirely in that format.
+
+Every masked Conv2d and Linear becomes a CSR matrix that holds exactly its active
+weights: the positions come from the MASK, so an active weight that happens to be
+0.0 (a freshly regrown connection) stays as an explicit zero. A conv is the
+``(out, in*kh*kw)`` matrix of its im2col product. Biases stay dense; no dense copy
+of any weight is kept.
+
+``SparseNet`` compiles the layer chain into steps (``dst.sparse_layers``) that keep
+activations batch-last and fold a max-pool right after a conv, and the ReLUs after a
+conv or linear, into that layer. It runs on one of three backends
+(``dst.sparse_backends``): ``scipy`` (numpy + scipy.sparse, CPU) and ``cupy`` (cupy +
+cupyx.scipy.sparse, GPU) are the same code written against an array module, so the
+CPU tests run the code the GPU runs; ``torch`` (torch.sparse_csr, CPU or CUDA) is a
+thin adapter with the same methods. The engine keeps per-input-shape work buffers, so
+a ``SparseNet`` must not be called from two threads at once.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from dst.masked import MaskedConv2d, MaskedLinear, MaskedNet
+from dst.sparse_backends import get_ops
+from dst.sparse_layers import Flatten, MaxPool, ReLU, SparseConv, SparseLinear
+
+SUPPORTED_LAYERS = ("MaskedConv2d", "MaskedLinear", "ReLU", "MaxPool2d", "Flatten", "Dropout", "Identity")
+FILE_FORMAT = "dst-truly-sparse-csr-1"
+
+
+# ----------------------------------------------------------------------------- the model
+
+class SparseNet:
+    """A MaskedNet's layer chain, run with every weight held as a CSR matrix.
+
+    Build one with ``SparseNet.from_masked(masked_net, backend, device)`` or
+    ``SparseNet.load(path, backend, device)``. Calling it takes a batch shaped like
+    the torch model's input, ``(N, C, H, W)`` or ``(N, F)`` (numpy, torch or the
+    backend's own array; it is converted to float32 on the backend's device), and
+    returns the ``(N, classes)`` output as the backend's array.
+    """
+
+    def __init__(self, architecture: list[dict], weights: dict[str, dict], backend: str = "scipy",
+                 device=None):
+        self.backend, self.architecture = backend, architecture
+        self.ops = get_ops(backend, device)
+        self.layers: dict[str, SparseConv | SparseLinear] = {}
+        self.steps = self._compile(architecture, weights)
+        self._buffers: dict[tuple, list] = {}
+
+    @classmethod
+    def from_masked(cls, masked_net: MaskedNet, backend: str = "scipy", device=None) -> "SparseNet":
+        """Convert ``masked_net`` (left unchanged) to CSR on ``backend`` ("scipy", "cupy" or "torch")."""
+        architecture, weights = describe(masked_net)
+        return cls(architecture, weights, backend, device)
+
+    def _compile(self, architecture: list[dict], weights: dict[str, dict]) -> list:
+        """Steps to run: ReLUs after a conv or linear, and a max-pool right after a conv, fold into it."""
+        groups: list[dict] = []  # each layer with what folds into it
+        for layer in architecture:
+            last = groups[-1] if groups else {"type": None}
+            if layer["type"] == "relu" and last["type"] in ("conv", "linear"):
+                last["relu"] = True
+            elif layer["type"] == "maxpool" and last["type"] == "conv" and "pool_kernel" not in last:
+                last["pool_kernel"] = layer["kernel_size"]
+            else:
+                groups.append(dict(layer))
+        steps = []
+        for group in groups:
+            kind, name = group["type"], group.get("name", "")
+            if kind == "conv":
+                step = SparseConv(self.ops, name, weights[name], group["in_channels"], group["kernel_size"],
+                                  group["padding"], group.get("pool_kernel", (1, 1)), group.get("relu", False))
+                self.layers[name] = step
+            elif kind == "linear":
+                step = self.layers[name] = SparseLinear(self.ops, name, weights[name], group.get("relu", False))
+            elif kind == "relu":
+                step = ReLU(self.ops)
+            elif kind == "maxpool":
+                step = MaxPool(self.ops, name, group["kernel_size"])
+            elif kind == "flatten":
+                step = Flatten()
+            else:
+                raise ValueError(f"unknown step {kind!r} in the architecture")
+            steps.append(step)
+        return steps
+
+    def __call__(self, x):
+        """The forward pass: ``x`` (N, ...) -> (N, classes) as this backend's array."""
+        x = self.ops.as_input(x)
+        with self.ops.context():
+            x = self.ops.batch_last(x)  # (..., N): the one transpose of the forward
+            buffers = self._buffers.get(x.shape) or self._prepare_for(x.shape)
+            for step, step_buffers in zip(self.steps, buffers, strict=True):
+                x = step(x, step_buffers)
+            return self.ops.batch_first(x)
+
+    forward = __call__
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{name} {step.kind} {step.out_features}x{step.in_features} "
+                           f"nnz={self.nnz(name)}"
+                           for name, step in self.layers.items())
+        return f"SparseNet(backend={self.backend!r}, {len(self.steps)} steps; {layers})"
+
+    def _prepare_for(self, shape: tuple) -> list:
+        if len(self._buffers) >= 4:  # a few batch sizes (e.g. a last partial batch) at most
+            self._buffers.clear()
+        buffers, current = [], tuple(shape)
+        for step in self.steps:
+            current, step_buffers = step.prepare(current)
+            buffers.append(step_buffers)
+        self._buffers[tuple(shape)] = buffers
+        return buffers
+
+    def as_input(self, x):
+        """``x`` as this backend's float32 array on its device (what the forward consumes)."""
+        return self.ops.as_input(x)
+
+    def to_numpy(self, y) -> np.ndarray:
+        return self.ops.to_numpy(y)
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work (no-op on the CPU)."""
+        self.ops.synchronize()
+
+    def nnz(self, name: str) -> int:
+        """Number of stored (active) weights of layer ``name``."""
+        return int(self.ops.csr_arrays(self.layers[name].weight)[0].shape[0])
+
+    def layer_bytes(self, name: str) -> int:
+        """Bytes the engine holds for layer ``name``: CSR values, column indices, row pointers, bias,
+        and the small index tables of a conv."""
+        step = self.layers[name]
+        held = [*self.ops.csr_arrays(step.weight), *([] if step.bias is None else [step.bias])]
+        return sum(int(array.nbytes) for array in held + step.held_arrays())
+
+    # ------------------------------------------------------------------------- file
+
+    def host_weights(self) -> dict[str, dict]:
+        """Each layer's CSR as numpy arrays in the mask's column numbering (the file's content)."""
+        weights = {}
+        for name, step in self.layers.items():
+            host = step.host_csr(*map(self.ops.to_numpy, self.ops.csr_arrays(step.weight)))
+            host["bias"] = None if step.bias is None else self.ops.to_numpy(step.bias).reshape(-1)
+            weights[name] = host
+        return weights
+
+    def save(self, path, compress: bool = True) -> int:
+        """Write the model to one ``.npz`` file (zip-deflated unless ``compress=False``); returns its size in bytes.
+
+        All layers share a few flat arrays (values, biases, and the column indices
+        and row pointers grouped by index type); a JSON header holds the layer chain
+        and each layer's shape and sizes. Each layer's column indices and row pointers
+        are stored in the narrowest unsigned type that holds them (uint16 column
+        indices up to 65,536 columns) and widened to what the backend needs on load.
+        """
+        layers, arrays = [], {"values": [], "bias": []}
+        for name, host in self.host_weights().items():
+            index_type = np.dtype(_narrowest_uint(host["shape"][1] - 1)).name
+            pointer_type = np.dtype(_narrowest_uint(host["values"].size)).name
+            arrays["values"].append(host["values"].astype(np.float32))
+            arrays.setdefault(f"col_indices_{index_type}", []).append(host["col_indices"].astype(index_type))
+            arrays.setdefault(f"row_pointers_{pointer_type}", []).append(
+                host["row_pointers"].astype(pointer_type))
+            if host["bias"] is not None:
+                arrays["bias"].append(host["bias"].astype(np.float32))
+            layers.append({"name": name, "shape": list(host["shape"]), "nnz": int(host["values"].size),
+                           "index_type": index_type, "pointer_type": pointer_type,
+                           "bias": host["bias"] is not None})
+        header = json.dumps({"format": FILE_FORMAT, "architecture": self.architecture, "weights": layers})
+        flat = {key: np.concatenate(parts) if parts else np.zeros(0, np.float32) for key, parts in arrays.items()}
+        with open(path, "wb") as file:
+            (np.savez_compressed if compress else np.savez)(
+                file, header=np.frombuffer(header.encode(), dtype=np.uint8), **flat)
+        return os.path.getsize(path)
+
+    @classmethod
+    def load(cls, path, backend: str = "scipy", device=None) -> "SparseNet":
+        """Read a model written by ``save`` onto ``backend``."""
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(data["header"].tobytes().decode())
+            if header.get("format") != FILE_FORMAT:
+                raise ValueError(f"{path} is not a {FILE_FORMAT} file")
+            flat = {key: data[key] for key in data.files}
+        offsets = dict.fromkeys(flat, 0)
+
+        def take(key: str, count: int) -> np.ndarray:
+            start, offsets[key] = offsets[key], offsets[key] + count
+            return flat[key][start:start + count]
+
+        weights = {}
+        for layer in header["weights"]:
+            (rows, _), nnz = layer["shape"], layer["nnz"]
+            weights[layer["name"]] = {
+                "shape": tuple(layer["shape"]), "values": take("values", nnz),
+                "col_indices": take(f"col_indices_{layer['index_type']}", nnz).astype(np.int64),
+                "row_pointers": take(f"row_pointers_{layer['pointer_type']}", rows + 1).astype(np.int64),
+                "bias": take("bias", rows) if layer["bias"] else None}
+        return cls(header["architecture"], weights, backend, device)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def describe(masked_net: MaskedNet) -> tuple[list[dict], dict[str, dict]]:
+    """The layer chain of ``masked_net`` as (architecture, host CSR weights), both plain data.
+
+    The architecture is a JSON-able list of steps; the weights map each masked
+    layer's name to numpy arrays ``values`` (float32), ``col_indices``,
+    ``row_pointers``, ``bias`` and its 2-D ``shape``, with the structure taken from
+    the mask (explicit zeros kept).
+    """
+    if not isinstance(masked_net, MaskedNet):
+        raise TypeError(f"expected a dst.masked.MaskedNet, got {type(masked_net).__name__}")
+    architecture, weights = [], {}
+    for name, module in _layer_chain(masked_net.net, ""):
+        label = f"layer {name or '(the wrapped net)'!r} ({type(module).__name__})"
+        if isinstance(module, MaskedConv2d):
+            if (module.groups != 1 or tuple(module.stride) != (1, 1) or tuple(module.dilation) != (1, 1)
+                    or module.padding_mode != "zeros" or isinstance(module.padding, str)):
+                raise ValueError(f"{label}: the sparse conv supports groups=1, stride 1, dilation 1 and "
+                                 f"numeric zero padding, got groups={module.groups}, stride={module.stride}, "
+                                 f"dilation={module.dilation}, padding={module.padding!r} "
+                                 f"({module.padding_mode})")
+            architecture.append({"type": "conv", "name": name, "in_channels": module.in_channels,
+                                 "kernel_size": list(module.kernel_size), "padding": list(module.padding)})
+            weights[name] = _host_csr(module)
+        elif isinstance(module, MaskedLinear):
+            architecture.append({"type": "linear", "name": name})
+            weights[name] = _host_csr(module)
+        elif isinstance(module, nn.ReLU):
+            architecture.append({"type": "relu", "name": name})
+        elif isinstance(module, nn.MaxPool2d):
+            kernel, stride = _pair(module.kernel_size), _pair(module.stride)
+            if kernel != stride or _pair(module.padding) != (0, 0) or _pair(module.dilation) != (1, 1) \
+                    or module.ceil_mode:
+                raise ValueError(f"{label}: the sparse max-pool supports stride == kernel_size, no padding, "
+                                 f"dilation 1, floor mode; got kernel_size={module.kernel_size}, "
+                                 f"stride={module.stride}, padding={module.padding}")
+            architecture.append({"type": "maxpool", "name": name, "kernel_size": list(kernel)})
+        elif isinstance(module, nn.Flatten):
+            if module.start_dim != 1 or module.end_dim != -1:
+                raise ValueError(f"{label}: only Flatten(start_dim=1, end_dim=-1) is supported")
+            architecture.append({"type": "flatten", "name": name})
+        elif isinstance(module, (nn.Dropout, nn.Identity)):
+            continue  # no-ops at inference
+        else:
+            raise TypeError(f"cannot convert {label} to the truly sparse format; supported layers are "
+                            f"{', '.join(SUPPORTED_LAYERS)}, chained in nn.Sequential containers")
+    return architecture, weights
+
+
+def _layer_chain(module: nn.Module, prefix: str):
+    """Leaf layers in forward order: nn.Sequential containers (with their own forward) are walked."""
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        for child_name, child in module.named_children():
+            yield from _layer_chain(child, f"{prefix}.{child_name}" if prefix else child_name)
+    else:
+        yield prefix, module
+
+
+def _host_csr(layer: MaskedConv2d | MaskedLinear) -> dict:
+    """A masked layer's active weights as numpy CSR arrays, rows = output units."""
+    mask = layer.mask_2d()  # (out, in) or (out, in*kh*kw)
+    weight = layer.weight.detach().reshape(mask.shape).to(device="cpu", dtype=torch.float32).numpy()
+    row_pointers = np.zeros(mask.shape[0] + 1, dtype=np.int64)
+    np.cumsum(mask.sum(axis=1), out=row_pointers[1:])
+    bias = None if layer.bias is None else layer.bias.detach().to(device="cpu", dtype=torch.float32).numpy()
+    return {"shape": mask.shape, "values": weight[mask], "col_indices": np.nonzero(mask)[1],
+            "row_pointers": row_pointers, "bias": bias}
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _narrowest_uint(max_value: int):
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_value <= np.iinfo(dtype).max:
+            return dtype
+    return np.uint64
+
+
+# ----------------------------------------------------------------------------- memory
+
+def memory_report(masked_net: MaskedNet, sparse_model: SparseNet) -> dict:
+    """Bytes of the masked dense model against the truly sparse one, in total and per layer.
+
+    Dense counts what the masked model holds: weights, the bool mask (1 byte per
+    weight) and biases. Sparse counts what the engine holds: CSR values, column
+    indices and row pointers (int32, as the sparse kernels need), biases, and the
+    small index tables of the convs (gathered channels, active output channels).
+    Activations and work buffers are left out of both. ``ratio`` is dense / sparse. Returns
+    ``{'dense_bytes', 'sparse_bytes', 'ratio', 'layers': {name: {'shape': [out, in],
+    'nnz', 'dense_bytes', 'sparse_bytes'}}}``.
+    """
+    layers = {}
+    for name, layer in masked_net.masked_layers().items():
+        if name not in sparse_model.layers:
+            raise ValueError(f"the sparse model has no layer {name!r}: was it converted from this net?")
+        dense = layer.weight.nbytes + layer.mask.nbytes + (0 if layer.bias is None else layer.bias.nbytes)
+        layers[name] = {"shape": [int(layer.weight.shape[0]), int(layer.weight[0].numel())],
+                        "nnz": sparse_model.nnz(name), "dense_bytes": dense,
+                        "sparse_bytes": sparse_model.layer_bytes(name)}
+    dense_bytes = sum(layer["dense_bytes"] for layer in layers.values())
+    sparse_bytes = sum(layer["sparse_bytes"] for layer in layers.values())
+    return {"dense_bytes": dense_bytes, "sparse_bytes": sparse_bytes,
+            "ratio": dense_bytes / sparse_bytes, "layers": layers}

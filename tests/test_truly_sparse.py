@@ -1,0 +1,293 @@
+"""The truly sparse (CSR) engine computes exactly what the masked dense network computes."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dst.gpu import CUPY_GPU_AVAILABLE
+from dst.masked import MaskedNet
+from dst.models import MLP, SimpleNet
+from dst.sparse_backends import BACKENDS
+from dst.truly_sparse import SparseNet, memory_report
+
+CPU_BACKENDS = ["scipy", "torch"]
+needs_cupy = pytest.mark.skipif(not CUPY_GPU_AVAILABLE, reason="cupy/CUDA not available")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+
+def masked(net: nn.Module, sparsity: float, allocation: str = "uniform", seed: int = 0) -> MaskedNet:
+    return MaskedNet(net, sparsity, allocation, generator=torch.Generator().manual_seed(seed)).eval()
+
+
+def mnist_batch(count: int = 8, seed: int = 0) -> torch.Tensor:
+    """MNIST-shaped inputs, normalised like the tutorial's loader."""
+    pixels = torch.rand(count, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    return (pixels - 0.1307) / 0.3081
+
+
+def assert_matches_dense(model: MaskedNet, sparse: SparseNet, inputs: torch.Tensor, tolerance: float = 1e-4):
+    with torch.no_grad():
+        expected = model(inputs).numpy()
+    actual = sparse.to_numpy(sparse(sparse.as_input(inputs)))
+    assert actual.shape == expected.shape
+    assert actual.dtype == np.float32
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance)
+    np.testing.assert_array_equal(actual.argmax(axis=1), expected.argmax(axis=1))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("net_class", [SimpleNet, MLP])
+def test_forward_matches_masked_dense(net_class, sparsity, backend):
+    torch.manual_seed(0)
+    model = masked(net_class(), sparsity)
+    assert_matches_dense(model, SparseNet.from_masked(model, backend), mnist_batch())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_erk_allocation_with_a_dense_first_conv_matches(backend):
+    model = masked(SimpleNet(), 0.95, "erk")
+    assert model.masked_layers()["conv1"].mask.all()  # ERK keeps the 144-weight conv dense
+    assert_matches_dense(model, SparseNet.from_masked(model, backend), mnist_batch())
+
+
+@needs_cupy
+def test_cupy_backend_matches():
+    model = masked(SimpleNet(), 0.9)
+    assert_matches_dense(model, SparseNet.from_masked(model, "cupy"), mnist_batch())
+
+
+@needs_cuda
+def test_torch_cuda_backend_matches():
+    model = masked(SimpleNet(), 0.9)
+    assert_matches_dense(model, SparseNet.from_masked(model, "torch", "cuda"), mnist_batch())
+
+
+@st.composite
+def small_conv_nets(draw):
+    """A random [pool] -> conv -> (relu, pool in either order) -> conv -> flatten -> linear chain, and its input.
+
+    The first pool takes the strided path (no conv before it), the second the blocked one.
+    """
+    channels = draw(st.integers(1, 3))
+    input_size = draw(st.integers(4, 12)), draw(st.integers(4, 12))
+    input_pool = draw(st.sampled_from([None, 2, (2, 1), 3]))
+    input_window = (input_pool, input_pool) if isinstance(input_pool, int) else input_pool or (1, 1)
+    size = [input_size[d] // input_window[d] for d in range(2)]
+    hidden = draw(st.integers(1, 6))
+    kernel = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    padding = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    pool = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    conv_out = [size[d] + 2 * padding[d] - kernel[d] + 1 for d in range(2)]
+    assume(all(conv_out[d] >= pool[d] for d in range(2)))
+    pooled = [conv_out[d] // pool[d] for d in range(2)]
+    activation_then_pool = [nn.ReLU(), nn.MaxPool2d(pool)]
+    if draw(st.booleans()):
+        activation_then_pool.reverse()
+    layers = [*([nn.MaxPool2d(input_pool)] if input_pool else []),
+              nn.Conv2d(channels, hidden, kernel, padding=padding, bias=draw(st.booleans())),
+              *activation_then_pool,
+              nn.Conv2d(hidden, 2, 1), nn.ReLU(),  # a conv with no pool after it
+              nn.Flatten(), nn.Linear(2 * pooled[0] * pooled[1], draw(st.integers(1, 5)))]
+    sparsity = draw(st.sampled_from([0.0, 0.3, 0.7, 0.9, 0.99]))
+    batch = draw(st.integers(1, 4))
+    return nn.Sequential(*layers), sparsity, torch.randn(batch, channels, *input_size)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(case=small_conv_nets(), seed=st.integers(0, 2**16))
+def test_random_small_conv_nets_match(case, seed):
+    net, sparsity, inputs = case
+    torch.manual_seed(seed)
+    model = masked(net, sparsity, seed=seed)
+    for backend in CPU_BACKENDS:
+        assert_matches_dense(model, SparseNet.from_masked(model, backend), inputs, tolerance=1e-5)
+
+
+def test_explicit_zeros_of_active_weights_are_kept():
+    model = masked(SimpleNet(), 0.9)
+    with torch.no_grad():
+        for layer in model.masked_layers().values():
+            active = layer.mask.flatten().nonzero().flatten()
+            layer.weight.view(-1)[active[::3]] = 0.0  # a third of the active weights are exactly zero
+    for backend in CPU_BACKENDS:
+        sparse = SparseNet.from_masked(model, backend)
+        for name, layer in model.masked_layers().items():
+            assert sparse.nnz(name) == layer.active_count
+        assert_matches_dense(model, sparse, mnist_batch())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_batch_sizes_layouts_and_input_types(backend):
+    model = masked(SimpleNet(), 0.9)
+    sparse = SparseNet.from_masked(model, backend)
+    for count in (5, 1, 5, 3):  # new shapes and reused work buffers
+        assert_matches_dense(model, sparse, mnist_batch(count, seed=count))
+    from_numpy = sparse.to_numpy(sparse(mnist_batch(2).numpy()))
+    with torch.no_grad():
+        np.testing.assert_allclose(from_numpy, model(mnist_batch(2)).numpy(), atol=1e-4)
+
+
+def test_nested_sequential_dropout_and_identity_are_walked():
+    net = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(784, 32), nn.ReLU(), nn.Dropout(0.5)),
+                        nn.Identity(), nn.Linear(32, 10))
+    model = masked(net, 0.8)
+    sparse = SparseNet.from_masked(model, "scipy")
+    assert set(sparse.layers) == {"1.0", "3"} == set(model.masked_layers())
+    assert_matches_dense(model, sparse, mnist_batch())
+
+
+def test_conversion_leaves_the_masked_net_unchanged():
+    model = masked(SimpleNet(), 0.9).train()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    SparseNet.from_masked(model, "scipy")
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def tiny_net_with_known_masks() -> MaskedNet:
+    """conv 1->2 (3x3, bias) -> flatten -> linear 8->3 (no bias), with hand-set masks."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 2 * 2, 3, bias=False))
+    model = masked(net, 0.5)
+    conv_mask = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
+    conv_mask[0, 0, 0, 0] = conv_mask[1, 0, 0, 0] = conv_mask[1, 0, 2, 2] = True  # 3 active, columns {0, 8}
+    linear_mask = torch.zeros(3, 8, dtype=torch.bool)
+    linear_mask[0, :5] = linear_mask[2, 7] = True  # 6 active, row 1 empty
+    with torch.no_grad():
+        for layer, mask in zip(model.masked_layers().values(), (conv_mask, linear_mask), strict=True):
+            layer.mask.copy_(mask)
+            layer.weight.mul_(mask)
+    return model
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_memory_report_matches_a_hand_count(backend):
+    model = tiny_net_with_known_masks()
+    report = memory_report(model, SparseNet.from_masked(model, backend))
+    # dense: float32 weights + bool mask (1 byte each) + float32 bias
+    conv_dense, linear_dense = 18 * 4 + 18 * 1 + 2 * 4, 24 * 4 + 24 * 1
+    # sparse: values and int32 column indices per active weight, int32 row pointers (rows + 1)
+    # and the bias; a one-channel conv with every output channel active keeps no index tables
+    conv_sparse = 3 * (4 + 4) + 3 * 4 + 2 * 4
+    linear_sparse = 6 * (4 + 4) + 4 * 4
+    assert report["layers"] == {
+        "0": {"shape": [2, 9], "nnz": 3, "dense_bytes": conv_dense, "sparse_bytes": conv_sparse},
+        "2": {"shape": [3, 8], "nnz": 6, "dense_bytes": linear_dense, "sparse_bytes": linear_sparse},
+    }
+    assert report["dense_bytes"] == conv_dense + linear_dense
+    assert report["sparse_bytes"] == conv_sparse + linear_sparse
+    assert report["ratio"] == pytest.approx((conv_dense + linear_dense) / (conv_sparse + linear_sparse))
+    assert_matches_dense(model, SparseNet.from_masked(model, backend), torch.randn(3, 1, 4, 4))
+
+
+def test_memory_report_at_95_percent():
+    model = masked(SimpleNet(), 0.95)
+    report = memory_report(model, SparseNet.from_masked(model, "scipy"))
+    # 8 bytes per active weight against 5 per weight: 12.5x is the ceiling for int32-indexed CSR
+    assert 11.5 < report["ratio"] < 12.5
+    assert sum(layer["nnz"] for layer in report["layers"].values()) == sum(
+        layer.active_count for layer in model.masked_layers().values())
+
+
+@pytest.mark.parametrize("load_backend", CPU_BACKENDS)
+def test_save_and_load_round_trip(tmp_path, load_backend):
+    model = masked(SimpleNet(), 0.9)
+    with torch.no_grad():
+        layer = model.masked_layers()["fc3"]
+        layer.weight.view(-1)[layer.mask.flatten().nonzero()[:10].flatten()] = 0.0  # explicit zeros
+    sparse = SparseNet.from_masked(model, "scipy")
+    path = tmp_path / "model.npz"
+    size = sparse.save(path)
+    assert size == path.stat().st_size
+    loaded = SparseNet.load(path, load_backend)
+    for name, layer in model.masked_layers().items():
+        assert loaded.nnz(name) == layer.active_count
+    inputs = mnist_batch()
+    np.testing.assert_allclose(loaded.to_numpy(loaded(inputs)), sparse.to_numpy(sparse(inputs)), atol=1e-6)
+    assert_matches_dense(model, loaded, inputs)
+    report = memory_report(model, sparse)
+    assert size < report["sparse_bytes"] < report["dense_bytes"]
+    plain = tmp_path / "plain.npz"
+    assert size < sparse.save(plain, compress=False) < report["sparse_bytes"]  # 2-byte indices even unzipped
+    reloaded = SparseNet.load(plain)
+    np.testing.assert_array_equal(reloaded.to_numpy(reloaded(inputs)), sparse.to_numpy(sparse(inputs)))
+    with np.load(path) as data:  # narrowest index types: 9 and <= 1568 columns, <= 65535 per layer
+        assert {key for key in data.files if key.startswith("col_indices")} == {
+            "col_indices_uint8", "col_indices_uint16"}
+
+
+def test_unknown_backend_lists_the_choices():
+    with pytest.raises(ValueError, match="scipy") as error:
+        SparseNet.from_masked(masked(MLP(), 0.9), "numba")
+    for name in BACKENDS:
+        assert name in str(error.value)
+
+
+@pytest.mark.skipif(CUPY_GPU_AVAILABLE, reason="cupy and a GPU are present")
+def test_cupy_backend_without_cupy_or_gpu_says_what_is_missing():
+    with pytest.raises(RuntimeError, match="cupy"):
+        SparseNet.from_masked(masked(MLP(), 0.9), "cupy")
+
+
+def test_wrong_devices_are_refused():
+    model = masked(MLP(), 0.9)
+    with pytest.raises(ValueError, match="CPU"):
+        SparseNet.from_masked(model, "scipy", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            SparseNet.from_masked(model, "torch", "cuda")
+
+
+def test_not_a_masked_net_is_refused():
+    with pytest.raises(TypeError, match="MaskedNet"):
+        SparseNet.from_masked(MLP(), "scipy")
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.inner(x)
+
+
+@pytest.mark.parametrize(("layer", "error", "named"), [
+    (nn.BatchNorm2d(4), TypeError, "BatchNorm2d"),
+    (nn.AvgPool2d(2), TypeError, "AvgPool2d"),
+    (nn.Sigmoid(), TypeError, "Sigmoid"),
+    (nn.MaxPool2d(2, stride=1), ValueError, "MaxPool2d"),
+])
+def test_unsupported_layers_are_named(layer, error, named):
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), layer, nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(error, match=rf"'1' \({named}\)") as raised:
+        SparseNet.from_masked(masked(net, 0.5), "scipy")
+    if error is TypeError:
+        assert "MaskedConv2d" in str(raised.value)  # and the supported layers are listed
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(1, 4, 3, stride=2), nn.Conv2d(2, 4, 3, groups=2),
+                                  nn.Conv2d(1, 4, 3, dilation=2), nn.Conv2d(1, 4, 3, padding=1,
+                                                                            padding_mode="reflect")])
+def test_unsupported_conv_settings_are_named(conv):
+    with pytest.raises(ValueError, match=r"'0' \(MaskedConv2d\)"):
+        SparseNet.from_masked(masked(nn.Sequential(conv), 0.5), "scipy")
+
+
+def test_unmasked_linear_and_custom_containers_are_named():
+    model = masked(nn.Sequential(nn.Flatten(), nn.Linear(4, 4)), 0.5)
+    model.net.add_module("head", nn.Linear(4, 2))  # added after masking: a dense layer
+    with pytest.raises(TypeError, match=r"'head' \(Linear\)"):
+        SparseNet.from_masked(model, "scipy")
+    with pytest.raises(TypeError, match=r"'0' \(Residual\)"):
+        SparseNet.from_masked(masked(nn.Sequential(Residual()), 0.5), "scipy")
+
+
+def test_wrong_input_shape_names_the_layer():
+    sparse = SparseNet.from_masked(masked(MLP(), 0.9), "scipy")
+    with pytest.raises(ValueError, match="fc1"):
+        sparse(torch.randn(2, 1, 20, 20))
