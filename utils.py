@@ -1,8 +1,7 @@
 """The tutorial's doorway: the names ``dst_tutorial.ipynb`` imports, re-exported from ``dst``."""
 
-from dst.benchmark import benchmark_environment, benchmark_inference
-
 from dst.allocation import ALLOCATIONS, layer_densities
+from dst.benchmark import benchmark_environment, benchmark_inference
 from dst.data import ensure_mnist, load_mnist, load_mnist_tensors
 from dst.gpu import CUPY_GPU_AVAILABLE
 from dst.masked import MaskedNet
@@ -15,13 +14,27 @@ from dst.plots import (
     plot_runs_comparison,
 )
 from dst.prune_regrow import REGROW, apply_dst_step
+from dst.results import (
+    describe_memory,
+    describe_speedup,
+    format_table,
+    load_runs,
+    run_label,
+    runs_table,
+    save_run,
+    speed_sentence,
+)
 from dst.schedule import DSTConfig, DSTScheduler
-from dst.training import evaluate, seed_everything, train_epoch
+from dst.sparse_training import train_masked_mlp, train_sparse_mlp
+from dst.training import evaluate, seed_everything, train_and_evaluate, train_epoch
+from dst.truly_sparse import SparseNet, memory_report
 
 __all__ = [
-    "ALLOCATIONS", "CUPY_GPU_AVAILABLE", "DSTConfig", "DSTScheduler", "MLP", "MaskedNet", "REGROW",
-    "SimpleNet", "apply_dst_step", "benchmark_environment", "benchmark_inference", "ensure_mnist",
-    "evaluate", "layer_densities", "load_mnist", "load_mnist_tensors", "plot_benchmark",
-    "plot_dense_vs_masked_comparison", "plot_mask_2d_evolution", "plot_mask_evolution_per_epoch",
-    "plot_runs_comparison", "seed_everything", "train_epoch",
+    "ALLOCATIONS", "CUPY_GPU_AVAILABLE", "DSTConfig", "DSTScheduler", "MLP", "MaskedNet", "REGROW", "SimpleNet",
+    "SparseNet", "apply_dst_step", "benchmark_environment", "benchmark_inference", "describe_memory",
+    "describe_speedup", "ensure_mnist", "evaluate", "format_table", "layer_densities", "load_mnist",
+    "load_mnist_tensors", "load_runs", "memory_report", "plot_benchmark", "plot_dense_vs_masked_comparison",
+    "plot_mask_2d_evolution", "plot_mask_evolution_per_epoch", "plot_runs_comparison", "run_label", "runs_table",
+    "save_run", "seed_everything", "speed_sentence", "train_and_evaluate", "train_epoch", "train_masked_mlp",
+    "train_sparse_mlp",
 ]

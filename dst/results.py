@@ -80,16 +80,21 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def describe_speedup(timings: dict[str, dict], baseline: str, candidate: str) -> str:
-    """A sentence comparing two measured medians, worded by what the numbers say."""
-    base, cand = timings[baseline]["median"], timings[candidate]["median"]
-    numbers = f"({cand:.2f} ms vs {base:.2f} ms, medians of {timings[candidate]['runs']} runs)"
-    ratio = base / cand
+def speed_sentence(candidate: str, candidate_ms: float, baseline: str, baseline_ms: float, detail: str = "") -> str:
+    """A sentence comparing two measured times, worded by what the numbers say."""
+    numbers = f"({candidate_ms:.2f} ms vs {baseline_ms:.2f} ms{', ' + detail if detail else ''})"
+    ratio = baseline_ms / candidate_ms
     if ratio > 1 + SAME_SPEED_TOLERANCE:
         return f"{candidate} is {ratio:.2f}x faster than {baseline} {numbers}"
     if ratio < 1 / (1 + SAME_SPEED_TOLERANCE):
         return f"{candidate} is {1 / ratio:.2f}x slower than {baseline} {numbers}"
     return f"{candidate} and {baseline} run at about the same speed (within 10%) {numbers}"
+
+
+def describe_speedup(timings: dict[str, dict], baseline: str, candidate: str) -> str:
+    """``speed_sentence`` for two rows of ``benchmark_inference``'s timings (their medians)."""
+    return speed_sentence(candidate, timings[candidate]["median"], baseline, timings[baseline]["median"],
+                          f"medians of {timings[candidate]['runs']} runs")
 
 
 def describe_memory(memory: dict) -> str:

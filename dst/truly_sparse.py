@@ -18,6 +18,7 @@ a ``SparseNet`` must not be called from two threads at once.
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -173,6 +174,7 @@ class SparseNet:
                            "bias": host["bias"] is not None})
         header = json.dumps({"format": FILE_FORMAT, "architecture": self.architecture, "weights": layers})
         flat = {key: np.concatenate(parts) if parts else np.zeros(0, np.float32) for key, parts in arrays.items()}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as file:
             (np.savez_compressed if compress else np.savez)(
                 file, header=np.frombuffer(header.encode(), dtype=np.uint8), **flat)

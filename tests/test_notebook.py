@@ -22,7 +22,7 @@ def test_committed_notebook_has_no_outputs_and_a_parameters_cell():
 def test_notebook_runs_in_quick_mode_and_writes_plots_and_results(tmp_path):
     sparsity = 0.9
     parameters = {"GLOBAL_SPARSITY": sparsity, "num_epochs": 2, "dst_frequency": 1, "max_batches_per_epoch": 5,
-                  "sparse_mlp_hidden": 256, "results_dir": str(tmp_path / "results"),
+                  "sparse_mlp_hidden": 256, "sparse_mlp_batches": 5, "results_dir": str(tmp_path / "results"),
                   "plots_dir": str(tmp_path / "plots")}
     papermill.execute_notebook(str(NOTEBOOK), str(tmp_path / "executed.ipynb"), parameters=parameters,
                                cwd=str(ROOT), kernel_name="python3", progress_bar=False)
