@@ -109,6 +109,7 @@ OPTIMIZERS = {
     "sgd_momentum_wd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-2),
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
     "adam_amsgrad": lambda params: torch.optim.Adam(params, lr=1e-2, amsgrad=True),
+    "adam_fused": lambda params: torch.optim.Adam(params, lr=1e-2, fused=True),
 }
 
 
