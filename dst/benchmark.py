@@ -88,7 +88,8 @@ def benchmark_inference(model: MaskedNet, loader: Iterable, device, num_samples:
     Returns:
         ``{row name: {'mean', 'std', 'median', 'min', 'runs'}}`` in milliseconds per
         forward of the whole ``num_samples`` batch, always with the rows
-        'Dense+Mask (CPU)', 'Truly Sparse CSR (CPU)' (scipy, single-threaded) and
+        'Dense, no mask (CPU)' (the same weights without the mask step, i.e. a plain
+        dense net), 'Dense+Mask (CPU)', 'Truly Sparse CSR (CPU)' (scipy, single-threaded) and
         'Truly Sparse torch.sparse (CPU)'; the dense and torch rows use torch's
         current thread count (see ``benchmark_environment``). On a machine shared
         with other jobs, start Python with OMP_WAIT_POLICY=PASSIVE (or use one torch
@@ -108,8 +109,13 @@ def inference_forwards(model: MaskedNet, inputs: torch.Tensor, device) -> dict[s
     are copies or CSR conversions of ``model``, which is left as it is.
     """
     dense = copy.deepcopy(model).to("cpu").eval()
+    # The same weights without the mask step: what a plain dense net of this shape costs.
+    unmasked = copy.deepcopy(dense)
+    for layer in unmasked.masked_layers().values():
+        layer.apply_mask = False
     inputs = inputs.detach().cpu()
-    forwards = {"Dense+Mask (CPU)": (lambda: dense(inputs), None),
+    forwards = {"Dense, no mask (CPU)": (lambda: unmasked(inputs), None),
+                "Dense+Mask (CPU)": (lambda: dense(inputs), None),
                 "Truly Sparse CSR (CPU)": _sparse_forward(dense, "scipy", None, inputs),
                 "Truly Sparse torch.sparse (CPU)": _sparse_forward(dense, "torch", None, inputs)}
     if _gpu_rows_reason(device) is None:

@@ -13,7 +13,7 @@ from dst.benchmark import (
 )
 from dst.masked import MaskedNet
 
-CPU_ROWS = {"Dense+Mask (CPU)", "Truly Sparse CSR (CPU)", "Truly Sparse torch.sparse (CPU)"}
+CPU_ROWS = {"Dense, no mask (CPU)", "Dense+Mask (CPU)", "Truly Sparse CSR (CPU)", "Truly Sparse torch.sparse (CPU)"}
 TIMING_FIELDS = {"mean", "std", "median", "min", "runs"}
 
 
