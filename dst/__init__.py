@@ -8,9 +8,12 @@ Modules, one concept each:
     schedule       DSTConfig and the scheduler that decides when updates happen
     training       train_epoch / evaluate for dense and masked nets alike
     data           MNIST download (with a verified fallback) and fast in-memory loaders
-    truly_sparse   the CSR inference engine (scipy, cupy, torch.sparse)
+    truly_sparse   the CSR inference model: conversion, save/load, memory report
+    sparse_layers  its layers (im2col conv, linear, ReLU, max-pool) on one array API
+    sparse_backends  that array API for scipy and cupy (one code path) and torch.sparse
     benchmark      honest timing of simulated vs truly sparse inference
     sparse_training  truly sparse MLP training on the CPU
+    sparse_kernels   its CSR layer: sparse products, sampled gradients, SET and sparse optimizers
     plots          the tutorial's figures
     results        per-run JSON results and the table across runs
     gpu            whether cupy and a CUDA device are usable
