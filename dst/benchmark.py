@@ -139,7 +139,7 @@ def _sparse_forward(masked: MaskedNet, backend: str, device, inputs: torch.Tenso
 def _gpu_rows_reason(device) -> str | None:
     """Why the GPU rows do not run on ``device``, or None when they do."""
     if device is None or torch.device(device).type != "cuda":
-        return f"device is {device!r}, not a CUDA device"
+        return f"device is '{device}', not a CUDA device"
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
     return None
