@@ -132,8 +132,6 @@ class MaskedNet(nn.Module):
                     masked.weight.mul_(1.0 / math.sqrt(densities[name]))
             parent_name, _, child_name = name.rpartition(".")
             setattr(self.net.get_submodule(parent_name), child_name, masked)
-        self.target_sparsity = float(sparsity)
-        self.allocation = allocation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

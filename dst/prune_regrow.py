@@ -17,6 +17,7 @@ weight pruned now is not regrown in the same step and the update really moves
 ``pruned`` connections.
 """
 
+import numbers
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -164,7 +165,7 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
 
 def check_prune_ratio(prune_ratio: float) -> None:
     """Raise unless ``prune_ratio`` is a number in [0, 1]."""
-    if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)):
+    if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, numbers.Real):
         raise TypeError(f"prune_ratio must be a float in [0, 1], got {type(prune_ratio).__name__}")
     if not 0.0 <= prune_ratio <= 1.0:
         raise ValueError(f"prune_ratio must be in [0, 1] (fraction of active weights moved), got {prune_ratio}")

@@ -88,7 +88,7 @@ def speed_sentence(candidate: str, candidate_ms: float, baseline: str, baseline_
         return f"{candidate} is {ratio:.2f}x faster than {baseline} {numbers}"
     if ratio < 1 / (1 + SAME_SPEED_TOLERANCE):
         return f"{candidate} is {1 / ratio:.2f}x slower than {baseline} {numbers}"
-    return f"{candidate} and {baseline} run at about the same speed (within 10%) {numbers}"
+    return f"{candidate} and {baseline} run at about the same speed (within {SAME_SPEED_TOLERANCE:.0%}) {numbers}"
 
 
 def describe_speedup(timings: dict[str, dict], baseline: str, candidate: str) -> str:
