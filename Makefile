@@ -33,8 +33,8 @@ tutorial: install data
 	@echo "Executed notebook: $(EXECUTED); plots in plots/, results in results/"
 
 benchmarks: install
-	$(BIN)/python benchmarks/sparse_inference.py
-	$(BIN)/python benchmarks/sparse_training.py
+	$(BIN)/python -m benchmarks.sparse_inference
+	$(BIN)/python -m benchmarks.sparse_training
 
 clean:
 	rm -rf executed .pytest_cache .ruff_cache .hypothesis
