@@ -48,8 +48,12 @@ class MaskedLayer(nn.Module):
         return int(self.mask.sum())
 
     def mask_2d(self) -> np.ndarray:
-        """The mask as a 2-D boolean array: (out, in) for linear, (out, in*kh*kw) for conv."""
-        return self.mask.reshape(self.mask.shape[0], -1).cpu().numpy()
+        """A copy of the mask as a 2-D boolean array: (out, in) for linear, (out, in*kh*kw) for conv.
+
+        A copy, not a view: on the CPU ``.numpy()`` shares memory with the live buffer, so a
+        snapshot kept for later (one per epoch, say) would silently follow every DST step.
+        """
+        return self.mask.reshape(self.mask.shape[0], -1).cpu().numpy().copy()
 
 
 class MaskedLinear(nn.Linear, MaskedLayer):
@@ -156,7 +160,7 @@ class MaskedNet(nn.Module):
         return sum(s["zeros"] for s in stats) / sum(s["total"] for s in stats)
 
     def get_masks_as_2d(self) -> dict[str, np.ndarray]:
-        """Each layer's mask as a 2-D boolean numpy array (conv as (out, in*kh*kw))."""
+        """A snapshot of each layer's mask as a 2-D boolean numpy array (conv as (out, in*kh*kw))."""
         return {name: layer.mask_2d() for name, layer in self.masked_layers().items()}
 
     @contextlib.contextmanager

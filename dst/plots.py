@@ -6,6 +6,7 @@ Figure; ``save_path`` additionally writes it to disk. Accuracies are in
 percent and sparsities are fractions in [0, 1], as the training code records them.
 """
 
+import functools
 import math
 import re
 import textwrap
@@ -17,14 +18,31 @@ import numpy as np
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from dst.results import speed_phrase
+from dst.topology import as_2d_masks, mask_changes, turnover_percent
+
 # Codes ordered by display priority, so a block of pixels takes the maximum code:
 # one regrown connection must stay visible among thousands of kept ones.
 EMPTY, KEPT, PRUNED, REGROWN = 0, 1, 2, 3
 TRANSITION_COLORS = np.array([[0, 0, 0], [255, 255, 255], [214, 39, 40], [44, 160, 44]], dtype=np.uint8)
 TRANSITION_NAMES = ("empty (off in both)", "kept (on in both)", "pruned (on -> off)", "regrown (off -> on)")
+# Text sizes for a figure shown on a lecture-hall projector: saved at 120 dpi and scaled to a
+# ~1300 px wide screen, 12-13 pt stays about as large as a slide's body text.
+LECTURE_STYLE = {"font.size": 13, "axes.titlesize": 13, "axes.labelsize": 13, "legend.fontsize": 12,
+                 "xtick.labelsize": 12, "ytick.labelsize": 12, "figure.titlesize": 15, "lines.linewidth": 2,
+                 "lines.markersize": 7}
 # Past ~128 pixels a side a subplot has fewer screen pixels than the image, and
 # the few changed connections of a DST step would be lost to aliasing.
 MAX_IMAGE_SIDE = 128
+
+
+def _lecture_style(plot):
+    """Draw ``plot``'s figure with LECTURE_STYLE's text sizes."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(LECTURE_STYLE):
+            return plot(*args, **kwargs)
+    return wrapper
 
 
 def mask_transition_image(previous, current, block=(1, 1)):
@@ -46,74 +64,118 @@ def mask_transition_image(previous, current, block=(1, 1)):
     return TRANSITION_COLORS[codes]
 
 
+@_lecture_style
 def plot_mask_evolution_per_epoch(sparsity_per_epoch, masks_per_epoch=None, save_path=None):
-    """Plot per-layer sparsity (%) per epoch and, given masks, the topology turnover (%) between epochs."""
+    """Plot per-layer sparsity (%) per epoch and, given masks, the topology turnover (%) between epochs.
+
+    Layers whose values are the same at every epoch share one line (labelled with all their
+    names), so no line hides another. The turnover is ``topology.mask_changes`` of the masks.
+    """
     if not sparsity_per_epoch:
         raise ValueError("sparsity_per_epoch is empty: record one {layer: sparsity} dict per epoch")
     names = list(sparsity_per_epoch[0])
     epochs = np.arange(1, len(sparsity_per_epoch) + 1)
     colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
     if masks_per_epoch is None:
-        fig, sparsity_ax = plt.subplots(figsize=(7, 4.5))
+        fig, sparsity_ax = plt.subplots(figsize=(8, 5))
     else:
         _check_lengths(sparsity_per_epoch=sparsity_per_epoch, masks_per_epoch=masks_per_epoch)
-        masks_per_epoch = _as_2d_masks(masks_per_epoch)
-        fig, (sparsity_ax, turnover_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
-        for name in masks_per_epoch[0]:
-            turnover = [_turnover(before[name], after[name]) for before, after in pairwise(masks_per_epoch)]
-            turnover_ax.plot(epochs[1:], turnover, "o-", color=colors.get(name), label=name)
+        changes = mask_changes(masks_per_epoch)
+        fig, (sparsity_ax, turnover_ax) = plt.subplots(1, 2, figsize=(15, 5.5))
+        turnover = {name: [turnover_percent(change[name]) for change in changes]
+                    for name in (changes[0] if changes else ())}
+        for series, group in _same_series(turnover).items():
+            turnover_ax.plot(epochs[1:], series, "o-", color=colors.get(group[0]), label=", ".join(group))
         turnover_ax.set(xlabel="epoch", ylabel="active connections replaced (%)", xticks=epochs,
                         title="Topology turnover since the previous epoch")
         turnover_ax.set_ylim(bottom=0)
         turnover_ax.grid(alpha=0.3)
-    for name in names:
-        sparsity = [100 * epoch.get(name, np.nan) for epoch in sparsity_per_epoch]
-        sparsity_ax.plot(epochs, sparsity, "o-", color=colors[name], label=name)
+        if changes:
+            turnover_ax.legend()
+    sparsity = {name: [100 * epoch.get(name, np.nan) for epoch in sparsity_per_epoch] for name in names}
+    for series, group in _same_series(sparsity).items():
+        sparsity_ax.plot(epochs, series, "o-", color=colors[group[0]], label=", ".join(group))
     sparsity_ax.set(xlabel="epoch", ylabel="sparsity (%)", xticks=epochs, title="Sparsity per layer")
     sparsity_ax.ticklabel_format(axis="y", useOffset=False)  # flat DST lines otherwise read "1e-14 + 95"
     sparsity_ax.grid(alpha=0.3)
-    sparsity_ax.legend(fontsize=8)
+    sparsity_ax.legend()
+    fig.tight_layout()
     return _finish(fig, save_path)
 
 
+@_lecture_style
 def plot_mask_2d_evolution(masks_per_epoch, save_path=None):
-    """Show each layer's mask (rows) per epoch (columns), coloured by change since the previous epoch."""
-    if not masks_per_epoch:
-        raise ValueError("masks_per_epoch is empty: record one {layer: 2-D mask} dict per epoch")
-    masks_per_epoch = _as_2d_masks(masks_per_epoch)
+    """Show each layer's mask (rows) at the first epoch and at every epoch whose mask changed (columns).
+
+    Each image is coloured by change since the previous epoch (pruned red, regrown green); epochs
+    whose masks equal the previous epoch's are named in the title instead of drawn, so the
+    columns stay wide enough to read on a projector.
+    """
+    masks_per_epoch = as_2d_masks(masks_per_epoch)
+    changes = mask_changes(masks_per_epoch)
     names = list(masks_per_epoch[0])
-    n_layers, n_epochs = len(names), len(masks_per_epoch)
-    fig, axes = plt.subplots(n_layers, n_epochs, squeeze=False,
-                             figsize=(min(1.5 * n_epochs + 1.5, 24), min(1.35 * n_layers + 1.2, 20)))
+    changed = [index + 1 for index, change in enumerate(changes)
+               if any(layer["pruned"] or layer["regrown"] for layer in change.values())]
+    columns = [0, *changed]
+    unchanged = [index + 1 for index in range(1, len(masks_per_epoch)) if index not in changed]
+    n_layers, n_columns = len(names), len(columns)
+    fig, axes = plt.subplots(n_layers, n_columns, squeeze=False,
+                             figsize=(max(2.6 * n_columns + 1.0, 7.5), 1.9 * n_layers + 1.6))
     for row, name in enumerate(names):
         height, width = masks_per_epoch[0][name].shape
         block = (math.ceil(height / MAX_IMAGE_SIDE), math.ceil(width / MAX_IMAGE_SIDE))
-        for column, masks in enumerate(masks_per_epoch):
-            previous = masks_per_epoch[max(column - 1, 0)][name]
+        for column, index in enumerate(columns):
             ax = axes[row, column]
-            image = mask_transition_image(previous, masks[name], block)
-            ax.imshow(image, aspect="auto", interpolation="nearest")
+            previous = masks_per_epoch[max(index - 1, 0)][name]
+            ax.imshow(mask_transition_image(previous, masks_per_epoch[index][name], block),
+                      aspect="auto", interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if column > 0:
-                pruned, regrown = int((previous & ~masks[name]).sum()), int((~previous & masks[name]).sum())
-                ax.set_xlabel(f"-{pruned} / +{regrown}" if pruned or regrown else "unchanged", fontsize=7)
+            if index > 0:
+                change = changes[index - 1][name]
+                moved = change["pruned"] or change["regrown"]
+                ax.set_xlabel(f"-{change['pruned']:,} / +{change['regrown']:,}" if moved else "unchanged")
         title = f"{name} {height}x{width}, {100 * masks_per_epoch[0][name].mean():.3g}% on"
         if block != (1, 1):
             title += f" ({block[0]}x{block[1]} blocks)"
-        axes[row, 0].set_title(title, fontsize=8, loc="left")
-    for column in range(n_epochs):
-        axes[0, column].text(0.5, 1.35, f"epoch {column + 1}", ha="center", fontsize=9,
+        axes[row, 0].set_title(title, loc="left")
+    for column, index in enumerate(columns):
+        axes[0, column].text(0.5, 1.4, f"epoch {index + 1}", ha="center", fontweight="bold",
                              transform=axes[0, column].transAxes)
-    fig.tight_layout(h_pad=1.6)  # before the legend and title, which sit above the figure's top edge
+    fig.tight_layout(h_pad=1.8)  # before the legend and title, which sit above the figure's top edge
     handles = [Patch(facecolor=color / 255, edgecolor="gray", label=label)
                for color, label in zip(TRANSITION_COLORS[::-1], TRANSITION_NAMES[::-1], strict=True)]
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, bbox_to_anchor=(0.5, 1.0))
-    fig.suptitle("Mask topology per epoch (x-label: connections pruned / regrown since previous epoch)",
-                 y=1.06, fontsize=11)
+    fig.legend(handles=handles, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 1.0))
+    subtitle = "x-label: connections pruned / regrown since the previous epoch"
+    if not changed:
+        subtitle = f"no mask changed in {len(masks_per_epoch)} epoch(s): no DST step happened"
+    elif unchanged:
+        subtitle += f"; epochs {_ranges(unchanged)} unchanged, not drawn"
+    fig.suptitle(f"Mask topology per epoch\n({subtitle})", y=1.0 + 0.75 / fig.get_figheight() + 0.08)
     return _finish(fig, save_path)
 
 
+def _same_series(series_by_name):
+    """Group names whose series are equal (to 1e-6), so coinciding lines are drawn once with all names."""
+    groups: dict[tuple, list[str]] = {}
+    for name, series in series_by_name.items():
+        groups.setdefault(tuple(round(value, 6) for value in series), []).append(name)
+    return groups
+
+
+def _ranges(numbers):
+    """'2, 4-6, 9' for [2, 4, 5, 6, 9]."""
+    spans, start = [], None
+    for previous, current in pairwise([None, *numbers, None]):
+        if start is None:
+            start = current
+        elif current is None or current != previous + 1:
+            spans.append(f"{start}" if start == previous else f"{start}-{previous}")
+            start = current
+    return ", ".join(spans)
+
+
+@_lecture_style
 def plot_dense_vs_masked_comparison(dense_train_losses, dense_train_accs, dense_test_losses, dense_test_accs,
                                     masked_train_losses, masked_train_accs, masked_test_losses,
                                     masked_test_accs, save_path=None):
@@ -141,11 +203,12 @@ def plot_dense_vs_masked_comparison(dense_train_losses, dense_train_accs, dense_
     for ax in axes.flat:
         ax.set(xlabel="epoch", xticks=epochs)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend()
     fig.tight_layout()
     return _finish(fig, save_path)
 
 
+@_lecture_style
 def plot_benchmark(timings, memory=None, save_path=None):
     """Bar-plot median times (ms, std error bars), each with its ratio to Dense+Mask on the same device."""
     if not timings:
@@ -153,7 +216,7 @@ def plot_benchmark(timings, memory=None, save_path=None):
     labels = list(timings)
     medians = np.array([timings[label]["median"] for label in labels], dtype=float)
     stds = np.array([timings[label]["std"] for label in labels], dtype=float)
-    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(14 if memory else 7.5, 5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(16 if memory else 8.5, 5.5), squeeze=False)
     time_ax = axes[0, 0]
     bars = time_ax.bar(range(len(labels)), medians, color=[plt.cm.tab10(i % 10) for i in range(len(labels))],
                        yerr=[np.minimum(stds, 0.9 * medians), stds], capsize=4)
@@ -162,9 +225,9 @@ def plot_benchmark(timings, memory=None, save_path=None):
         time_ax.set_yscale("log")
     for bar, label, median, std in zip(bars, labels, medians, stds, strict=True):
         time_ax.annotate(_bar_annotation(timings, label), (bar.get_x() + bar.get_width() / 2, median + std),
-                         xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+                         xytext=(0, 4), textcoords="offset points", ha="center", va="bottom")
     time_ax.margins(y=0.2)
-    time_ax.set_xticks(range(len(labels)), [textwrap.fill(label, 16) for label in labels], fontsize=8)
+    time_ax.set_xticks(range(len(labels)), [textwrap.fill(label, 12) for label in labels])
     time_ax.set(ylabel="median time per batch (ms)",
                 title="Inference time (ratio vs Dense+Mask on the same device)")
     if memory:
@@ -173,6 +236,7 @@ def plot_benchmark(timings, memory=None, save_path=None):
     return _finish(fig, save_path)
 
 
+@_lecture_style
 def plot_sparsity_sweep(rows, save_path=None):
     """Plot sparse speedup over dense+mask and memory (MiB) vs sparsity, a line per backend and batch size."""
     _check_rows(rows, ["sparsity", "batch_size", "backend", "speedup", "dense_bytes", "sparse_bytes"])
@@ -185,7 +249,7 @@ def plot_sparsity_sweep(rows, save_path=None):
     _ratio_axis(speed_ax)
     speed_ax.set(xlabel="sparsity (%)", ylabel="speedup (dense+mask time / sparse time)",
                  title="Where truly sparse starts to win (above the dashed line)")
-    speed_ax.legend(fontsize=8)
+    speed_ax.legend()
     sparsities = sorted({row["sparsity"] for row in rows})
     dense = [np.mean([r["dense_bytes"] for r in rows if r["sparsity"] == s]) / 2**20 for s in sparsities]
     memory_ax.plot([100 * s for s in sparsities], dense, "k-o", label="dense weights + mask")
@@ -195,13 +259,14 @@ def plot_sparsity_sweep(rows, save_path=None):
                        label=f"CSR ({backend})")
     memory_ax.set(xlabel="sparsity (%)", ylabel="memory (MiB)", title="Weight memory")
     memory_ax.set_ylim(bottom=0)
-    memory_ax.legend(fontsize=8)
+    memory_ax.legend()
     for ax in (speed_ax, memory_ax):
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return _finish(fig, save_path)
 
 
+@_lecture_style
 def plot_runs_comparison(runs, save_path=None):
     """Compare runs at several sparsities: final test accuracy (%), CSR speedup and memory ratio."""
     _check_rows(runs, ["sparsity", "label", "dense_test_acc", "masked_test_acc", "speedup", "memory_ratio"])
@@ -220,7 +285,7 @@ def plot_runs_comparison(runs, save_path=None):
     for ax in (accuracy_ax, ratio_ax):
         ax.set_xticks(sparsity, [f"{x:g}\n{run['label']}" for x, run in zip(sparsity, runs, strict=True)])
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend()
     fig.tight_layout()
     return _finish(fig, save_path)
 
@@ -242,13 +307,13 @@ def _plot_memory(ax, memory):
     ax.bar(x - 0.2, dense, 0.4, label="dense weights + mask", color="gray")
     ax.bar(x + 0.2, sparse, 0.4, label="CSR (values + indices)", color="tab:blue")
     ax.set_yscale("log")
-    ax.set_xticks(x, names, fontsize=8)
+    ax.set_xticks(x, names)
     saving = memory["dense_bytes"] / memory["sparse_bytes"]
     ratio = f"{saving:.1f}x smaller" if saving >= 1 else f"{1 / saving:.1f}x larger"
     ax.set(ylabel="memory (KiB, log scale)",
            title=f"Weight memory: {memory['dense_bytes'] / 2**20:.2f} MiB dense+mask vs "
                  f"{memory['sparse_bytes'] / 2**20:.2f} MiB CSR ({ratio})")
-    ax.legend(fontsize=8)
+    ax.legend()
 
 
 def _bar_annotation(timings, label):
@@ -258,7 +323,7 @@ def _bar_annotation(timings, label):
     baseline = _baseline_median(timings, label)
     if baseline is None or baseline <= 0 or median <= 0:
         return text
-    return f"{text}\n" + ("baseline" if label.startswith("Dense+Mask") else _speed_ratio(baseline / median))
+    return f"{text}\n" + ("baseline" if label.startswith("Dense+Mask") else speed_phrase(median, baseline))
 
 
 def _baseline_median(timings, label):
@@ -272,39 +337,6 @@ def _baseline_median(timings, label):
 def _device(label):
     match = re.search(r"\(([^()]*)\)\s*$", label)
     return match[1] if match else ""
-
-
-def _speed_ratio(speedup):
-    """Word baseline time / this time so it reads right either way: '4.8x faster' or '2.5x slower'."""
-    ratio, word = (speedup, "faster") if speedup >= 1 else (1 / speedup, "slower")
-    if ratio < 1.05:
-        return "same speed"
-    return f"{ratio:.1f}x {word}" if ratio < 10 else f"{ratio:.0f}x {word}"
-
-
-def _turnover(previous, current):
-    """Percent of the previously active connections that are no longer active."""
-    active = previous.sum()
-    return 100 * (previous & ~current).sum() / active if active else np.nan
-
-
-def _as_2d_masks(masks_per_epoch):
-    """Masks as 2-D bool arrays (conv ones as (out, in*kh*kw)); every epoch must hold the same layers."""
-    names = list(masks_per_epoch[0])
-    result = []
-    for epoch, masks in enumerate(masks_per_epoch, start=1):
-        if list(masks) != names:
-            raise ValueError(f"epoch {epoch} has layers {list(masks)}, epoch 1 has {names}")
-        arrays = {name: np.asarray(mask, dtype=bool) for name, mask in masks.items()}
-        # Conv masks become (out, in*kh*kw); a 1-D mask becomes one row.
-        arrays = {name: mask.reshape(len(mask), -1) if mask.ndim > 2 else np.atleast_2d(mask)
-                  for name, mask in arrays.items()}
-        for name, mask in arrays.items():
-            if result and mask.shape != result[0][name].shape:
-                raise ValueError(f"layer {name!r} has shape {mask.shape} at epoch {epoch}, "
-                                 f"{result[0][name].shape} at epoch 1")
-        result.append(arrays)
-    return result
 
 
 def _check_lengths(**series):

@@ -1,7 +1,12 @@
 """Per-run results as JSON, the table across runs, and claims computed from measurements."""
 
+import hashlib
 import json
 import math
+import os
+import re
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +16,50 @@ import torch
 SAME_SPEED_TOLERANCE = 0.10
 
 
-def run_label(sparsity: float, allocation: str, regrow: str) -> str:
-    """File-name-safe label of a run, e.g. ``s95_erk_random`` for 95 % sparsity."""
-    return f"s{sparsity * 100:g}_{allocation}_{regrow}"
+# Settings shown in a run's label; every other setting is folded into the label's hash.
+LABEL_KEYS = ("GLOBAL_SPARSITY", "allocation", "regrow", "num_epochs")
+# A label is a plain file name: it names files inside the results and plots folders, never a path.
+PLAIN_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+# What load_runs needs of a record, so a foreign JSON file is skipped instead of breaking the table.
+RECORD_KEYS = {"label": (), "config": ("GLOBAL_SPARSITY",), "final": ("dense_test_acc", "masked_test_acc"),
+               "masked": (), "dense": ()}
+
+
+def run_label(config: dict) -> str:
+    """File-name-safe label of a run, unique to every setting in ``config``.
+
+    Readable for what people compare (sparsity, allocation, regrow, epochs, and the batch
+    cap of a quick run), then a 6-digit hash of the whole config, so two runs differing
+    in anything (learning rate, seed, DST frequency, ...) never share files:
+    ``s95_erk_random_e10_3f9c2a``, or ``s95_erk_random_e2_b20_81d07e`` for a quick run.
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"run_label takes the run's config dict, got {type(config).__name__}")
+    missing = [key for key in LABEL_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"config is missing {missing}; a label needs {list(LABEL_KEYS)}")
+    # .10g: 0.8000001 reads s80.00001 and 0.9999999 s99.99999, never a rounded s80 or s100.
+    label = (f"s{config['GLOBAL_SPARSITY'] * 100:.10g}_{config['allocation']}_{config['regrow']}"
+             f"_e{config['num_epochs']}")
+    if config.get("max_batches_per_epoch") is not None:
+        label += f"_b{config['max_batches_per_epoch']}"
+    digest = hashlib.sha256(json.dumps(_plain(config), sort_keys=True).encode()).hexdigest()[:6]
+    label = f"{label}_{digest}"
+    check_label(label)
+    return label
+
+
+def check_label(label) -> None:
+    """Raise unless ``label`` is a plain file name (letters, digits, '.', '_', '-'; no path)."""
+    if not isinstance(label, str) or not PLAIN_LABEL.fullmatch(label) or ".." in label:
+        raise ValueError(f"run label {label!r} is not a plain file name: use letters, digits, '.', '_' and '-' "
+                         "(at most 200, no '..', no '/'), e.g. what run_label(config) returns")
+
+
+def run_path(label: str, folder: str | Path = "results") -> Path:
+    """Where ``save_run`` writes the run called ``label``."""
+    check_label(label)
+    return Path(folder) / f"{label}.json"
 
 
 def _plain(value):
@@ -30,23 +76,61 @@ def _plain(value):
 
 
 def save_run(record: dict, folder: str | Path = "results") -> Path:
-    """Write one run's record to ``folder/<record['label']>.json`` and return the path."""
+    """Write one run's record to ``folder/<record['label']>.json`` atomically and return the path.
+
+    The file is written next to its final name and then renamed over it, so an interrupted
+    save never leaves a truncated record behind. A rerun with identical settings has the
+    same label and replaces its own file (check ``run_path(label).exists()`` first to say so).
+    """
     if "label" not in record:
         raise ValueError("a run record needs a 'label' (see run_label) to name its file")
-    path = Path(folder) / f"{record['label']}.json"
+    path = run_path(record["label"], folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_plain(record), indent=2))
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False) as handle:
+        handle.write(json.dumps(_plain(record), indent=2))
+    os.replace(handle.name, path)
     return path
 
 
 def load_runs(folder: str | Path = "results") -> list[dict]:
-    """Every saved run record in ``folder``, sorted by sparsity then label."""
-    runs = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("*.json"))]
+    """Every run record in ``folder``, sorted by sparsity then label.
+
+    A file that is not readable JSON, or not a run record of this notebook, is skipped
+    with a warning that names it, so one stray file cannot break the table of all runs.
+    """
+    runs = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            warnings.warn(f"skipping {path}: not readable JSON ({error})", stacklevel=2)
+            continue
+        problem = _record_problem(record)
+        if problem:
+            warnings.warn(f"skipping {path}: not a run record of this tutorial ({problem})", stacklevel=2)
+            continue
+        runs.append(record)
     return sorted(runs, key=lambda run: (run["config"]["GLOBAL_SPARSITY"], run["label"]))
 
 
+def _record_problem(record) -> str:
+    """What makes ``record`` unusable as a run record, or '' if nothing does."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    for key, inner in RECORD_KEYS.items():
+        if key not in record:
+            return f"no {key!r}"
+        missing = [name for name in inner if not isinstance(record[key], dict) or name not in record[key]]
+        if missing:
+            return f"{key!r} has no {missing}"
+    if not isinstance(record["config"]["GLOBAL_SPARSITY"], (int, float)):
+        return "GLOBAL_SPARSITY is not a number"
+    return ""
+
+
 def runs_table(runs: list[dict]) -> list[dict]:
-    """One row per run: accuracies, their gap, CPU speedup and memory ratio of the CSR model."""
+    """One row per run: budget, accuracies, their gap, CPU speedup and memory ratio of the CSR model."""
     rows = []
     for run in runs:
         timings = run.get("benchmark", {})
@@ -56,6 +140,7 @@ def runs_table(runs: list[dict]) -> list[dict]:
             "label": run["label"],
             "sparsity": run["config"]["GLOBAL_SPARSITY"],
             "epochs": len(run["masked"]),
+            "batches_per_epoch": run.get("train_batches_per_epoch"),
             "dense_test_acc": run["final"]["dense_test_acc"],
             "masked_test_acc": run["final"]["masked_test_acc"],
             "gap": run["final"]["masked_test_acc"] - run["final"]["dense_test_acc"],
@@ -67,28 +152,43 @@ def runs_table(runs: list[dict]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The runs table as Markdown text."""
-    header = ("| run | sparsity | epochs | dense acc % | masked acc % | gap (points) | CSR speedup (CPU) "
-              "| memory ratio | training min |")
+    """The runs table as Markdown text; the budget column tells a quick run from a full one."""
+    header = ("| run | sparsity | epochs x batches | dense acc % | masked acc % | gap (points) "
+              "| CSR speedup (CPU) | memory ratio | training min |")
     lines = [header, "|" + "---|" * 9]
     for row in rows:
         speedup = "n/a" if row["speedup"] is None else f"{row['speedup']:.2f}x"
         memory = "n/a" if row["memory_ratio"] is None else f"{row['memory_ratio']:.1f}x smaller"
-        lines.append(f"| {row['label']} | {row['sparsity']:.1%} | {row['epochs']} | {row['dense_test_acc']:.2f} "
-                     f"| {row['masked_test_acc']:.2f} | {row['gap']:+.2f} | {speedup} | {memory} "
-                     f"| {row['minutes']:.1f} |")
+        batches = "?" if row.get("batches_per_epoch") is None else f"{row['batches_per_epoch']:,}"
+        lines.append(f"| {row['label']} | {row['sparsity']:.1%} | {row['epochs']} x {batches} "
+                     f"| {row['dense_test_acc']:.2f} | {row['masked_test_acc']:.2f} | {row['gap']:+.2f} "
+                     f"| {speedup} | {memory} | {row['minutes']:.1f} |")
     return "\n".join(lines)
 
 
-def speed_sentence(candidate: str, candidate_ms: float, baseline: str, baseline_ms: float, detail: str = "") -> str:
-    """A sentence comparing two measured times, worded by what the numbers say."""
-    numbers = f"({candidate_ms:.2f} ms vs {baseline_ms:.2f} ms{', ' + detail if detail else ''})"
+def speed_phrase(candidate_ms: float, baseline_ms: float) -> str:
+    """How ``candidate`` compares with ``baseline``: '2.5x faster', '1.3x slower' or 'about the same speed'.
+
+    The one place that words a timing comparison: the printed sentences and the figures'
+    labels both use it, so they agree on the threshold (``SAME_SPEED_TOLERANCE``).
+    """
+    if not (candidate_ms > 0 and baseline_ms > 0):
+        raise ValueError(f"times must be positive, got {candidate_ms} and {baseline_ms} ms")
     ratio = baseline_ms / candidate_ms
-    if ratio > 1 + SAME_SPEED_TOLERANCE:
-        return f"{candidate} is {ratio:.2f}x faster than {baseline} {numbers}"
-    if ratio < 1 / (1 + SAME_SPEED_TOLERANCE):
-        return f"{candidate} is {1 / ratio:.2f}x slower than {baseline} {numbers}"
-    return f"{candidate} and {baseline} run at about the same speed (within {SAME_SPEED_TOLERANCE:.0%}) {numbers}"
+    if 1 / (1 + SAME_SPEED_TOLERANCE) <= ratio <= 1 + SAME_SPEED_TOLERANCE:
+        return "about the same speed"
+    factor, word = (ratio, "faster") if ratio > 1 else (1 / ratio, "slower")
+    return f"{factor:.3g}x {word}"
+
+
+def speed_sentence(candidate: str, candidate_ms: float, baseline: str, baseline_ms: float, detail: str = "") -> str:
+    """A sentence comparing two measured times, worded by ``speed_phrase``."""
+    numbers = f"({candidate_ms:.2f} ms vs {baseline_ms:.2f} ms{', ' + detail if detail else ''})"
+    phrase = speed_phrase(candidate_ms, baseline_ms)
+    if phrase == "about the same speed":
+        return (f"{candidate} and {baseline} run at about the same speed "
+                f"(within {SAME_SPEED_TOLERANCE:.0%}) {numbers}")
+    return f"{candidate} is {phrase} than {baseline} {numbers}"
 
 
 def describe_speedup(timings: dict[str, dict], baseline: str, candidate: str) -> str:

@@ -59,6 +59,10 @@ class DSTConfig:
         """Whether an update is due after unit ``t`` (counted from 1)."""
         return t % self.every == 0 and self.prune_ratio_at(t) > 0.0
 
+    def updates_within(self, total: int) -> list[int]:
+        """The units (1 to ``total``) after which an update will happen: empty means DST never runs."""
+        return [t for t in range(1, total + 1) if self.is_update(t)]
+
 
 @dataclass
 class DSTEvent:

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from dst.schedule import DSTScheduler
 
@@ -24,13 +24,15 @@ def train_epoch(model: nn.Module, loader, criterion, optimizer: torch.optim.Opti
     """Train for one pass over ``loader``; returns (mean loss, accuracy in %).
 
     With ``dst``, its step-based updates run after each optimizer step.
-    ``progress=False`` turns the tqdm bar off.
+    ``progress=False`` turns the progress bar off. The bar is tqdm's plain-text one, not the
+    Jupyter widget: text survives a browser reload mid-training, where a widget whose state
+    the kernel has not sent again shows "Error displaying widget: model not found".
     """
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for inputs, targets in tqdm(loader, desc="train", leave=False, disable=not progress):
+    for inputs, targets in tqdm(loader, desc="train", leave=False, disable=not progress, mininterval=1.0):
         inputs, targets = inputs.to(device), targets.to(device)
         optimizer.zero_grad(set_to_none=True)
         outputs = model(inputs)

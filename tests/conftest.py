@@ -4,9 +4,17 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# CI (CI=true) draws the same examples on every run, so a red CI always means a real regression;
+# local runs keep exploring new examples. Either way a failure prints the @reproduce_failure blob,
+# and `pytest --hypothesis-seed=N` replays a seed.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "explore")
 
 
 def synthetic_mnist(samples: int = 64, seed: int = 0) -> TensorDataset:

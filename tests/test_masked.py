@@ -65,7 +65,7 @@ def test_forward_equals_dense_forward_of_the_masked_weights():
     for name, layer in masked.masked_layers().items():
         dense_layer = dense.get_submodule(name)
         assert torch.equal(dense_layer.weight, layer.weight)
-    assert torch.allclose(masked(x), dense(x), atol=1e-6)
+    assert torch.equal(masked(x), dense(x))  # same weights, same kernels: bitwise equal
 
 
 def test_masks_as_2d_shapes_cover_whole_conv_kernels():

@@ -160,7 +160,7 @@ def test_benchmark_ratio_wording_both_directions(tmp_path):
     fig = plots.plot_benchmark(timings, memory, save_path=path)
     assert path.is_file()
     assert annotation_for(fig, "4.00 ms").endswith("baseline")
-    assert annotation_for(fig, "0.800 ms").endswith("5.0x faster")  # against the CPU baseline
+    assert annotation_for(fig, "0.800 ms").endswith("5x faster")  # against the CPU baseline
     assert annotation_for(fig, "10.0 ms").endswith("2.5x slower")
     assert annotation_for(fig, "0.250 ms").endswith("2.5x slower")  # against the GPU baseline, not CPU
     assert "12.4x smaller" in fig.axes[1].get_title()

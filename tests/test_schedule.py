@@ -16,6 +16,12 @@ def test_constant_schedule_updates_every_n_units():
     assert config.prune_ratio_at(7) == 0.1
 
 
+def test_updates_within_lists_the_units_with_a_step_and_is_empty_when_none_fits():
+    assert DSTConfig(every=2, end=9).updates_within(10) == [2, 4, 6, 8]
+    assert DSTConfig(every=2, end=1).updates_within(2) == []  # the notebook's 2-epoch quick run
+    assert DSTConfig(every=1, end=1).updates_within(2) == [1]
+
+
 def test_cosine_schedule_decays_to_zero_at_end():
     config = DSTConfig(prune_ratio=0.3, schedule="cosine", every=100, unit="step", end=1000)
     assert config.prune_ratio_at(0) == pytest.approx(0.3)

@@ -1,6 +1,7 @@
 """Truly sparse training: agreement with the masked torch net, DST invariants, memory, bad input."""
 
 import importlib.util
+import time
 import tracemalloc
 
 import numpy as np
@@ -236,6 +237,38 @@ def test_both_trainers_report_the_same_metrics_on_synthetic_data(tiny_loader):
     assert sparse["active_weights"] == masked["active_weights"]
     assert sparse["weight_optimizer_bytes"] < masked["weight_optimizer_bytes"]
     assert sparse["dense_weight_optimizer_bytes"] == masked["weight_optimizer_bytes"]
+
+
+def test_warm_up_leaves_the_model_as_it_was():
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((64, 20)).astype(np.float32), rng.integers(0, 4, 64)
+    dst = DSTConfig(prune_ratio=0.3, every=2, unit="step")
+    warmed, cold = (SparseMLP.random(20, (16,), 4, sparsity=0.8, seed=3) for _ in range(2))
+    assert warmed.warm_up(x[:16], y[:16]) > 0
+    warm_losses = warmed.fit(x, y, epochs=2, batch_size=16, dst=dst)["epoch_losses"]
+    assert warm_losses == cold.fit(x, y, epochs=2, batch_size=16, dst=dst)["epoch_losses"]
+    for name, layer in warmed.layers.items():
+        np.testing.assert_array_equal(layer.to_dense(), cold.layers[name].to_dense())
+
+
+@pytest.mark.parametrize("trainer", [train_sparse_mlp, train_masked_mlp])
+def test_first_call_costs_are_reported_apart_from_the_step_time(trainer, tiny_loader, monkeypatch):
+    """A slow first call (numba compiling) lands in warmup_s, never in step_time_ms."""
+    images, labels = tiny_loader.dataset.tensors
+    first_call_seconds, calls = 0.4, []
+    original = SparseMLP.train_step if trainer is train_sparse_mlp else torch.optim.Optimizer.zero_grad
+
+    def slow_first_call(self, *args, **kwargs):
+        if not calls:
+            time.sleep(first_call_seconds)
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    owner = SparseMLP if trainer is train_sparse_mlp else torch.optim.Optimizer
+    monkeypatch.setattr(owner, "train_step" if trainer is train_sparse_mlp else "zero_grad", slow_first_call)
+    metrics = trainer(images, labels, images, labels, hidden=(16,), sparsity=0.5, epochs=1, batch_size=16)
+    assert metrics["warmup_s"] >= first_call_seconds
+    assert metrics["step_time_ms"] * metrics["steps"] < 1e3 * first_call_seconds
 
 
 @pytest.mark.parametrize("call, error, match", [

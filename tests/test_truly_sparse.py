@@ -28,13 +28,23 @@ def mnist_batch(count: int = 8, seed: int = 0) -> torch.Tensor:
     return (pixels - 0.1307) / 0.3081
 
 
-def assert_matches_dense(model: MaskedNet, sparse: SparseNet, inputs: torch.Tensor, tolerance: float = 1e-4):
+def assert_close_to_scale(actual: np.ndarray, expected: np.ndarray, tolerance: float = 1e-5):
+    """Equal within ``tolerance`` times the largest magnitude compared (at least 1).
+
+    float32 sums of different order differ by a few ulps of the partial sums, so the error
+    grows with the size of the values: logits of 330 may differ by 3e-5 and be exact.
+    """
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * scale)
+
+
+def assert_matches_dense(model: MaskedNet, sparse: SparseNet, inputs: torch.Tensor, tolerance: float = 1e-5):
     with torch.no_grad():
         expected = model(inputs).numpy()
     actual = sparse.to_numpy(sparse(sparse.as_input(inputs)))
     assert actual.shape == expected.shape
     assert actual.dtype == np.float32
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance)
+    assert_close_to_scale(actual, expected, tolerance)
     np.testing.assert_array_equal(actual.argmax(axis=1), expected.argmax(axis=1))
 
 
@@ -104,7 +114,7 @@ def test_random_small_conv_nets_match(case, seed):
     torch.manual_seed(seed)
     model = masked(net, sparsity, seed=seed)
     for backend in CPU_BACKENDS:
-        assert_matches_dense(model, SparseNet.from_masked(model, backend), inputs, tolerance=1e-5)
+        assert_matches_dense(model, SparseNet.from_masked(model, backend), inputs)
 
 
 def test_explicit_zeros_of_active_weights_are_kept():
@@ -128,7 +138,7 @@ def test_batch_sizes_layouts_and_input_types(backend):
         assert_matches_dense(model, sparse, mnist_batch(count, seed=count))
     from_numpy = sparse.to_numpy(sparse(mnist_batch(2).numpy()))
     with torch.no_grad():
-        np.testing.assert_allclose(from_numpy, model(mnist_batch(2)).numpy(), atol=1e-4)
+        assert_close_to_scale(from_numpy, model(mnist_batch(2)).numpy())
 
 
 def test_nested_sequential_dropout_and_identity_are_walked():
@@ -207,7 +217,7 @@ def test_save_and_load_round_trip(tmp_path, load_backend):
     for name, layer in model.masked_layers().items():
         assert loaded.nnz(name) == layer.active_count
     inputs = mnist_batch()
-    np.testing.assert_allclose(loaded.to_numpy(loaded(inputs)), sparse.to_numpy(sparse(inputs)), atol=1e-6)
+    assert_close_to_scale(loaded.to_numpy(loaded(inputs)), sparse.to_numpy(sparse(inputs)), 1e-6)
     assert_matches_dense(model, loaded, inputs)
     report = memory_report(model, sparse)
     assert size < report["sparse_bytes"] < report["dense_bytes"]
