@@ -191,8 +191,8 @@ def _layer_fingerprint(layer: MaskedLayer) -> torch.Tensor:
     active = mask.nonzero().squeeze(1)
     position = (active + 1) * _MULTIPLIER % _MODULUS
     # The weights' bit patterns, so equal fingerprints mean bitwise-equal weights (up to hash collisions).
-    bits = weight[active].view(_BITS_OF_SIZE[weight.element_size()]).to(torch.int64) % _MODULUS
-    stray = ((weight != 0) & ~mask).sum()
+    bits = weight.index_select(0, active).view(_BITS_OF_SIZE[weight.element_size()]).to(torch.int64) % _MODULUS
+    stray = torch.count_nonzero(torch.where(mask, 0.0, weight))
     return torch.stack([active.new_tensor(active.numel()), position.sum(), (bits * position % _MODULUS).sum(),
                         stray])
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dst.distributed import (
     RankMismatchError,
@@ -150,12 +151,19 @@ def resume_on_ranks(rank: int, world_size: int, checkpoint: str) -> dict:
     return train(model, optimizer, generator, first, rank, world_size)
 
 
+def train_in_plain_ddp(rank: int, world_size: int) -> dict:
+    """DDP as users write it: its defaults re-send rank 0's buffers (the masks) before every forward."""
+    model = DistributedDataParallel(build(seed=100 + rank))
+    return train(model, sgd(model), shared_generator(5), STEPS - 2, rank, world_size)
+
+
 def on_two_ranks(rank: int, world_size: int, out_dir: str) -> dict:
     """Everything the 2-rank tests need, in one spawn: starting the processes costs seconds, the work does not."""
     checkpoint = str(Path(out_dir) / "checkpoint.pt")
     trained = train_on_ranks(rank, world_size, checkpoint)
+    trained["gradients"] = mean_dense_gradients(build(seed=0), local_batch(STEPS + 1, rank, world_size))
     return {"trained": trained, "resumed": resume_on_ranks(rank, world_size, checkpoint),
-            "disagreements": disagree(rank, world_size)}
+            "plain DDP": train_in_plain_ddp(rank, world_size), "disagreements": disagree(rank, world_size)}
 
 
 @pytest.fixture(scope="module")
@@ -167,20 +175,25 @@ def two_ranks(tmp_path_factory) -> tuple[list[dict], Path]:
     return run_ranks(on_two_ranks, out_dir, str(out_dir)), out_dir / "checkpoint.pt"
 
 
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Equal to float32 rounding, relative to the tensor's largest magnitude (summation order differs)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
+
+
 def assert_states_close(actual: dict, expected: dict) -> None:
     """Masks exactly equal; every float tensor equal to float tolerance scaled by its magnitude."""
     for key, value in expected["state"].items():
         if value.dtype == torch.bool:
             assert torch.equal(actual["state"][key], value), key
         else:
-            torch.testing.assert_close(actual["state"][key], value, rtol=1e-5,
-                                       atol=1e-5 * float(value.abs().max()), msg=key)
+            assert_close_scaled(actual["state"][key], value, key)
     torch.testing.assert_close(torch.tensor(actual["losses"]), torch.tensor(expected["losses"]), rtol=1e-5, atol=0)
 
 
 @needs_ranks
-def test_masks_weights_and_optimizer_resets_are_identical_across_ranks(two_ranks):
-    first, second = (result["trained"] for result in two_ranks[0])
+@pytest.mark.parametrize("run", ["trained", "plain DDP"])
+def test_masks_weights_and_optimizer_resets_are_identical_across_ranks(two_ranks, run):
+    first, second = (result[run] for result in two_ranks[0])
     assert first["losses"] == second["losses"]
     for key, value in first["state"].items():
         assert torch.equal(value, second["state"][key]), key
@@ -197,6 +210,8 @@ def test_two_ranks_match_one_process_with_both_batches(two_ranks):
     first = two_ranks[0][0]["trained"]
     model = build(seed=100)
     assert_states_close(first, train(model, sgd(model), torch.Generator().manual_seed(7), 1))
+    for name, gradient in dense_gradients(build(seed=0), local_batch(STEPS + 1, 0, 1)).items():
+        assert_close_scaled(first["gradients"][name], gradient, name)
 
 
 @needs_ranks
