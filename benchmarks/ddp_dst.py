@@ -56,7 +56,8 @@ class GlobalBatchShards:
                  max_batches: int | None = None):
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.rank, self.world_size = rank, world_size
-        self.order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        self.order = order.to(labels.device)
         # Whole global batches only, so every rank takes the same number of steps (DDP needs that).
         batches = len(labels) // (batch_size * world_size)
         self.batches = batches if max_batches is None else min(batches, max_batches)

@@ -125,7 +125,7 @@ def mean_dense_gradients(model: nn.Module, batch: Batch,
 
     Each rank's gradient is weighted by its batch size, so ranks holding a short
     last batch count for what they hold; this assumes ``loss_fn`` averages over
-    its batch, as ``F.cross_entropy`` does. One all-reduce for all layers.
+    its batch, as ``F.cross_entropy`` does. One all-reduce for all layers together.
     """
     local = dense_gradients(unwrap(model), batch, loss_fn)
     if not is_distributed():
@@ -153,7 +153,8 @@ def distributed_dst_step(model: nn.Module, prune_ratio: float = 0.1, regrow: str
     """
     masked_net = unwrap(model)
     if not is_distributed():
-        return apply_dst_step(masked_net, prune_ratio, regrow, batch, loss_fn, optimizer, generator)
+        return apply_dst_step(masked_net, prune_ratio=prune_ratio, regrow=regrow, batch=batch, loss_fn=loss_fn,
+                              optimizer=optimizer, generator=generator)
     gradients = None
     if regrow == "random" and generator is None:
         generator = shared_generator()
@@ -161,8 +162,8 @@ def distributed_dst_step(model: nn.Module, prune_ratio: float = 0.1, regrow: str
         gradients = mean_dense_gradients(masked_net, batch, loss_fn)
     # Fingerprint the generator before it is used, so a mismatch can be blamed on it.
     generator_hash = _generator_fingerprint(generator) if regrow == "random" else 0
-    report = apply_dst_step(masked_net, prune_ratio, regrow, batch, loss_fn, optimizer, generator,
-                            gradients=gradients)
+    report = apply_dst_step(masked_net, prune_ratio=prune_ratio, regrow=regrow, batch=batch, loss_fn=loss_fn,
+                            optimizer=optimizer, generator=generator, gradients=gradients)
     if check:
         _verify(masked_net, generator_hash, when="after the DST step")
     return report
@@ -230,7 +231,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     """Write the MaskedNet (masks included), optimizer and generator state from rank 0; all ranks wait for it.
 
     The net is saved unwrapped, so the file loads on any number of ranks, or none.
-    ``extra`` keyword values (epoch, step, ...) are saved as given.
+    ``extra`` keyword values (epoch, step, ...) are saved as given: plain numbers,
+    strings, lists and dicts, which ``torch.load(weights_only=True)`` accepts.
     """
     masked_net = unwrap(model)
     if not is_distributed() or dist.get_rank() == 0:

@@ -57,7 +57,8 @@ def _spawn_unavailable() -> str | None:
     return None
 
 
-needs_ranks = pytest.mark.skipif(_spawn_unavailable() is not None, reason=str(_spawn_unavailable()))
+UNAVAILABLE = _spawn_unavailable()
+needs_ranks = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 
 def _free_port() -> int:
@@ -169,8 +170,8 @@ def on_two_ranks(rank: int, world_size: int, out_dir: str) -> dict:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> tuple[list[dict], Path]:
     """Each rank's results from ``on_two_ranks``, and the checkpoint rank 0 saved."""
-    if reason := _spawn_unavailable():
-        pytest.skip(reason)
+    if UNAVAILABLE:
+        pytest.skip(UNAVAILABLE)
     out_dir = tmp_path_factory.mktemp("two_ranks")
     return run_ranks(on_two_ranks, out_dir, str(out_dir)), out_dir / "checkpoint.pt"
 
