@@ -18,7 +18,7 @@ processes. ``--data synthetic`` trains on random MNIST-shaped tensors (no downlo
 taken locally (``apply_dst_step``) and synchronised (``distributed_dst_step``),
 for SET and RigL, the consistency check alone, and a broadcast of every mask
 (what DDP's per-forward buffer sync would send); rank 0 writes
-benchmarks/results/ddp_dst_overhead.json.
+benchmarks/results/ddp_dst_overhead_<N>proc.json.
 """
 
 import argparse
@@ -193,7 +193,7 @@ def measure_overhead(args, rank: int, world_size: int, device: torch.device) -> 
         if name in medians:
             print(f"{name}: {medians[name]:.2f} ms")
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "ddp_dst_overhead.json"
+    path = RESULTS / f"ddp_dst_overhead_{world_size}proc.json"  # a 1-process run must not overwrite a 2-process one
     path.write_text(json.dumps({"world_size": world_size, "backend": dist.get_backend() if dist.is_initialized()
                                 else None, "batch_size": args.batch_size, "sparsity": args.sparsity,
                                 "prune_ratio": args.prune_ratio, "median_ms": medians, "timings_ms": timings,
