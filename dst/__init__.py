@@ -17,4 +17,5 @@ Modules, one concept each:
     plots          the tutorial's figures
     results        per-run JSON results and the table across runs
     gpu            whether cupy and a CUDA device are usable
+    distributed    DST under DistributedDataParallel: the same step on every rank, checked; rank-0 checkpoints
 """

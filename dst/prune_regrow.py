@@ -127,7 +127,8 @@ def _update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str, gradient:
 def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str = "random",
                    batch: Batch | None = None, loss_fn: Callable = F.cross_entropy,
                    optimizer: torch.optim.Optimizer | None = None,
-                   generator: torch.Generator | None = None) -> dict[str, LayerUpdate]:
+                   generator: torch.Generator | None = None,
+                   gradients: dict[str, torch.Tensor] | None = None) -> dict[str, LayerUpdate]:
     """One prune-and-regrow step on every masked layer; returns a report per layer.
 
     Each layer prunes ``round(prune_ratio * active)`` of its active weights with
@@ -142,6 +143,9 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
         regrow: "random" (SET) or "gradient" (RigL; needs ``batch``).
         batch: (inputs, targets) for the gradient criterion.
         generator: random source for "random" regrowth (default: torch's global one).
+        gradients: precomputed dense gradients by layer name (as in ``masked_layers()``)
+            for "gradient" regrowth, used instead of computing them from ``batch``;
+            ``dst.distributed`` passes the gradient all-reduced over every rank's batch.
     """
     if not isinstance(masked_net, MaskedNet):
         raise TypeError(f"apply_dst_step needs a MaskedNet, got {type(masked_net).__name__}; "
@@ -149,11 +153,14 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
     check_prune_ratio(prune_ratio)
     if regrow not in REGROW:
         raise ValueError(f"unknown regrow method {regrow!r}; choose one of {sorted(REGROW)}")
-    gradients: dict[str, torch.Tensor] = {}
-    if regrow == "gradient":
+    if regrow == "gradient" and gradients is None:
         if batch is None:
             raise ValueError("regrow='gradient' (RigL) needs batch=(inputs, targets) to compute gradients")
         gradients = dense_gradients(masked_net, batch, loss_fn)
+    elif regrow == "gradient":
+        _check_gradients(masked_net, gradients)
+    else:
+        gradients = {}
     report = {}
     for name, layer in masked_net.masked_layers().items():
         optimizers = set(_OPTIMIZERS_BY_PARAM.get(layer.weight, ()))
@@ -161,6 +168,16 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
             optimizers.add(optimizer)
         report[name] = _update_layer(layer, prune_ratio, regrow, gradients.get(name), optimizers, generator)
     return report
+
+
+def _check_gradients(masked_net: MaskedNet, gradients: dict[str, torch.Tensor]) -> None:
+    for name, layer in masked_net.masked_layers().items():
+        if name not in gradients:
+            raise ValueError(f"gradients has no entry for masked layer {name!r}; it needs one per layer: "
+                             f"{list(masked_net.masked_layers())}")
+        if gradients[name].shape != layer.weight.shape:
+            raise ValueError(f"gradients[{name!r}] has shape {tuple(gradients[name].shape)}, "
+                             f"the layer's weight {tuple(layer.weight.shape)}")
 
 
 def check_prune_ratio(prune_ratio: float) -> None:

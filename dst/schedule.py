@@ -89,6 +89,9 @@ class DSTScheduler:
     optimizer: torch.optim.Optimizer | None = None
     loss_fn: Callable = F.cross_entropy
     generator: torch.Generator | None = None
+    # The function that performs an update, called with apply_dst_step's arguments;
+    # dst.distributed.distributed_dst_step makes every rank of a DDP job take the same one.
+    dst_step: Callable[..., dict[str, LayerUpdate]] = apply_dst_step
     history: list[DSTEvent] = field(default_factory=list)
     steps: int = 0
     epochs: int = 0
@@ -112,9 +115,9 @@ class DSTScheduler:
             return None
         ratio = self.config.prune_ratio_at(t)
         batch = get_batch() if self.config.regrow == "gradient" else None
-        layers = apply_dst_step(self.masked_net, prune_ratio=ratio, regrow=self.config.regrow,
-                                batch=batch, loss_fn=self.loss_fn, optimizer=self.optimizer,
-                                generator=self.generator)
+        layers = self.dst_step(self.masked_net, prune_ratio=ratio, regrow=self.config.regrow,
+                               batch=batch, loss_fn=self.loss_fn, optimizer=self.optimizer,
+                               generator=self.generator)
         event = DSTEvent(unit=self.config.unit, t=t, prune_ratio=ratio, layers=layers)
         self.history.append(event)
         return event
