@@ -17,6 +17,12 @@ too. Two public torch hooks, run around every ``optimizer.step()``, keep it so:
 ``torch.optim.LBFGS`` keeps a flat history of past updates that cannot be reset
 weight by weight, so it would revive pruned weights: it is refused for masked
 weights with an error.
+
+One order stays out of reach: an optimizer that has never stepped cannot be seen
+by a DST step, so if its loaded state holds values at positions that were inactive
+(a checkpoint from a dense run, say) and a DST step regrows some of them before
+its first step, those regrown weights start from that loaded state instead of
+zero. A checkpoint saved by a masked run holds zeros there, so resuming one is exact.
 """
 
 import weakref
