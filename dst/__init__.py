@@ -4,11 +4,13 @@ Modules, one concept each:
     models         the tutorial's SimpleNet CNN and a plain MLP
     allocation     how a global sparsity is split across layers (uniform, ERK)
     masked         masked layers and MaskedNet (simulated sparsity)
+    optimizer_state  optimizer state that follows the masks (reset at DST steps, checked before every step)
     prune_regrow   one DST update: magnitude prune, random (SET) or gradient (RigL) regrow
     schedule       DSTConfig and the scheduler that decides when updates happen
     training       train_epoch / evaluate for dense and masked nets alike
     data           MNIST download (with a verified fallback) and fast in-memory loaders
     truly_sparse   the CSR inference model: conversion, save/load, memory report
+    sparse_file    its .npz file: writing, and reading untrusted files with every field validated
     sparse_layers  its layers (im2col conv, linear, ReLU, max-pool) on one array API
     sparse_backends  that array API for scipy and cupy (one code path) and torch.sparse
     benchmark      honest timing of simulated vs truly sparse inference

@@ -22,12 +22,13 @@ def erk_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[s
     """Erdős–Rényi-Kernel densities whose weighted mean is ``density``.
 
     A layer whose ERK density would exceed 1 is made dense and the remaining
-    budget is spread over the other layers again, until none overflows.
+    budget is spread over the other layers again, until none overflows. A layer
+    with no weights (a zero in its shape) has nothing to keep: density 1.
     """
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
-    raw = {name: sum(shape) / sizes[name] for name, shape in shapes.items()}
+    raw = {name: sum(shape) / sizes[name] for name, shape in shapes.items() if sizes[name] > 0}
     budget = density * sum(sizes.values())
-    dense: set[str] = set()
+    dense: set[str] = {name for name in shapes if sizes[name] == 0}
     while True:
         sparse_names = [name for name in shapes if name not in dense]
         if not sparse_names:
@@ -62,5 +63,5 @@ def check_sparsity(sparsity: float) -> None:
 
 
 def active_count(numel: int, density: float) -> int:
-    """Whole number of weights kept at ``density``; at least one so no layer is cut off."""
-    return max(1, min(numel, round(density * numel)))
+    """Whole number of weights kept at ``density``; at least one so no layer is cut off (none of none)."""
+    return max(min(1, numel), min(numel, round(density * numel)))

@@ -10,6 +10,7 @@ moments hit every row alike.
 """
 
 import copy
+import numbers
 import os
 import platform
 import statistics
@@ -62,7 +63,12 @@ def time_interleaved(forwards: dict[str, tuple[Callable[[], object], Callable[[]
 
 
 def first_samples(loader: Iterable, num_samples: int) -> torch.Tensor:
-    """The first ``num_samples`` inputs of ``loader`` (batches of tensors or (input, target) pairs), on the CPU."""
+    """The first ``num_samples`` inputs of ``loader`` (batches of tensors or (input, target) pairs), on the CPU.
+
+    Raises ValueError when the loader holds fewer, rather than return fewer than asked for.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     batches, count = [], 0
     for batch in loader:
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -72,6 +78,9 @@ def first_samples(loader: Iterable, num_samples: int) -> torch.Tensor:
             break
     if not batches:
         raise ValueError("the loader yielded no batches")
+    if count < num_samples:
+        raise ValueError(f"num_samples={num_samples} but the loader holds only {count} samples: "
+                         f"pass num_samples={count} or a larger loader")
     return torch.cat(batches)[:num_samples]
 
 

@@ -120,10 +120,17 @@ def _drop_bad_files(raw_dir: Path) -> tuple[list[str], list[str]]:
     missing, deleted = [], []
     for name, md5 in MNIST_MD5.items():
         path = raw_dir / name
-        if path.is_file() and file_md5(path) == md5:
+        actual = file_md5(path) if path.is_file() else None
+        if actual == md5:
             continue
         if path.exists():
-            path.unlink()
+            try:
+                path.unlink()
+            except OSError as error:  # a read-only folder: say which file failed and why it had to go
+                found = f"md5 {actual}" if actual else "not a regular file"
+                raise RuntimeError(f"{path} failed its md5 check ({found}, expected {md5}) and could not "
+                                   f"be deleted ({_one_line(error)}); make {raw_dir} writable, or replace the "
+                                   f"file by hand.\n{_manual_instructions(raw_dir)}") from error
             deleted.append(name)
         missing.append(name)
     return missing, deleted
@@ -140,7 +147,8 @@ def ensure_mnist(root: str | os.PathLike = "./data") -> MnistFiles:
     """Make sure ``root/MNIST/raw/`` holds the four md5-verified MNIST IDX files; say where they came from.
 
     Files with the wrong md5 (partial or corrupt) are deleted and fetched again.
-    Raises RuntimeError naming every failed source and the manual fix when no source works.
+    Raises RuntimeError naming every failed source and the manual fix when no source works,
+    or naming the file when a corrupt one cannot be deleted (a read-only folder).
     """
     raw_dir = Path(root) / "MNIST" / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)

@@ -15,39 +15,25 @@ steps decide what the connection is worth.
 Candidates for regrowth are the positions inactive *before* the step, so a
 weight pruned now is not regrown in the same step and the update really moves
 ``pruned`` connections.
+
+Every count is exact whatever the weights hold: pruning picks among the active
+positions only and regrowth among the inactive ones. A layer with a NaN or
+infinite weight (training has diverged) stops the step with an error naming the
+layer, before anything changes. Frozen layers (``requires_grad=False`` weight)
+are left out of DST, and so, under RigL, are layers the loss does not reach.
 """
 
 import numbers
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.weak import WeakIdKeyDictionary
 
 from dst.masked import MaskedLayer, MaskedNet
+from dst.optimizer_state import check_optimizer, optimizers_of, reset_optimizer_state
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-# Every optimizer that has stepped a parameter, so apply_dst_step can reset the
-# optimizer state of changed connections even when the caller does not pass the
-# optimizer (the seed notebook calls apply_dst_step(masked_net, prune_ratio=0.1)).
-# Filled by a public torch hook that runs after every optimizer.step().
-_OPTIMIZERS_BY_PARAM: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _remember_optimizer(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            seen = _OPTIMIZERS_BY_PARAM.get(param)
-            if seen is None:
-                seen = _OPTIMIZERS_BY_PARAM[param] = weakref.WeakSet()
-            seen.add(optimizer)
-
-
-register_optimizer_step_post_hook(_remember_optimizer)
 
 
 @dataclass(frozen=True)
@@ -77,42 +63,58 @@ def regrow_gradient(candidates: torch.Tensor, count: int, gradient: torch.Tensor
 REGROW = {"random": regrow_random, "gradient": regrow_gradient}
 
 
+def split_batch(batch) -> Batch:
+    """``(inputs, targets)`` of one batch, or a clear error for anything else (a dict, a bare tensor)."""
+    if isinstance(batch, Mapping):
+        raise TypeError(f"expected each batch as an (inputs, targets) pair, got a dict with keys "
+                        f"{sorted(map(str, batch))}; make the loader yield (inputs, targets) tuples")
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        items = f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""
+        raise TypeError(f"expected each batch as an (inputs, targets) pair, got a {type(batch).__name__}{items}")
+    return batch[0], batch[1]
+
+
 def dense_gradients(masked_net: MaskedNet, batch: Batch,
                     loss_fn: Callable = F.cross_entropy) -> dict[str, torch.Tensor]:
     """Loss gradient for every weight position, active or not, on one batch.
 
     The forward skips the mask multiply (same outputs: inactive weights are
-    zero), so the gradient is dense. ``.grad`` attributes are left untouched.
+    zero), so the gradient is dense. It runs in the net's current mode, and
+    every buffer (BatchNorm's running statistics and batch count) is put back
+    afterwards. ``.grad`` attributes are left untouched. Frozen layers, and
+    layers the loss does not reach, get no entry.
     """
-    inputs, targets = batch
-    device = next(masked_net.parameters()).device
-    layers = masked_net.masked_layers()
-    with torch.enable_grad(), masked_net.masks_bypassed():
-        loss = loss_fn(masked_net(inputs.to(device)), targets.to(device))
-        grads = torch.autograd.grad(loss, [layer.weight for layer in layers.values()])
-    return dict(zip(layers, grads))
-
-
-def reset_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], param: torch.Tensor,
-                          flat_indices: torch.Tensor) -> None:
-    """Zero every per-weight state tensor (momentum, Adam moments) at ``flat_indices``."""
-    for optimizer in optimizers:
-        for value in optimizer.state.get(param, {}).values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                value.view(-1)[flat_indices] = 0
+    inputs, targets = split_batch(batch)
+    layers = {name: layer for name, layer in masked_net.masked_layers().items() if layer.weight.requires_grad}
+    if not layers:
+        return {}
+    device = next(iter(layers.values())).weight.device
+    masks = {id(layer.mask) for layer in masked_net.masked_layers().values()}
+    saved = [(buffer, buffer.clone()) for buffer in masked_net.buffers() if id(buffer) not in masks]
+    try:
+        with torch.enable_grad(), masked_net.masks_bypassed():
+            loss = loss_fn(masked_net(inputs.to(device)), targets.to(device))
+            if not loss.requires_grad:
+                return {}
+            grads = torch.autograd.grad(loss, [layer.weight for layer in layers.values()], allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+    return {name: grad for name, grad in zip(layers, grads) if grad is not None}
 
 
 def _update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str, gradient: torch.Tensor | None,
                   optimizers: set, generator: torch.Generator | None) -> LayerUpdate:
     mask = layer.mask.view(-1)
-    active = int(mask.sum())
-    inactive = mask.numel() - active
-    count = min(round(prune_ratio * active), inactive)
+    active_positions = mask.nonzero().squeeze(1)
+    active = active_positions.numel()
+    count = min(round(prune_ratio * active), mask.numel() - active)
     if count == 0:
         return LayerUpdate(active=active, pruned=0, regrown=0)
     weight = layer.weight.detach().view(-1)
-    magnitudes = weight.abs().masked_fill(~mask, float("inf"))
-    pruned = torch.topk(magnitudes, count, largest=False, sorted=False).indices
+    smallest = torch.topk(weight[active_positions].abs(), count, largest=False, sorted=False).indices
+    pruned = active_positions[smallest]
     flat_gradient = None if gradient is None else gradient.reshape(-1)
     regrown = REGROW[regrow](~mask, count, flat_gradient, generator)
     with torch.no_grad():
@@ -122,6 +124,14 @@ def _update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str, gradient:
         weight[changed] = 0.0
     reset_optimizer_state(optimizers, layer.weight, changed)
     return LayerUpdate(active=int(mask.sum()), pruned=count, regrown=count)
+
+
+def _check_finite(name: str, values: torch.Tensor, what: str) -> None:
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise ValueError(f"layer {name!r} has {bad:,} non-finite {what} (NaN or inf) out of {values.numel():,}: "
+                         "a DST step ranks by magnitude and cannot rank these. Training has probably diverged "
+                         "(lower the learning rate, or go back to a checkpoint); nothing was changed")
 
 
 def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str = "random",
@@ -136,16 +146,23 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
     has fewer inactive positions), so its active count stays exactly constant.
     Pruned and regrown weights are set to zero and their optimizer state
     (momentum, Adam moments) is reset in ``optimizer`` and in every optimizer
-    that has stepped the layer, so no optimizer revives a pruned weight.
+    that has stepped the layer, so no optimizer revives a pruned weight (an
+    optimizer that has not stepped yet is made to agree before its first step,
+    see ``dst.optimizer_state``). Frozen layers, and under RigL layers the batch's
+    loss does not reach, are reported with nothing moved.
 
     Args:
         prune_ratio: fraction of each layer's active weights to move, in [0, 1].
         regrow: "random" (SET) or "gradient" (RigL; needs ``batch``).
         batch: (inputs, targets) for the gradient criterion.
+        optimizer: refused if it is a torch.optim.LBFGS (its history cannot be reset per weight).
         generator: random source for "random" regrowth (default: torch's global one).
         gradients: precomputed dense gradients by layer name (as in ``masked_layers()``)
             for "gradient" regrowth, used instead of computing them from ``batch``;
             ``dst.distributed`` passes the gradient all-reduced over every rank's batch.
+
+    Raises:
+        ValueError: a layer holds NaN or infinite weights (or RigL gradients); nothing is changed.
     """
     if not isinstance(masked_net, MaskedNet):
         raise TypeError(f"apply_dst_step needs a MaskedNet, got {type(masked_net).__name__}; "
@@ -153,6 +170,8 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
     check_prune_ratio(prune_ratio)
     if regrow not in REGROW:
         raise ValueError(f"unknown regrow method {regrow!r}; choose one of {sorted(REGROW)}")
+    if optimizer is not None:
+        check_optimizer(optimizer)
     if regrow == "gradient" and gradients is None:
         if batch is None:
             raise ValueError("regrow='gradient' (RigL) needs batch=(inputs, targets) to compute gradients")
@@ -161,17 +180,28 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
         _check_gradients(masked_net, gradients)
     else:
         gradients = {}
+    layers = masked_net.masked_layers()
+    moving = {name: layer for name, layer in layers.items()
+              if layer.weight.requires_grad and (regrow != "gradient" or name in gradients)}
+    for name, layer in moving.items():  # every check before the first change
+        _check_finite(name, layer.weight.detach(), "weights")
+        if name in gradients:
+            _check_finite(name, gradients[name], "RigL gradients")
     report = {}
-    for name, layer in masked_net.masked_layers().items():
-        optimizers = set(_OPTIMIZERS_BY_PARAM.get(layer.weight, ()))
-        if optimizer is not None:
-            optimizers.add(optimizer)
+    for name, layer in layers.items():
+        if name not in moving:
+            report[name] = LayerUpdate(active=layer.active_count, pruned=0, regrown=0)
+            continue
+        optimizers = optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set())
         report[name] = _update_layer(layer, prune_ratio, regrow, gradients.get(name), optimizers, generator)
     return report
 
 
 def _check_gradients(masked_net: MaskedNet, gradients: dict[str, torch.Tensor]) -> None:
+    """Precomputed RigL gradients need one entry, shaped like the weight, per trainable masked layer."""
     for name, layer in masked_net.masked_layers().items():
+        if name not in gradients and not layer.weight.requires_grad:
+            continue  # frozen: left out of DST anyway
         if name not in gradients:
             raise ValueError(f"gradients has no entry for masked layer {name!r}; it needs one per layer: "
                              f"{list(masked_net.masked_layers())}")

@@ -1,6 +1,7 @@
 """When DST updates happen and how much they move: the config and a small scheduler."""
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -40,10 +41,14 @@ class DSTConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
         if self.unit not in UNITS:
             raise ValueError(f"unknown unit {self.unit!r}; choose one of {list(UNITS)}")
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+        if not _is_positive_int(self.every):
             raise ValueError(f"every must be a positive int (units between updates), got {self.every!r}")
-        if self.end is not None and (not isinstance(self.end, int) or self.end < 1):
-            raise ValueError(f"end must be None or a positive int, got {self.end!r}")
+        if self.end is not None and not _is_positive_int(self.end):
+            raise ValueError(f"end must be None or a positive int (the last epoch or step with an update), "
+                             f"got {self.end!r}")
+        # Plain ints from here on (a numpy integer would otherwise leak into results JSON and reprs).
+        object.__setattr__(self, "every", int(self.every))
+        object.__setattr__(self, "end", None if self.end is None else int(self.end))
         if self.schedule == "cosine" and self.end is None:
             raise ValueError("schedule='cosine' needs end= (the epoch or step where the ratio reaches 0)")
 
@@ -62,6 +67,10 @@ class DSTConfig:
     def updates_within(self, total: int) -> list[int]:
         """The units (1 to ``total``) after which an update will happen: empty means DST never runs."""
         return [t for t in range(1, total + 1) if self.is_update(t)]
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass
@@ -108,7 +117,7 @@ class DSTScheduler:
         self.epochs += 1
         if self.config.unit != "epoch":
             return None
-        return self._maybe_update(self.epochs, lambda: next(iter(loader)))
+        return self._maybe_update(self.epochs, lambda: _first_batch(loader))
 
     def _maybe_update(self, t: int, get_batch: Callable[[], Batch]) -> DSTEvent | None:
         if not self.config.is_update(t):
@@ -121,3 +130,11 @@ class DSTScheduler:
         event = DSTEvent(unit=self.config.unit, t=t, prune_ratio=ratio, layers=layers)
         self.history.append(event)
         return event
+
+
+def _first_batch(loader: Iterable[Batch]) -> Batch:
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise ValueError("regrow='gradient' (RigL) draws one batch from the loader given to after_epoch, "
+                         "but that loader yielded none")
+    return batch

@@ -26,6 +26,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -378,9 +379,12 @@ class OptimizerConfig:
             raise ValueError(f"unknown optimizer {self.name!r}; choose one of {sorted(OPTIMIZERS)}")
         for field_name in ("lr", "momentum", "weight_decay", "eps"):
             value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{field_name} must be a non-negative number, got {value!r}")
-        if not (self.momentum < 1 and len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas)):
+            # not (value >= 0) also refuses NaN, which would train every weight to NaN
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 <= value < math.inf):
+                raise ValueError(f"{field_name} must be a finite non-negative number, got {value!r}")
+        betas_ok = len(self.betas) == 2 and all(isinstance(beta, numbers.Real) and 0 <= beta < 1
+                                                for beta in self.betas)
+        if not (self.momentum < 1 and betas_ok):
             raise ValueError(f"momentum and betas must be in [0, 1), got {self.momentum}, {self.betas}")
 
     @property

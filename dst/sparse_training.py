@@ -16,6 +16,7 @@ report comparable metrics.
 """
 
 import copy
+import numbers
 import time
 from itertools import pairwise
 
@@ -72,10 +73,8 @@ class SparseMLP:
                seed: int = 0, backend: str | None = None) -> "SparseMLP":
         """A freshly initialised sparse MLP; its densities come from ``layer_densities``."""
         check_sparsity(sparsity)
-        if isinstance(hidden, (int, np.integer)):
-            raise ValueError(f"hidden must be a tuple of widths, e.g. ({hidden}, {hidden}), got {hidden}")
-        widths = (in_features, *hidden, num_classes)
-        if any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in widths):
+        widths = (in_features, *_check_hidden(hidden), num_classes)
+        if not all(_is_positive_int(width) for width in widths):
             raise ValueError(f"layer widths must be positive ints, got {widths}")
         shapes = {f"fc{i}": (fan_out, fan_in) for i, (fan_in, fan_out)
                   in enumerate(pairwise(widths), start=1)}
@@ -146,7 +145,7 @@ class SparseMLP:
     def train_step(self, x, y) -> float:
         """One optimizer step on the batch (x, y); returns its mean cross-entropy loss."""
         xp = self.backend.xp
-        targets = _labels(y, len(x), next(reversed(self.layers.values())).shape[0])
+        targets = _labels(y, len(x), self._num_classes())
         activations = self._forward(self._features(x))
         logits = activations[-1]  # (classes, batch)
         shifted = logits - logits.max(axis=0, keepdims=True)
@@ -189,10 +188,8 @@ class SparseMLP:
             raise ValueError(f"the truly sparse trainer regrows at random (SET) only, got "
                              f"regrow={dst.regrow!r}: gradient regrowth (RigL) needs the dense "
                              "gradient this trainer never forms")
+        labels = _check_data(x, y, "training", self._num_classes())
         features = _to_numpy(x, np.float32).reshape(len(x), -1)
-        labels = _to_numpy(y, np.int64).reshape(-1)
-        if len(features) != len(labels):
-            raise ValueError(f"x and y differ in length: {len(features)} vs {len(labels)}")
         history = {"epoch_losses": [], "dst_updates": 0, "update_time_s": 0.0}
 
         def maybe_update(unit: str, t: int) -> None:
@@ -237,11 +234,14 @@ class SparseMLP:
 
     def evaluate(self, x, y, batch_size: int = 1000) -> float:
         """Accuracy in % on (x, y)."""
-        labels = _to_numpy(y, np.int64).reshape(-1)
+        labels = _check_data(x, y, "evaluation", self._num_classes())
         correct = sum(int((self.predict(x[begin:begin + batch_size]).argmax(axis=1)
                            == labels[begin:begin + batch_size]).sum())
                       for begin in range(0, len(labels), batch_size))
         return 100.0 * correct / len(labels)
+
+    def _num_classes(self) -> int:
+        return next(reversed(self.layers.values())).shape[0]
 
     def nbytes(self) -> int:
         """Bytes held between steps by weights, indices, gradients and optimizer state."""
@@ -286,8 +286,11 @@ def train_sparse_mlp(train_x, train_y, test_x, test_y, hidden: tuple[int, ...] =
     state as held), dense_weight_optimizer_bytes (what the masked dense net would hold),
     active_weights, total_weights, steps, dst_updates.
     """
+    hidden = _check_hidden(hidden)
+    train_y = _check_data(train_x, train_y, "training", NUM_CLASSES)
+    _check_data(test_x, test_y, "test", NUM_CLASSES)
     features = _to_numpy(train_x, np.float32).reshape(len(train_x), -1)
-    model = SparseMLP.random(features.shape[1], tuple(hidden), NUM_CLASSES, sparsity, allocation, optimizer,
+    model = SparseMLP.random(features.shape[1], hidden, NUM_CLASSES, sparsity, allocation, optimizer,
                              seed, backend)
     warmup_seconds = model.warm_up(features[:batch_size], train_y[:batch_size])
     history = model.fit(features, train_y, epochs, batch_size, dst, max_batches)
@@ -310,6 +313,9 @@ def train_masked_mlp(train_x, train_y, test_x, test_y, hidden: tuple[int, ...] =
     """
     check_sparsity(sparsity)
     _check_positive_int(epochs=epochs)
+    hidden = _check_hidden(hidden)
+    train_y = _check_data(train_x, train_y, "training", NUM_CLASSES)
+    test_y = _check_data(test_x, test_y, "test", NUM_CLASSES)
     images, labels = _to_torch(train_x, torch.float32), _to_torch(train_y, torch.int64)
     loader = TensorLoader(images.reshape(len(images), -1), labels, batch_size, shuffle=True, seed=seed,
                           max_batches=max_batches, device=device)
@@ -377,7 +383,11 @@ def _to_torch(values, dtype) -> torch.Tensor:
 
 
 def _labels(y, count: int, num_classes: int) -> np.ndarray:
-    labels = _to_numpy(y, np.int64).reshape(-1)
+    labels = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype} (a float label "
+                        "such as 3.7 would be truncated to 3); convert whole-number labels with .astype(int)")
+    labels = labels.astype(np.int64).reshape(-1)
     if len(labels) != count:
         raise ValueError(f"x and y differ in length: {count} vs {len(labels)}")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
@@ -385,7 +395,30 @@ def _labels(y, count: int, num_classes: int) -> np.ndarray:
     return labels
 
 
+def _is_positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def _check_positive_int(**values) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not _is_positive_int(value):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_hidden(hidden) -> tuple[int, ...]:
+    """``hidden`` as a tuple of widths, or a clear error for a bare width or anything else."""
+    if isinstance(hidden, (numbers.Number, str)) or not hasattr(hidden, "__iter__"):
+        raise ValueError(f"hidden must be a tuple of widths, e.g. ({hidden!r}, {hidden!r}), got {hidden!r}")
+    hidden = tuple(hidden)
+    if not all(_is_positive_int(width) for width in hidden):
+        raise ValueError(f"hidden widths must be positive ints, got {hidden}")
+    return tuple(int(width) for width in hidden)
+
+
+def _check_data(x, y, split: str, num_classes: int) -> np.ndarray:
+    """The labels of (x, y) as int64, after checking both hold the same, non-zero number of samples."""
+    if len(x) == 0:
+        raise ValueError(f"the {split} data is empty (0 samples)")
+    if len(x) != len(y):
+        raise ValueError(f"x and y of the {split} data differ in length: {len(x)} vs {len(y)}")
+    return _labels(y, len(x), num_classes)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dst.prune_regrow import split_batch
 from dst.schedule import DSTScheduler
 
 
@@ -23,19 +24,21 @@ def train_epoch(model: nn.Module, loader, criterion, optimizer: torch.optim.Opti
                 progress: bool = True) -> tuple[float, float]:
     """Train for one pass over ``loader``; returns (mean loss, accuracy in %).
 
-    With ``dst``, its step-based updates run after each optimizer step.
-    ``progress=False`` turns the progress bar off. The bar is tqdm's plain-text one, not the
-    Jupyter widget: text survives a browser reload mid-training, where a widget whose state
-    the kernel has not sent again shows "Error displaying widget: model not found".
+    Batches are (inputs, targets) with class-index targets. With ``dst``, its
+    step-based updates run after each optimizer step. ``progress=False`` turns the
+    progress bar off. The bar is tqdm's plain-text one, not the Jupyter widget: text
+    survives a browser reload mid-training, where a widget whose state the kernel has
+    not sent again shows "Error displaying widget: model not found".
     """
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for inputs, targets in tqdm(loader, desc="train", leave=False, disable=not progress, mininterval=1.0):
-        inputs, targets = inputs.to(device), targets.to(device)
+    for batch in tqdm(loader, desc="train", leave=False, disable=not progress, mininterval=1.0):
+        inputs, targets = (tensor.to(device) for tensor in split_batch(batch))
         optimizer.zero_grad(set_to_none=True)
         outputs = model(inputs)
+        check_targets(outputs, targets, check_range=False)  # the criterion checks the range, without a sync
         loss = criterion(outputs, targets)
         loss.backward()
         optimizer.step()
@@ -58,9 +61,10 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, criterion=Non
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for inputs, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        inputs, targets = inputs.to(device), targets.to(device)
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        inputs, targets = (tensor.to(device) for tensor in split_batch(batch))
         outputs = model(inputs)
+        check_targets(outputs, targets)
         if criterion is not None:
             total_loss += criterion(outputs, targets) * len(targets)
         correct += (outputs.argmax(1) == targets).sum()
@@ -71,6 +75,28 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, criterion=Non
     if criterion is None:
         return accuracy
     return accuracy, total_loss.item() / seen
+
+
+def check_targets(outputs: torch.Tensor, targets: torch.Tensor, check_range: bool = True) -> None:
+    """Raise unless ``targets`` are class indices for the ``(N, classes)`` ``outputs``: shape (N,), integers in range.
+
+    Accuracy compares ``outputs.argmax(1)`` with the targets, so anything else (a
+    (N, 1) column, one-hot rows) would broadcast into a wrong number instead of failing.
+    ``check_range=False`` skips the range test, which waits for a GPU.
+    """
+    if outputs.ndim != 2:
+        raise ValueError(f"the model's outputs must be (N, classes) logits, got shape {tuple(outputs.shape)}")
+    if targets.ndim != 1 or len(targets) != len(outputs):
+        hint = "; for one-hot targets pass targets.argmax(1)" if targets.shape == outputs.shape else ""
+        raise ValueError(f"targets must be class indices of shape ({len(outputs)},) for outputs of shape "
+                         f"{tuple(outputs.shape)}, got shape {tuple(targets.shape)}{hint}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
+    if check_range and len(targets):
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= outputs.shape[1]:
+            raise ValueError(f"targets must be class indices in [0, {outputs.shape[1]}) for {outputs.shape[1]} "
+                             f"outputs, got values in [{low}, {high}]")
 
 
 def train_and_evaluate(model: nn.Module, train_loader, test_loader, criterion,

@@ -16,20 +16,16 @@ thin adapter with the same methods. The engine keeps per-input-shape work buffer
 a ``SparseNet`` must not be called from two threads at once.
 """
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
 
-from dst.masked import MaskedConv2d, MaskedLinear, MaskedNet
+from dst.masked import MaskedConv2d, MaskedLayer, MaskedLinear, MaskedNet
 from dst.sparse_backends import get_ops
+from dst.sparse_file import check_model, read_npz, write_npz
 from dst.sparse_layers import Flatten, MaxPool, ReLU, SparseConv, SparseLinear
 
 SUPPORTED_LAYERS = ("MaskedConv2d", "MaskedLinear", "ReLU", "MaxPool2d", "Flatten", "Dropout", "Identity")
-FILE_FORMAT = "dst-truly-sparse-csr-1"
 
 
 # ----------------------------------------------------------------------------- the model
@@ -40,12 +36,15 @@ class SparseNet:
     Build one with ``SparseNet.from_masked(masked_net, backend, device)`` or
     ``SparseNet.load(path, backend, device)``. Calling it takes a batch shaped like
     the torch model's input, ``(N, C, H, W)`` or ``(N, F)`` (numpy, torch or the
-    backend's own array; it is converted to float32 on the backend's device), and
-    returns the ``(N, classes)`` output as the backend's array.
+    backend's own array of floats, normalised like the training data; it is
+    converted to float32 on the backend's device), and returns the ``(N, classes)``
+    output as the backend's array. The architecture and weights are checked
+    (``dst.sparse_file.check_model``) before any matrix is built.
     """
 
     def __init__(self, architecture: list[dict], weights: dict[str, dict], backend: str = "scipy",
                  device=None):
+        check_model(architecture, weights)
         self.backend, self.architecture = backend, architecture
         self.ops = get_ops(backend, device)
         self.layers: dict[str, SparseConv | SparseLinear] = {}
@@ -91,9 +90,14 @@ class SparseNet:
 
     def __call__(self, x):
         """The forward pass: ``x`` (N, ...) -> (N, classes) as this backend's array."""
-        x = self.ops.as_input(x)
+        x = self.as_input(x)
         with self.ops.context():
             x = self.ops.batch_last(x)  # (..., N): the one transpose of the forward
+            if x.shape[-1] == 0:  # an empty batch: the shapes are still checked, nothing is computed
+                shape = tuple(x.shape)
+                for step in self.steps:
+                    shape, _ = step.prepare(shape)
+                return self.ops.batch_first(self.ops.zeros(shape))
             buffers = self._buffers.get(x.shape) or self._prepare_for(x.shape)
             for step, step_buffers in zip(self.steps, buffers, strict=True):
                 x = step(x, step_buffers)
@@ -119,6 +123,13 @@ class SparseNet:
 
     def as_input(self, x):
         """``x`` as this backend's float32 array on its device (what the forward consumes)."""
+        dtype = getattr(x, "dtype", None)
+        dtype = np.asarray(x).dtype if dtype is None else dtype
+        floating = dtype.is_floating_point if isinstance(dtype, torch.dtype) else np.dtype(dtype).kind == "f"
+        if not floating:
+            raise TypeError(f"SparseNet takes floating-point inputs normalised like the training data, got "
+                            f"{dtype}: convert and normalise raw pixels first (for MNIST, (x / 255 - 0.1307) "
+                            "/ 0.3081); the torch model refuses them too")
         return self.ops.as_input(x)
 
     def to_numpy(self, y) -> np.ndarray:
@@ -143,66 +154,33 @@ class SparseNet:
 
     def host_weights(self) -> dict[str, dict]:
         """Each layer's CSR as numpy arrays in the mask's column numbering (the file's content)."""
-        weights = {}
-        for name, step in self.layers.items():
-            host = step.host_csr(*map(self.ops.to_numpy, self.ops.csr_arrays(step.weight)))
-            host["bias"] = None if step.bias is None else self.ops.to_numpy(step.bias).reshape(-1)
-            weights[name] = host
-        return weights
+        return {name: self.host_weights_of(name) for name in self.layers}
+
+    def host_weights_of(self, name: str) -> dict:
+        """Layer ``name``'s CSR as numpy arrays (``host_weights`` for one layer)."""
+        step = self.layers[name]
+        host = step.host_csr(*map(self.ops.to_numpy, self.ops.csr_arrays(step.weight)))
+        host["bias"] = None if step.bias is None else self.ops.to_numpy(step.bias).reshape(-1)
+        return host
 
     def save(self, path, compress: bool = True) -> int:
         """Write the model to one ``.npz`` file (zip-deflated unless ``compress=False``); returns its size in bytes.
 
-        All layers share a few flat arrays (values, biases, and the column indices
-        and row pointers grouped by index type); a JSON header holds the layer chain
-        and each layer's shape and sizes. Each layer's column indices and row pointers
-        are stored in the narrowest unsigned type that holds them (uint16 column
-        indices up to 65,536 columns) and widened to what the backend needs on load.
+        See ``dst.sparse_file``: flat arrays shared by all layers and a JSON header; column
+        indices and row pointers in the narrowest unsigned type that holds them.
         """
-        layers, arrays = [], {"values": [], "bias": []}
-        for name, host in self.host_weights().items():
-            index_type = np.dtype(_narrowest_uint(host["shape"][1] - 1)).name
-            pointer_type = np.dtype(_narrowest_uint(host["values"].size)).name
-            arrays["values"].append(host["values"].astype(np.float32))
-            arrays.setdefault(f"col_indices_{index_type}", []).append(host["col_indices"].astype(index_type))
-            arrays.setdefault(f"row_pointers_{pointer_type}", []).append(
-                host["row_pointers"].astype(pointer_type))
-            if host["bias"] is not None:
-                arrays["bias"].append(host["bias"].astype(np.float32))
-            layers.append({"name": name, "shape": list(host["shape"]), "nnz": int(host["values"].size),
-                           "index_type": index_type, "pointer_type": pointer_type,
-                           "bias": host["bias"] is not None})
-        header = json.dumps({"format": FILE_FORMAT, "architecture": self.architecture, "weights": layers})
-        flat = {key: np.concatenate(parts) if parts else np.zeros(0, np.float32) for key, parts in arrays.items()}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as file:
-            (np.savez_compressed if compress else np.savez)(
-                file, header=np.frombuffer(header.encode(), dtype=np.uint8), **flat)
-        return os.path.getsize(path)
+        return write_npz(path, self.architecture, self.host_weights(), compress)
 
     @classmethod
     def load(cls, path, backend: str = "scipy", device=None) -> "SparseNet":
-        """Read a model written by ``save`` onto ``backend``."""
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(data["header"].tobytes().decode())
-            if header.get("format") != FILE_FORMAT:
-                raise ValueError(f"{path} is not a {FILE_FORMAT} file")
-            flat = {key: data[key] for key in data.files}
-        offsets = dict.fromkeys(flat, 0)
+        """Read a model written by ``save`` onto ``backend``, validating everything in the file first.
 
-        def take(key: str, count: int) -> np.ndarray:
-            start, offsets[key] = offsets[key], offsets[key] + count
-            return flat[key][start:start + count]
-
-        weights = {}
-        for layer in header["weights"]:
-            (rows, _), nnz = layer["shape"], layer["nnz"]
-            weights[layer["name"]] = {
-                "shape": tuple(layer["shape"]), "values": take("values", nnz),
-                "col_indices": take(f"col_indices_{layer['index_type']}", nnz).astype(np.int64),
-                "row_pointers": take(f"row_pointers_{layer['pointer_type']}", rows + 1).astype(np.int64),
-                "bias": take("bias", rows) if layer["bias"] else None}
-        return cls(header["architecture"], weights, backend, device)
+        Raises ValueError for a file that is not such a model (another archive, a
+        ``.npy``, text) or that is inconsistent (indices outside a layer, sizes that
+        disagree with the header or the architecture): no matrix is built from it.
+        """
+        architecture, weights = read_npz(path)
+        return cls(architecture, weights, backend, device)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -279,13 +257,6 @@ def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def _narrowest_uint(max_value: int):
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if max_value <= np.iinfo(dtype).max:
-            return dtype
-    return np.uint64
-
-
 # ----------------------------------------------------------------------------- memory
 
 def memory_report(masked_net: MaskedNet, sparse_model: SparseNet) -> dict:
@@ -299,10 +270,9 @@ def memory_report(masked_net: MaskedNet, sparse_model: SparseNet) -> dict:
     ``{'dense_bytes', 'sparse_bytes', 'ratio', 'layers': {name: {'shape': [out, in],
     'nnz', 'dense_bytes', 'sparse_bytes'}}}``.
     """
+    _check_converted_from(masked_net, sparse_model)
     layers = {}
     for name, layer in masked_net.masked_layers().items():
-        if name not in sparse_model.layers:
-            raise ValueError(f"the sparse model has no layer {name!r}: was it converted from this net?")
         dense = layer.weight.nbytes + layer.mask.nbytes + (0 if layer.bias is None else layer.bias.nbytes)
         layers[name] = {"shape": [int(layer.weight.shape[0]), int(layer.weight[0].numel())],
                         "nnz": sparse_model.nnz(name), "dense_bytes": dense,
@@ -311,3 +281,23 @@ def memory_report(masked_net: MaskedNet, sparse_model: SparseNet) -> dict:
     sparse_bytes = sum(layer["sparse_bytes"] for layer in layers.values())
     return {"dense_bytes": dense_bytes, "sparse_bytes": sparse_bytes,
             "ratio": dense_bytes / sparse_bytes, "layers": layers}
+
+
+def _check_converted_from(masked_net: MaskedNet, sparse_model: SparseNet) -> None:
+    """Raise unless ``sparse_model`` holds exactly ``masked_net``'s layers, shapes and masks."""
+    hint = "; convert it again with SparseNet.from_masked(masked_net)"
+    modules = dict(masked_net.net.named_modules(remove_duplicate=False))
+    for name in sparse_model.layers:
+        if not isinstance(modules.get(name), MaskedLayer):
+            raise ValueError(f"the sparse model's layer {name!r} is not a masked layer of this net{hint}")
+    for name, layer in masked_net.masked_layers().items():
+        if name not in sparse_model.layers:
+            raise ValueError(f"the sparse model has no layer {name!r}: was it converted from this net?{hint}")
+        host = sparse_model.host_weights_of(name)
+        mask = layer.mask_2d()
+        stored = np.zeros(host["shape"], dtype=bool)
+        stored[np.repeat(np.arange(host["shape"][0]), np.diff(host["row_pointers"])), host["col_indices"]] = True
+        if stored.shape != mask.shape or not np.array_equal(stored, mask):
+            raise ValueError(f"layer {name!r} of the sparse model does not hold this net's active weights "
+                             f"({int(stored.sum())} of a {stored.shape} matrix vs {int(mask.sum())} of "
+                             f"{mask.shape}){hint}")

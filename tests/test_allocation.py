@@ -74,3 +74,13 @@ def test_bad_sparsity_raises(sparsity, error):
 def test_unknown_allocation_lists_choices():
     with pytest.raises(ValueError, match=r"'random'.*\['erk', 'uniform'\]"):
         layer_densities(SIMPLENET_SHAPES, 0.9, "random")
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "erk"])
+def test_a_layer_without_weights_changes_nothing_and_divides_by_nothing(allocation):
+    shapes = {"empty": (0, 5), "fc": (10, 10), "head": (4, 4)}
+    densities = layer_densities(shapes, 0.9, allocation)
+    without = layer_densities({"fc": (10, 10), "head": (4, 4)}, 0.9, allocation)
+    assert densities["fc"] == pytest.approx(without["fc"]) and densities["head"] == pytest.approx(without["head"])
+    assert active_count(0, densities["empty"]) == 0
+    assert layer_densities({"empty": (3, 0)}, 0.5, allocation) == {"empty": {"uniform": 0.5, "erk": 1.0}[allocation]}

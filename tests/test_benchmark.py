@@ -1,5 +1,6 @@
 """benchmark_inference keeps the notebook's contract and leaves the model alone."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -91,3 +92,11 @@ def test_environment_says_why_gpu_rows_did_not_run():
     assert {"numpy", "scipy", "torch", "cpu_count"} <= set(environment)
     if not torch.cuda.is_available():  # the notebook's call: no device given
         assert "CUDA" in benchmark_environment()["gpu_skipped_reason"]
+
+
+def test_more_samples_than_the_loader_holds_is_refused_not_shrunk():
+    with pytest.raises(ValueError, match=r"num_samples=1000 but the loader holds only 12 samples"):
+        benchmark_inference(tiny_model(), list_loader(), "cpu", num_samples=1000, runs=1, warmup=0)
+    with pytest.raises(ValueError, match="num_samples must be a positive int"):
+        first_samples(list_loader(), 0)
+    assert first_samples(list_loader(), np.int64(12)).shape[0] == 12

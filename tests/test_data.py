@@ -165,6 +165,25 @@ def test_all_failing_raises_one_error_naming_each_failure_and_the_manual_fix(tmp
         assert f"{name}  md5 {md5}" in message
 
 
+def test_corrupt_file_in_a_read_only_folder_names_the_file_and_the_failed_md5(tmp_path, fake_md5, monkeypatch):
+    raw_dir = tmp_path / "MNIST" / "raw"
+    _put_files(raw_dir, {**FAKE, "t10k-labels-idx1-ubyte": b"trunc"})
+    calls = []
+    monkeypatch.setattr(data, "FETCHERS", (("first", _writer(calls, "first")),))
+
+    def read_only(self, *args, **kwargs):  # what unlink does in a read-only folder (chmod has no effect on root)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(data.Path, "unlink", read_only)
+    with pytest.raises(RuntimeError) as caught:
+        data.ensure_mnist(tmp_path)
+    message = str(caught.value)
+    assert f"{raw_dir / 't10k-labels-idx1-ubyte'} failed its md5 check (md5 {hashlib.md5(b'trunc').hexdigest()}" \
+        in message
+    assert "could not be deleted (PermissionError" in message and f"make {raw_dir} writable" in message
+    assert calls == []  # nothing was fetched over the file that could not be removed
+
+
 def test_torchvision_fetcher_restores_socket_timeout(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         assert socket.getdefaulttimeout() == data.DOWNLOAD_TIMEOUT_S

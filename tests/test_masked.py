@@ -2,15 +2,17 @@
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from dst.allocation import active_count, layer_densities
-from dst.masked import MaskedConv2d, MaskedLinear, MaskedNet
+from dst.masked import MaskedConv1d, MaskedConv2d, MaskedConv3d, MaskedLinear, MaskedNet
 from dst.models import MLP, SimpleNet
 from dst.prune_regrow import apply_dst_step
 
@@ -122,3 +124,175 @@ def test_model_without_layers_to_mask_is_rejected():
 def test_non_module_is_rejected():
     with pytest.raises(TypeError, match="nn.Module"):
         MaskedNet("SimpleNet", sparsity=0.5)
+
+
+# ----------------------------------------------------------------------------- what gets masked
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches, loss_of, steps: int = 3):
+    for _ in range(steps):
+        for batch in batches:
+            optimizer.zero_grad()
+            loss_of(model, batch).backward()
+            optimizer.step()
+
+
+def assert_inactive_exactly_zero(model: MaskedNet, optimizer: torch.optim.Optimizer):
+    for name, layer in model.masked_layers().items():
+        assert torch.all(layer.weight[~layer.mask] == 0), name
+        for value in optimizer.state[layer.weight].values():
+            if torch.is_tensor(value) and value.shape == layer.weight.shape:
+                assert torch.all(value[~layer.mask] == 0), name
+
+
+def test_a_module_used_twice_is_wrapped_once_and_stays_shared():
+    layer = nn.Linear(6, 6)
+    masked = MaskedNet(nn.Sequential(layer, nn.ReLU(), layer), sparsity=0.5)
+    first, last = masked.net[0], masked.net[2]
+    assert isinstance(first, MaskedLinear) and last is first
+    assert list(masked.masked_layers()) == ["0"]
+    x = torch.randn(4, 6)
+    weight = first.weight * first.mask  # oracle: the same masked weight at both places
+    expected = F.linear(torch.relu(F.linear(x, weight, first.bias)), weight, first.bias)
+    torch.testing.assert_close(masked(x), expected)
+
+
+class TiedLanguageModel(nn.Module):
+    """An embedding and an output layer sharing one (vocab, dim) weight, as in GPT-2 and nanoGPT."""
+
+    def __init__(self, vocab: int = 30, dim: int = 12):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embed(tokens)).mean(1))
+
+
+def test_tied_embedding_and_output_keep_one_weight_and_one_mask_through_training():
+    torch.manual_seed(0)
+    masked = MaskedNet(TiedLanguageModel(), sparsity=0.8)
+    assert masked.net.head.weight is masked.net.embed.weight
+    assert list(masked.masked_layers()) == ["head"] and masked.skipped_weights() == {}
+    optimizer = torch.optim.Adam(masked.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 30, (8, 5), generator=generator), torch.randint(0, 30, (8,), generator=generator))]
+
+    def loss_of(model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    train_steps(masked, optimizer, batches, loss_of)
+    apply_dst_step(masked, prune_ratio=0.3)
+    train_steps(masked, optimizer, batches, loss_of)
+    assert_inactive_exactly_zero(masked, optimizer)  # the embedding's gradient reaches no inactive weight
+    layer = masked.masked_layers()["head"]
+    assert layer.active_count == active_count(30 * 12, 0.2)
+    restored = pickle.loads(pickle.dumps(masked))  # a whole-model copy keeps the tie and the guarantee
+    assert restored.net.head.weight is restored.net.embed.weight
+    restored_optimizer = torch.optim.Adam(restored.parameters(), lr=0.05)
+    train_steps(restored, restored_optimizer, batches, loss_of)
+    assert_inactive_exactly_zero(restored, restored_optimizer)
+
+
+def test_conv1d_conv3d_and_linear_subclasses_are_masked_so_sparsity_covers_every_weight():
+    net = nn.Sequential(nn.Conv1d(2, 8, 3), nn.Flatten(), nn.Linear(8 * 6, 16),
+                        nn.modules.linear.NonDynamicallyQuantizableLinear(16, 4))
+    masked = MaskedNet(net, sparsity=0.9)
+    layers = masked.masked_layers()
+    assert list(layers) == ["0", "2", "3"] and isinstance(layers["0"], MaskedConv1d)
+    all_weights = sum(p.numel() for p in masked.parameters() if p.ndim >= 2)
+    zeros = sum(int((layer.weight == 0).sum()) for layer in layers.values())
+    assert zeros / all_weights == pytest.approx(0.9, abs=0.01)
+    assert masked.global_sparsity() == masked.global_sparsity(all_weights=True)
+    volume = MaskedNet(nn.Sequential(nn.Conv3d(1, 4, 2), nn.Flatten(), nn.Linear(4 * 27, 2)), sparsity=0.5)
+    conv = volume.masked_layers()["0"]
+    assert isinstance(conv, MaskedConv3d) and conv.active_count == active_count(32, 0.5)
+    x = torch.randn(2, 1, 4, 4, 4)
+    expected = F.linear(F.conv3d(x, conv.weight * conv.mask, conv.bias).flatten(1),
+                        volume.net[2].weight * volume.net[2].mask, volume.net[2].bias)
+    torch.testing.assert_close(volume(x), expected)
+
+
+def test_attention_out_proj_is_masked_and_extra_forward_arguments_reach_the_net():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    with pytest.warns(UserWarning, match=r"self_attn\.in_proj_weight \(MultiheadAttention, 768 weights\)"):
+        masked = MaskedNet(layer, sparsity=0.8)
+    assert list(masked.masked_layers()) == ["self_attn.out_proj", "linear1", "linear2"]
+    assert set(masked.skipped_weights()) == {"self_attn.in_proj_weight"}
+    assert masked.global_sparsity(all_weights=True) == pytest.approx(
+        masked.global_sparsity() * (16 * 16 + 2 * 16 * 32) / (4 * 16 * 16 + 2 * 16 * 32))
+    x, padding = torch.randn(4, 6, 16), torch.zeros(4, 6, dtype=torch.bool)
+    padding[:, -2:] = True
+    with torch.no_grad():
+        reference = layer(x, src_key_padding_mask=padding)  # the dense layer: outputs differ
+    assert not torch.allclose(masked(x, src_key_padding_mask=padding), reference)
+    optimizer = torch.optim.SGD(masked.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    train_steps(masked, optimizer, [(x, padding)], lambda model, batch: model(batch[0], src_key_padding_mask=batch[1])
+                .pow(2).mean())
+    assert_inactive_exactly_zero(masked, optimizer)  # attention reads out_proj.weight without its forward
+
+
+class Scaled(nn.Module):
+    """A net whose forward takes a second positional argument and a keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, shift, scale=1.0):
+        return self.fc(x + shift) * scale
+
+
+def test_forward_passes_every_positional_and_keyword_argument_on():
+    masked = MaskedNet(Scaled(), sparsity=0.5)
+    x, shift = torch.randn(3, 4), torch.randn(3, 4)
+    fc = masked.net.fc
+    expected = F.linear(x + shift, fc.weight * fc.mask, fc.bias) * 3.0
+    torch.testing.assert_close(masked(x, shift, scale=3.0), expected)
+
+
+def test_weights_nothing_masks_are_named_with_their_size_in_a_warning():
+    net = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(8 * 3, 4))
+    with pytest.warns(UserWarning, match=r"0\.weight \(Embedding, 400 weights\)"):
+        masked = MaskedNet(net, sparsity=0.9)
+    assert masked.skipped_weights() == {"0.weight": {
+        "module": "Embedding", "shape": [50, 8], "numel": 400,
+        "reason": "MaskedNet does not mask Embedding weights"}}
+    masked_zeros = 96 - active_count(96, 0.1)
+    assert masked.global_sparsity() == pytest.approx(masked_zeros / 96)
+    assert masked.global_sparsity(all_weights=True) == pytest.approx(masked_zeros / (96 + 400))
+
+
+def test_frozen_layers_keep_requires_grad_and_stay_dense():
+    base = MLP(20, (16,), num_classes=4)
+    base.fc1.requires_grad_(False)
+    base.fc2.bias.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"fc1\.weight \(Linear, 320 weights\): frozen"):
+        masked = MaskedNet(base, sparsity=0.75)
+    assert list(masked.masked_layers()) == ["fc2"]
+    fc1, fc2 = masked.net.fc1, masked.net.fc2
+    assert type(fc1) is nn.Linear and torch.equal(fc1.weight, base.fc1.weight)  # untouched, not pruned
+    assert not fc1.weight.requires_grad and not fc1.bias.requires_grad
+    assert fc2.weight.requires_grad and not fc2.bias.requires_grad
+
+
+def test_loading_dense_weights_without_masks_keeps_inactive_weights_zero():
+    masked = MaskedNet(MLP(20, (16,), num_classes=4), sparsity=0.75)
+    dense = {key: value for key, value in MLP(20, (16,), num_classes=4).state_dict().items()}
+    result = masked.net.load_state_dict(dense, strict=False)  # a dense checkpoint: no masks in it
+    assert result.missing_keys == ["fc1.mask", "fc2.mask"]
+    for name, layer in masked.masked_layers().items():
+        assert torch.all(layer.weight[~layer.mask] == 0)
+        assert torch.equal(layer.weight[layer.mask], dense[f"{name}.weight"][layer.mask])
+    x = torch.randn(3, 20)
+    sparse_outputs = masked(x)
+    with masked.masks_bypassed():  # what RigL's pass sees is the sparse net, too
+        torch.testing.assert_close(masked(x), sparse_outputs)
+
+
+def test_a_model_with_nothing_trainable_to_mask_says_what_it_found():
+    frozen = nn.Sequential(nn.Linear(4, 4))
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no nn.Conv2d or nn.Linear.*0\.weight \(Linear, 16 weights\): frozen"):
+        MaskedNet(frozen, sparsity=0.5)

@@ -191,3 +191,161 @@ def test_dense_layer_has_nothing_to_regrow():
     net = MaskedNet(MLP(10, (5,)), sparsity=0.0)
     report = apply_dst_step(net, prune_ratio=0.5)
     assert all(update.pruned == 0 for update in report.values())
+
+
+# ----------------------------------------------------------------------------- hostile values and odd nets
+
+def test_non_finite_weights_stop_the_step_naming_the_layer_and_change_nothing():
+    torch.manual_seed(0)
+    net = MaskedNet(MLP(20, (30,), num_classes=5), sparsity=0.8)
+    fc1 = net.masked_layers()["fc1"]
+    active = fc1.mask.view(-1).nonzero().squeeze(1)
+    with torch.no_grad():
+        fc1.weight.view(-1)[active[:3]] = float("nan")
+        fc1.weight.view(-1)[active[3]] = float("inf")
+    masks = {name: layer.mask.clone() for name, layer in net.masked_layers().items()}
+    with pytest.raises(ValueError, match=r"layer 'fc1' has 4 non-finite weights"):
+        apply_dst_step(net, prune_ratio=0.3)
+    for name, layer in net.masked_layers().items():
+        assert torch.equal(layer.mask, masks[name])
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), prune_ratio=st.floats(0.0, 1.0))
+def test_active_counts_stay_exact_with_extreme_and_tied_magnitudes(seed, prune_ratio):
+    generator = torch.Generator().manual_seed(seed)
+    net = MaskedNet(MLP(12, (10,), num_classes=3), sparsity=0.7, generator=generator)
+    with torch.no_grad():
+        for layer in net.masked_layers().values():  # huge, tiny and exactly equal magnitudes
+            choices = torch.tensor([3e38, -3e38, 1e-45, 0.0, 1.0, -1.0])
+            picks = torch.randint(0, len(choices), layer.weight.shape, generator=generator)
+            layer.weight.copy_(choices[picks] * layer.mask)
+    before = {name: layer.active_count for name, layer in net.masked_layers().items()}
+    apply_dst_step(net, prune_ratio=prune_ratio, generator=generator)
+    assert {name: layer.active_count for name, layer in net.masked_layers().items()} == before
+
+
+def test_rigl_pass_leaves_batchnorm_buffers_as_they_were():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    net = MaskedNet(base, sparsity=0.5).train()
+    buffers = {name: value.clone() for name, value in net.named_buffers() if not name.endswith("mask")}
+    batch = (torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,)))
+    report = apply_dst_step(net, prune_ratio=0.3, regrow="gradient", batch=batch)
+    assert sum(update.pruned for update in report.values()) > 0
+    assert net.training
+    for name, value in net.named_buffers():
+        if name in buffers:
+            assert torch.equal(value, buffers[name]), name
+
+
+class WithSpareHead(nn.Module):
+    """An MLP whose second head is never used in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.spare = MLP(10, (8,), num_classes=3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("regrow", ["random", "gradient"])
+def test_frozen_and_unused_layers_are_left_out_of_dst(regrow):
+    torch.manual_seed(0)
+    net = MaskedNet(WithSpareHead(), sparsity=0.5)
+    net.masked_layers()["body.fc1"].weight.requires_grad_(False)  # frozen after wrapping: fine-tuning the rest
+    masks = {name: layer.mask.clone() for name, layer in net.masked_layers().items()}
+    batch = (torch.randn(5, 10), torch.randint(0, 3, (5,)))
+    report = apply_dst_step(net, prune_ratio=0.5, regrow=regrow, batch=batch)
+    assert report["body.fc1"].pruned == 0 and torch.equal(net.masked_layers()["body.fc1"].mask, masks["body.fc1"])
+    assert report["body.fc2"].pruned > 0
+    # under RigL no gradient reaches the unused layer, so it has no criterion and stays put
+    assert (report["spare"].pruned == 0) == (regrow == "gradient")
+
+
+@pytest.mark.parametrize("batch, match", [
+    ({"image": torch.randn(2, 10), "label": torch.tensor([0, 1])}, r"dict with keys \['image', 'label'\]"),
+    (torch.randn(2, 10), "Tensor"),
+])
+def test_batches_that_are_not_pairs_are_named(batch, match):
+    with pytest.raises(TypeError, match=match):
+        apply_dst_step(MaskedNet(MLP(10, (5,)), 0.5), regrow="gradient", batch=batch)
+
+
+def test_gradient_regrow_on_an_empty_loader_says_so():
+    scheduler = DSTScheduler(MaskedNet(MLP(10, (5,)), 0.5), DSTConfig(every=1, regrow="gradient"))
+    with pytest.raises(ValueError, match="loader yielded none"):
+        scheduler.after_epoch([])
+
+
+def test_lbfgs_is_refused_for_masked_weights():
+    net = MaskedNet(MLP(10, (5,)), 0.5)
+    optimizer = torch.optim.LBFGS(net.parameters())
+    with pytest.raises(ValueError, match="LBFGS"):
+        apply_dst_step(net, 0.2, optimizer=optimizer)
+    inputs, targets = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(inputs), targets)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="flat history"):
+        optimizer.step(closure)
+
+
+# ----------------------------------------------------------------------------- save, load, resume in every order
+
+def trained_checkpoint(seed: int = 0):
+    """A masked MLP trained with Adam, then its model and optimizer state as a checkpoint would hold them."""
+    net, _, _ = run_training(OPTIMIZERS["adam"], steps=12, seed=seed)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(net(torch.randn(16, 30, generator=generator)), torch.randint(0, 4, (16,))).backward()
+        optimizer.step()
+    return copy.deepcopy(net.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+
+def fresh():
+    net = MaskedNet(MLP(30, (40, 40), num_classes=4), sparsity=0.8, allocation="erk")
+    return net, torch.optim.Adam(net.parameters(), lr=1e-2)
+
+
+RESUME_ORDERS = {
+    "model, optimizer, dst": ("model", "optimizer", "dst"),
+    "optimizer, model, dst": ("optimizer", "model", "dst"),
+    "model, dst, optimizer": ("model", "dst", "optimizer"),
+    "dst before any load": ("dst", "model", "optimizer"),
+    "load, dst, save, load again": ("model", "optimizer", "dst", "save-load"),
+}
+
+
+@pytest.mark.parametrize("order", sorted(RESUME_ORDERS))
+def test_inactive_weights_and_state_stay_zero_whatever_the_resume_order(order):
+    model_state, optimizer_state = trained_checkpoint()
+    net, optimizer = fresh()
+    for action in RESUME_ORDERS[order]:
+        if action == "model":
+            net.load_state_dict(copy.deepcopy(model_state))
+        elif action == "optimizer":
+            optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        elif action == "dst":  # before this optimizer ever stepped, and without optimizer=
+            apply_dst_step(net, prune_ratio=0.3, generator=torch.Generator().manual_seed(1))
+        else:  # the not-yet-stepped state goes through a checkpoint into another process
+            saved = copy.deepcopy((net.state_dict(), optimizer.state_dict()))
+            net, optimizer = fresh()
+            net.load_state_dict(saved[0])
+            optimizer.load_state_dict(saved[1])
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(net(torch.randn(16, 30, generator=generator)), torch.randint(0, 4, (16,))).backward()
+        optimizer.step()
+    for name, layer in net.masked_layers().items():
+        assert torch.all(layer.weight[~layer.mask] == 0), name
+        state = optimizer.state[layer.weight]
+        assert torch.all(state["exp_avg"][~layer.mask] == 0) and torch.all(state["exp_avg_sq"][~layer.mask] == 0)

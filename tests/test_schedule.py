@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +37,8 @@ def test_cosine_schedule_decays_to_zero_at_end():
 @pytest.mark.parametrize("kwargs, match", [
     ({"prune_ratio": 2.0}, "prune_ratio"), ({"regrow": "magic"}, "regrow"),
     ({"schedule": "linear"}, "schedule"), ({"unit": "batch"}, "unit"), ({"every": 0}, "every"),
-    ({"schedule": "cosine"}, "end"), ({"end": -3}, "end"),
+    ({"schedule": "cosine"}, "end"), ({"end": -3}, "end"), ({"end": True}, "end"), ({"every": True}, "every"),
+    ({"every": 2.0}, "every"),
 ])
 def test_bad_config_is_rejected(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -55,3 +57,9 @@ def test_scheduler_counts_only_its_unit_and_keeps_history():
     by_step = DSTScheduler(net, DSTConfig(every=3, unit="step", regrow="gradient"))
     events = [by_step.after_step(batch) for _ in range(6)]
     assert [e is not None for e in events] == [False, False, True, False, False, True]
+
+
+def test_numpy_integers_are_accepted_and_stored_as_ints():
+    config = DSTConfig(every=np.int64(2), end=np.int32(6), schedule="cosine")
+    assert type(config.every) is int and type(config.end) is int
+    assert [t for t in range(1, 9) if config.is_update(t)] == [2, 4]

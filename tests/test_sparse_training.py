@@ -296,6 +296,40 @@ def test_bad_arguments_raise_clear_errors(call, error, match):
         call()
 
 
+TINY = (np.zeros((6, 10), np.float32), np.array([0, 1, 2, 0, 1, 2]))
+TRAINERS = {"sparse": train_sparse_mlp, "masked": train_masked_mlp}
+
+
+@pytest.mark.parametrize("trainer", sorted(TRAINERS))
+@pytest.mark.parametrize("data, error, match", [
+    ((TINY[0], TINY[1] + 0.7), TypeError, "integer class indices"),  # 3.7 would have trained as class 3
+    ((TINY[0], torch.tensor(TINY[1], dtype=torch.float32)), TypeError, "float32"),
+    ((TINY[0][:0], TINY[1][:0]), ValueError, "training data is empty"),
+    ((TINY[0], TINY[1][:4]), ValueError, "differ in length: 6 vs 4"),
+])
+def test_trainers_refuse_bad_training_data_before_training(trainer, data, error, match):
+    with pytest.raises(error, match=match):
+        TRAINERS[trainer](*data, *TINY, hidden=(4,), max_batches=1)
+    with pytest.raises(error, match=match.replace("training", "test")):
+        TRAINERS[trainer](*TINY, *data, hidden=(4,), max_batches=1)
+
+
+@pytest.mark.parametrize("trainer", sorted(TRAINERS))
+def test_a_bare_width_for_hidden_is_named(trainer):
+    with pytest.raises(ValueError, match=r"hidden must be a tuple of widths, e.g. \(16, 16\)"):
+        TRAINERS[trainer](*TINY, *TINY, hidden=16, max_batches=1)
+    result = TRAINERS[trainer](*TINY, *TINY, hidden=(np.int64(4),), max_batches=1, epochs=np.int64(1))
+    assert result["widths"] == [10, 4, 10] and all(type(width) is int for width in result["widths"])
+
+
+@pytest.mark.parametrize("field", ["lr", "momentum", "weight_decay", "eps"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_optimizer_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        OptimizerConfig(**{field: value})
+    assert OptimizerConfig(lr=np.float32(0.1)).lr == pytest.approx(0.1)  # numpy floats are numbers too
+
+
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="cupy is installed")
 def test_cupy_backend_without_cupy_says_what_is_missing():
     with pytest.raises(RuntimeError, match="cupy"):

@@ -126,3 +126,31 @@ def test_seed_steps_2_and_3_run_against_utils(tiny_loader):
         assert torch.all(layer.weight[~layer.mask] == 0)
         state = namespace["masked_optimizer"].state[layer.weight]
         assert torch.all(state["exp_avg"][~layer.mask] == 0) and torch.all(state["exp_avg_sq"][~layer.mask] == 0)
+
+
+@pytest.mark.parametrize("targets, match", [
+    (torch.tensor([[0], [0], [1], [2], [0]]), r"shape \(5,\).*got shape \(5, 1\)"),  # a column: broadcast to 5x5
+    (F.one_hot(torch.tensor([0, 0, 1, 2, 0]), 3).float(), r"targets\.argmax\(1\)"),  # one-hot rows
+    (torch.tensor([0, 0, 1, 2, 7]), r"in \[0, 3\).*\[0, 7\]"),  # a label past the last class
+    (torch.tensor([0.0, 0.0, 1.0, 2.0, 0.0]), "integer class indices"),
+])
+def test_evaluate_refuses_targets_that_are_not_class_indices(targets, match):
+    loader = DataLoader(TensorDataset(torch.zeros(5, 1), targets), batch_size=5)
+    with pytest.raises(ValueError, match=match):
+        evaluate(FixedLogits(), loader, "cpu")
+    with pytest.raises(ValueError, match=match):
+        evaluate(FixedLogits(), loader, "cpu", nn.CrossEntropyLoss())
+
+
+def test_train_epoch_refuses_one_hot_targets_and_dict_batches():
+    model = FixedLogits()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    one_hot = DataLoader(TensorDataset(torch.zeros(4, 1), F.one_hot(torch.tensor([0, 1, 0, 0]), 3).float()),
+                         batch_size=4)
+    with pytest.raises(ValueError, match="one-hot"):  # the loss would train, the accuracy would be wrong
+        train_epoch(model, one_hot, nn.CrossEntropyLoss(), optimizer, "cpu", progress=False)
+    dicts = [{"image": torch.zeros(4, 1), "label": torch.tensor([0, 1, 0, 0])}]
+    with pytest.raises(TypeError, match=r"dict with keys \['image', 'label'\]"):
+        train_epoch(model, dicts, nn.CrossEntropyLoss(), optimizer, "cpu", progress=False)
+    with pytest.raises(TypeError, match="dict with keys"):
+        evaluate(model, dicts, "cpu")

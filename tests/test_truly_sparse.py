@@ -1,5 +1,7 @@
 """The truly sparse (CSR) engine computes exactly what the masked dense network computes."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -301,3 +303,152 @@ def test_wrong_input_shape_names_the_layer():
     sparse = SparseNet.from_masked(masked(MLP(), 0.9), "scipy")
     with pytest.raises(ValueError, match="fc1"):
         sparse(torch.randn(2, 1, 20, 20))
+
+
+# ----------------------------------------------------------------------------- refused inputs
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_raw_integer_pixels_are_refused_like_the_torch_model_does(backend):
+    model = masked(SimpleNet(), 0.9)
+    pixels = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    with pytest.raises(RuntimeError):
+        model(pixels)  # the reference: torch refuses them
+    sparse = SparseNet.from_masked(model, backend)
+    for raw in (pixels, pixels.numpy(), pixels.numpy().astype(np.int64)):
+        with pytest.raises(TypeError, match="floating-point inputs"):
+            sparse(raw)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("net_class", [SimpleNet, MLP])
+def test_an_empty_batch_gives_an_empty_output(net_class, backend):
+    model = masked(net_class(), 0.9)
+    sparse = SparseNet.from_masked(model, backend)
+    with torch.no_grad():
+        expected = model(mnist_batch(0))
+    outputs = sparse.to_numpy(sparse(mnist_batch(0)))
+    assert outputs.shape == tuple(expected.shape) == (0, 10)
+    with pytest.raises(ValueError, match="fc1"):  # the shapes are still checked
+        sparse(torch.zeros(0, 1, 20, 20))
+
+
+def test_memory_report_refuses_a_sparse_model_of_another_net():
+    model, other = masked(SimpleNet(), 0.9, seed=0), masked(SimpleNet(), 0.9, seed=1)
+    with pytest.raises(ValueError, match="does not hold this net's active weights"):
+        memory_report(model, SparseNet.from_masked(other, "scipy"))
+    with pytest.raises(ValueError, match="from_masked"):
+        memory_report(masked(MLP(), 0.9), SparseNet.from_masked(model, "scipy"))
+
+
+# ----------------------------------------------------------------------------- untrusted files
+
+def saved_model(tmp_path) -> tuple[dict, dict]:
+    """A small conv+linear model saved with SparseNet.save: (header, arrays) as read back from the file."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(2 * 4 * 4, 3))  # for 8x8 images
+    path = tmp_path / "model.npz"
+    SparseNet.from_masked(masked(net, 0.5), "scipy").save(path)
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files}
+    return json.loads(arrays.pop("header").tobytes()), arrays
+
+
+def write(path, header: dict, arrays: dict):
+    np.savez(path, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    return path
+
+
+def linear_entry(header: dict) -> dict:
+    return next(layer for layer in header["weights"] if layer["name"] == "4")
+
+
+def conv_step(header: dict) -> dict:
+    return next(step for step in header["architecture"] if step["type"] == "conv")
+
+
+def past_the_width(header, arrays):  # a column index past the layer's 32 columns
+    arrays["col_indices_uint8"] = arrays["col_indices_uint8"].copy()
+    arrays["col_indices_uint8"][-1] = 200
+
+
+def huge_index(header, arrays):  # far outside: once a segfault on scipy
+    linear_entry(header)["index_type"] = "uint32"
+    layer_nnz = linear_entry(header)["nnz"]
+    conv_nnz = arrays["col_indices_uint8"].size - layer_nnz
+    columns = arrays["col_indices_uint8"][conv_nnz:].astype(np.uint32)
+    columns[0] = 2**31
+    arrays["col_indices_uint8"] = arrays["col_indices_uint8"][:conv_nnz]
+    arrays["col_indices_uint32"] = columns
+
+
+def giant_shape(header, arrays):  # (3, 10**12): a header shape no kernel can index
+    linear_entry(header)["shape"] = [3, 10**12]
+
+
+def falling_row_pointers(header, arrays):
+    key = next(key for key in arrays if key.startswith("row_pointers"))
+    arrays[key] = arrays[key].copy()
+    arrays[key][1], arrays[key][2] = arrays[key][2], arrays[key][1] + 100
+
+
+def nnz_beyond_the_arrays(header, arrays):
+    linear_entry(header)["nnz"] += 5
+
+
+def conv_shape_off_its_kernel(header, arrays):  # 2 channels x 3x3 would be 18 columns, the weight has 9
+    conv_step(header)["in_channels"] = 2
+
+
+def unsorted_columns(header, arrays):
+    arrays["col_indices_uint8"] = arrays["col_indices_uint8"].copy()
+    first_row_end = 3
+    arrays["col_indices_uint8"][:first_row_end] = arrays["col_indices_uint8"][:first_row_end][::-1]
+
+
+def unknown_step(header, arrays):
+    header["architecture"].append({"type": "softmax"})
+
+
+def extra_array(header, arrays):
+    arrays["payload"] = np.zeros(10)
+
+
+def truncated_values(header, arrays):
+    arrays["values"] = arrays["values"][:-1]
+
+
+def wrong_value_type(header, arrays):
+    arrays["values"] = arrays["values"].astype(np.float64)
+
+
+CORRUPTIONS = [past_the_width, huge_index, giant_shape, falling_row_pointers, nnz_beyond_the_arrays,
+               conv_shape_off_its_kernel, unsorted_columns, unknown_step, extra_array, truncated_values,
+               wrong_value_type]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda corrupt: corrupt.__name__)
+def test_a_crafted_file_is_refused_before_any_matrix_is_built(tmp_path, corrupt, backend):
+    header, arrays = saved_model(tmp_path)
+    write(tmp_path / "intact.npz", header, arrays)
+    SparseNet.load(tmp_path / "intact.npz", backend)  # the rewrite itself is faithful
+    corrupt(header, arrays)
+    with pytest.raises(ValueError):
+        SparseNet.load(write(tmp_path / "crafted.npz", header, arrays), backend)
+
+
+def test_files_that_are_not_sparse_models_are_named(tmp_path):
+    np.save(tmp_path / "array.npy", np.arange(4))
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    np.savez(tmp_path / "other.npz", weights=np.ones(3))
+    np.savez(tmp_path / "other_format.npz", header=np.frombuffer(b'{"format": "something-else"}', dtype=np.uint8))
+    np.savez(tmp_path / "bad_json.npz", header=np.frombuffer(b'{"format": ', dtype=np.uint8))
+    cases = {"array.npy": r"not a \.npz archive \(it is a single \.npy array\)", "notes.txt": r"not a \.npz",
+             "other.npz": r"no 'header' array \(its arrays: \['weights'\]\)",
+             "other_format.npz": r"not a dst-truly-sparse-csr-1 file \(format 'something-else'\)",
+             "bad_json.npz": "not valid JSON"}
+    for name, match in cases.items():
+        with pytest.raises(ValueError, match=match):
+            SparseNet.load(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        SparseNet.load(tmp_path / "missing.npz")

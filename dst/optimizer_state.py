@@ -1,0 +1,115 @@
+"""The optimizer state of masked weights: exactly zero wherever the mask is off, whoever holds it.
+
+A masked weight's gradient is zero at inactive positions, so an optimizer leaves
+them alone only if its per-weight state there (momentum, Adam's moments) is zero
+too. Two public torch hooks, run around every ``optimizer.step()``, keep it so:
+
+- after a step, the optimizer is remembered for each weight it stepped, so a DST
+  step can reset the state of the connections it moved in every optimizer that
+  trains them (``optimizers_of``, ``reset_optimizer_state``), even when the
+  caller does not pass the optimizer;
+- before a step, an optimizer whose state for a masked weight may disagree with
+  the mask (the mask changed, or the state was created or loaded, since it last
+  checked) has that state zeroed at inactive positions. This covers the orders a
+  DST step cannot see: a checkpoint loaded into a fresh optimizer that has not
+  stepped yet, a model checkpoint with other masks loaded under a live optimizer.
+
+``torch.optim.LBFGS`` keeps a flat history of past updates that cannot be reset
+weight by weight, so it would revive pruned weights: it is refused for masked
+weights with an error.
+
+One order stays out of reach: an optimizer that has never stepped cannot be seen
+by a DST step, so if its loaded state holds values at positions that were inactive
+(a checkpoint from a dense run, say) and a DST step regrows some of them before
+its first step, those regrown weights start from that loaded state instead of
+zero. A checkpoint saved by a masked run holds zeros there, so resuming one is exact.
+"""
+
+import weakref
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
+
+# Weight Parameter -> weakref to the masked layer that masks it. Filled by the layers
+# (dst.masked) when they are built, copied or loaded; weak on both sides so neither
+# a weight nor a layer is kept alive by this index.
+_MASKED_WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Every optimizer that has stepped a weight (the seed notebook calls apply_dst_step without one).
+_OPTIMIZERS_BY_PARAM: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Optimizer -> {id(weight): what its state and the mask were when last made to agree}.
+_CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+LBFGS_REFUSED = ("torch.optim.LBFGS cannot train masked weights: it keeps a flat history of past updates that a "
+                 "DST step cannot reset weight by weight, so it would revive pruned weights; use SGD, Adam or AdamW")
+
+
+def register_masked_weight(weight: torch.Tensor, layer) -> None:
+    """Record that ``layer`` (a dst.masked.MaskedLayer) masks ``weight``."""
+    _MASKED_WEIGHTS[weight] = weakref.ref(layer)
+
+
+def masked_layer_of(weight: torch.Tensor):
+    """The masked layer that masks ``weight``, or None."""
+    layer = _MASKED_WEIGHTS.get(weight)
+    return None if layer is None else layer()
+
+
+def optimizers_of(weight: torch.Tensor) -> set:
+    """Every live optimizer that has stepped ``weight``."""
+    return set(_OPTIMIZERS_BY_PARAM.get(weight, ()))
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Raise for an optimizer whose state cannot follow a mask (LBFGS)."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(LBFGS_REFUSED)
+
+
+def per_weight_state(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> list[torch.Tensor]:
+    """The state tensors ``optimizer`` keeps for ``weight`` entry by entry (shaped like it)."""
+    return [value for value in optimizer.state.get(weight, {}).values()
+            if torch.is_tensor(value) and value.shape == weight.shape]
+
+
+def reset_optimizer_state(optimizers, param: torch.Tensor, flat_indices: torch.Tensor) -> None:
+    """Zero every per-weight state tensor (momentum, Adam moments) at ``flat_indices``."""
+    for optimizer in optimizers:
+        for value in per_weight_state(optimizer, param):
+            value.view(-1)[flat_indices] = 0
+
+
+def _remember_optimizer(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            seen = _OPTIMIZERS_BY_PARAM.get(param)
+            if seen is None:
+                seen = _OPTIMIZERS_BY_PARAM[param] = weakref.WeakSet()
+            seen.add(optimizer)
+
+
+def _agree_with_masks(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    checked = _CHECKED.get(optimizer)
+    if checked is None:
+        checked = _CHECKED[optimizer] = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            layer = masked_layer_of(param)
+            if layer is None:
+                continue
+            check_optimizer(optimizer)
+            mask, state = layer.mask, per_weight_state(optimizer, param)
+            # A tensor's _version counts its in-place changes (a DST step, a load_state_dict copy),
+            # and identity tells a replaced tensor (a device move, an optimizer load) from the old one.
+            last = checked.get(id(param))
+            if (last is not None and last[0]() is mask and last[1] == mask._version
+                    and len(last[2]) == len(state) and all(ref() is value for ref, value in zip(last[2], state))):
+                continue
+            with torch.no_grad():
+                for value in state:
+                    value.masked_fill_(~mask, 0)
+            checked[id(param)] = (weakref.ref(mask), mask._version, tuple(weakref.ref(value) for value in state))
+
+
+register_optimizer_step_pre_hook(_agree_with_masks)
+register_optimizer_step_post_hook(_remember_optimizer)
