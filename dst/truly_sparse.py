@@ -73,11 +73,12 @@ class SparseNet:
         for group in groups:
             kind, name = group["type"], group.get("name", "")
             if kind == "conv":
-                step = SparseConv(self.ops, name, weights[name], group["in_channels"], group["kernel_size"],
-                                  group["padding"], group.get("pool_kernel", (1, 1)), group.get("relu", False))
+                step = self.ops.conv_step(self.ops, name, weights[name], group["in_channels"],
+                                          group["kernel_size"], group["padding"], group.get("pool_kernel", (1, 1)),
+                                          group.get("relu", False))
                 self.layers[name] = step
             elif kind == "linear":
-                step = self.layers[name] = SparseLinear(self.ops, name, weights[name], group.get("relu", False))
+                step = self.layers[name] = self.ops.linear_step(self.ops, name, weights[name], group.get("relu", False))
             elif kind == "relu":
                 step = ReLU(self.ops)
             elif kind == "maxpool":
