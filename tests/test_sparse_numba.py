@@ -32,7 +32,9 @@ def test_sixteen_bit_indices_make_simplenet_15x_smaller_at_95_percent():
     for name in sparse.layers:
         _, col_indices, _ = sparse.ops.csr_arrays(sparse.layers[name].weight)
         assert col_indices.dtype == np.uint16, name
-    numba_ratio = memory_report(model, sparse)["ratio"]
+    report = memory_report(model, sparse)
+    assert report["backend"] == "numba"
+    numba_ratio = report["ratio"]
     scipy_ratio = memory_report(model, SparseNet.from_masked(model, "scipy"))["ratio"]
     # 6 bytes per active weight against 5 per weight: the ceiling is 5 / (0.05 * 6) = 16.7x
     assert 15 <= numba_ratio < 5 / (0.05 * 6)
