@@ -5,11 +5,14 @@ features ``(F, N)``. Two compiled kernels do all the work, each a ``prange`` loo
 over independent outputs so both cores share it:
 
 * ``conv_pool``: a conv computed directly from the CSR weight (no im2col), output
-  stationary. One work item is one output channel and one pooled output row: for each
-  conv row under it, every active weight ``(c, i, j)`` adds ``value * x[c, y+i-pad, :, :]``
-  to a row accumulator, one contiguous run of ``width * N`` floats (the padding is
-  skipped by clipping the run, never materialised). The rows are max-pooled into the
-  output as they are done, then the bias and ReLU touch the pooled values only.
+  stationary. One work item is one output channel and a block of pooled output rows.
+  Its accumulator holds the conv rows under them with the row stride of the
+  zero-padded input, so every active weight ``(c, i, j)`` adds ``value`` times ONE
+  contiguous run of the input, starting at ``padded[c, y0+i, j, 0]``, to the whole
+  accumulator: no bounds to check, and a run long enough to vectorise even at batch 1.
+  (The few accumulator columns past the conv's width mix in the next row; the pool never
+  reads them.) The pool then takes its maximum over the accumulator, and the bias and
+  ReLU touch the pooled values only. Blocks are sized to stay in the L1 cache.
 * ``linear``: ``W (out, in) @ X (in, N)`` one output row per item, bias and ReLU fused.
 
 The weights are stored in the mask's own numbering (conv column ``c*kh*kw + i*kw + j``)
@@ -29,8 +32,12 @@ from dst.sparse_backends import ArrayOps
 from dst.sparse_layers import SparseLinear, conv_output_shape
 
 NO_BIAS = np.zeros(0, dtype=np.float32)
+# Floats in one conv work item's accumulator: 16 KiB leaves most of a 32-48 KiB L1 cache to the input runs.
+ACCUMULATOR_FLOATS = 4096
 # FMA contraction only: no reassociation, so every output sums its terms in one fixed order.
 FASTMATH = {"contract"}
+# UNSIGNED: the hot loops index flat arrays with np.uint64. A signed index makes numba add a
+# negative-index check to every access, which stops LLVM from vectorising: 2.5x slower on long runs.
 
 
 def index_type(columns: int) -> type:
@@ -79,13 +86,17 @@ class NumbaConv:
     def prepare(self, shape):
         out_shape = conv_output_shape(self.name, self.in_channels, self.out_features, self.kernel_size,
                                       self.padding, self.pool_kernel, shape)
-        return out_shape, np.empty(out_shape, dtype=np.float32)
+        _, out_height, out_width, batch = out_shape
+        (pool_h, pool_w) = self.pool_kernel
+        rows_per_item = max(1, min(out_height, ACCUMULATOR_FLOATS // (pool_h * pool_w * out_width * batch)))
+        return out_shape, (rows_per_item, np.empty(out_shape, dtype=np.float32))
 
-    def __call__(self, x, out):
+    def __call__(self, x, buffers):
+        rows_per_item, out = buffers
         weight = self.weight
         conv_pool(np.ascontiguousarray(x), weight.values, weight.col_indices, weight.row_pointers,
                   NO_BIAS if self.bias is None else self.bias, *self.kernel_size, *self.padding,
-                  *self.pool_kernel, self.relu, out)
+                  *self.pool_kernel, self.relu, rows_per_item, out)
         return out
 
     @property
@@ -128,57 +139,52 @@ NumbaOps.conv_step, NumbaOps.linear_step = NumbaConv, NumbaLinear
 # ----------------------------------------------------------------------------- kernels
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def conv_pool(x, values, col_indices, row_pointers, bias, kernel_h, kernel_w, pad_h, pad_w,
-              pool_h, pool_w, relu, out):  # pragma: no cover - compiled
+def conv_pool(x, values, col_indices, row_pointers, bias, kernel_h, kernel_w, pad_h, pad_w, pool_h, pool_w,
+              relu, rows_per_item, out):  # pragma: no cover - compiled
     """``out (O, Ho, Wo, N) = relu(maxpool(conv(x (C, H, W, N))) + bias)``, the conv's weight in CSR over
-    the mask's columns ``c*kh*kw + i*kw + j``; ``bias`` may be empty, ``pool`` (1, 1) for none."""
+    the mask's columns ``c*kh*kw + i*kw + j``; ``bias`` may be empty, the pool (1, 1) for none."""
     channels, height, width, batch = x.shape
     out_channels, out_height, out_width, _ = out.shape
-    flat_x = x.reshape(channels * height * width * batch)
+    flat_x = x.reshape(channels * height * width * batch)  # indexed with unsigned ints: see UNSIGNED
     conv_width = pool_w * out_width  # conv output columns the pool reads (floor mode drops the rest)
     run_length = conv_width * batch  # one conv output row: columns x batch, contiguous
     kernel_area = kernel_h * kernel_w
-    for item in numba.prange(out_channels * out_height):
-        channel, row = item // out_height, item % out_height
-        pooled = out[channel, row].reshape(out_width * batch)
+    blocks = (out_height + rows_per_item - 1) // rows_per_item
+    for item in numba.prange(out_channels * blocks):
+        channel, first_row = item // blocks, item % blocks * rows_per_item
+        rows = min(rows_per_item, out_height - first_row)  # pooled rows of this item
         offset = bias[channel] if bias.size > 0 else np.float32(0.0)
         if row_pointers[channel] == row_pointers[channel + 1]:  # no weight: the constant relu(bias)
-            pooled[:] = max(offset, np.float32(0.0)) if relu else offset
-        else:
-            # The pool_h conv rows under this pooled row, each summed over the channel's weights.
-            conv_rows = np.zeros(pool_h * run_length, dtype=np.float32)
-            for a in range(pool_h):
-                conv_row = conv_rows[a * run_length:(a + 1) * run_length]
-                y = row * pool_h + a
-                for k in range(row_pointers[channel], row_pointers[channel + 1]):
-                    column = np.int64(col_indices[k])
-                    c = column // kernel_area
-                    i = (column - c * kernel_area) // kernel_w
-                    j = column - c * kernel_area - i * kernel_w
-                    source_row = y + i - pad_h
-                    # conv column u reads input column u + j - pad_w: keep the u where that lies inside
-                    first = max(0, pad_w - j)
-                    last = min(conv_width, width + pad_w - j)
-                    if 0 <= source_row < height and first < last:
-                        value, length = values[k], (last - first) * batch
-                        start = ((c * height + source_row) * width + first + j - pad_w) * batch
-                        # Slices indexed by the loop counter: numba then drops its negative-index check
-                        # and LLVM vectorises the loop (10x faster than indexing with ``start + t``).
-                        source = flat_x[start:start + length]
-                        target = conv_row[first * batch:first * batch + length]
-                        for t in range(length):
-                            target[t] += value * source[t]
-            # One pass per pooled pixel: the max over its window, then the bias and ReLU (they commute
-            # with the max, so they touch the pooled values only).
+            out[channel, first_row:first_row + rows] = max(offset, np.float32(0.0)) if relu else offset
+            continue
+        accumulator = np.zeros(rows * pool_h * run_length, dtype=np.float32)  # the conv rows under them
+        for k in range(row_pointers[channel], row_pointers[channel + 1]):
+            column = np.int64(col_indices[k])
+            c = column // kernel_area
+            i = (column - c * kernel_area) // kernel_w
+            j = column - c * kernel_area - i * kernel_w
+            # conv column u reads input column u + j - pad_w: keep the u where that lies inside
+            first, last = max(0, pad_w - j), min(conv_width, width + pad_w - j)
+            value, length = values[k], (last - first) * batch
+            for conv_row in range(rows * pool_h):
+                source_row = first_row * pool_h + conv_row + i - pad_h
+                if 0 <= source_row < height and length > 0:
+                    source = np.uint64(((c * height + source_row) * width + first + j - pad_w) * batch)
+                    target = np.uint64(conv_row * run_length + first * batch)
+                    for t in range(np.uint64(length)):
+                        accumulator[target + t] += value * flat_x[source + t]
+        for row in range(rows):
+            pooled = out[channel, first_row + row].reshape(out_width * batch)
             for w in range(out_width):
                 window = pooled[w * batch:(w + 1) * batch]
-                window[:] = conv_rows[w * pool_w * batch:(w * pool_w + 1) * batch]
+                corner = row * pool_h * run_length + w * pool_w * batch  # the window's top-left conv output
+                window[:] = accumulator[corner:corner + batch]
                 for a in range(pool_h):
                     for b in range(pool_w):
-                        start = (a * conv_width + w * pool_w + b) * batch
-                        candidate = conv_rows[start:start + batch]
+                        candidate = accumulator[corner + a * run_length + b * batch:][:batch]
                         for n in range(batch):
                             window[n] = max(window[n], candidate[n])
+                # The bias and ReLU commute with the max: they touch the pooled values only.
                 for n in range(batch):
                     window[n] = max(window[n] + offset, np.float32(0.0)) if relu else window[n] + offset
 
@@ -186,30 +192,39 @@ def conv_pool(x, values, col_indices, row_pointers, bias, kernel_h, kernel_w, pa
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def linear(x, values, col_indices, row_pointers, bias, relu, out):  # pragma: no cover - compiled
     """``out (O, N) = relu(W @ x (I, N) + bias)``, W in CSR; ``bias`` may be empty."""
-    batch = x.shape[1]
-    for row in numba.prange(out.shape[0]):
+    (features, batch), out_features = x.shape, out.shape[0]
+    flat_x, flat_out = x.reshape(features * batch), out.reshape(out_features * batch)  # see UNSIGNED
+    unsigned_batch = np.uint64(batch)
+    for row in numba.prange(out_features):
         offset = bias[row] if bias.size > 0 else np.float32(0.0)
-        target = out[row]
-        if batch == 1:  # a sparse dot product: one running sum, no per-weight loop over the batch
-            total = offset
-            for k in range(row_pointers[row], row_pointers[row + 1]):
-                total += values[k] * x[np.int64(col_indices[k]), 0]
-            target[0] = total
+        start, stop = row_pointers[row], row_pointers[row + 1]
+        if batch == 1:  # a sparse dot product; four running sums, so the additions need not wait in line
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for k in range(start, stop - 3, 4):
+                s0 += values[k] * flat_x[np.uint64(col_indices[k])]
+                s1 += values[k + 1] * flat_x[np.uint64(col_indices[k + 1])]
+                s2 += values[k + 2] * flat_x[np.uint64(col_indices[k + 2])]
+                s3 += values[k + 3] * flat_x[np.uint64(col_indices[k + 3])]
+            for k in range(stop - (stop - start) % 4, stop):
+                s0 += values[k] * flat_x[np.uint64(col_indices[k])]
+            flat_out[row] = offset + ((s0 + s1) + (s2 + s3))
         else:
-            target[:] = offset
-            start, stop = row_pointers[row], row_pointers[row + 1]
-            # Four weights per pass over the row: a quarter of the loads and stores of the accumulating
-            # row, and of the loop's set-up, which for a batch of 100 costs about as much as the work.
+            target = np.uint64(row * batch)
+            for n in range(unsigned_batch):
+                flat_out[target + n] = offset
+            # Four weights per pass over the output row: a quarter of its loads and stores, and of the
+            # loop's set-up, which for a batch of 100 costs about as much as the multiply-adds.
             for k in range(start, stop - 3, 4):
                 v0, v1, v2, v3 = values[k], values[k + 1], values[k + 2], values[k + 3]
-                s0, s1 = x[np.int64(col_indices[k])], x[np.int64(col_indices[k + 1])]
-                s2, s3 = x[np.int64(col_indices[k + 2])], x[np.int64(col_indices[k + 3])]
-                for n in range(batch):
-                    target[n] += v0 * s0[n] + v1 * s1[n] + v2 * s2[n] + v3 * s3[n]
+                x0, x1 = np.uint64(col_indices[k]) * unsigned_batch, np.uint64(col_indices[k + 1]) * unsigned_batch
+                x2, x3 = np.uint64(col_indices[k + 2]) * unsigned_batch, np.uint64(col_indices[k + 3]) * unsigned_batch
+                for n in range(unsigned_batch):
+                    flat_out[target + n] += (v0 * flat_x[x0 + n] + v1 * flat_x[x1 + n]
+                                             + v2 * flat_x[x2 + n] + v3 * flat_x[x3 + n])
             for k in range(stop - (stop - start) % 4, stop):
-                value, source = values[k], x[np.int64(col_indices[k])]
-                for n in range(batch):
-                    target[n] += value * source[n]
+                value, source = values[k], np.uint64(col_indices[k]) * unsigned_batch
+                for n in range(unsigned_batch):
+                    flat_out[target + n] += value * flat_x[source + n]
         if relu:
-            for n in range(batch):
-                target[n] = max(target[n], np.float32(0.0))
+            for n in range(np.uint64(row * batch), np.uint64((row + 1) * batch)):
+                flat_out[n] = max(flat_out[n], np.float32(0.0))
