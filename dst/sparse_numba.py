@@ -88,7 +88,7 @@ class NumbaConv:
                                       self.padding, self.pool_kernel, shape)
         _, out_height, out_width, batch = out_shape
         (pool_h, pool_w) = self.pool_kernel
-        rows_per_item = max(1, min(out_height, ACCUMULATOR_FLOATS // (pool_h * pool_w * out_width * batch)))
+        rows_per_item = max(1, min(out_height, ACCUMULATOR_FLOATS // max(1, pool_h * pool_w * out_width * batch)))
         return out_shape, (rows_per_item, np.empty(out_shape, dtype=np.float32))
 
     def __call__(self, x, buffers):
