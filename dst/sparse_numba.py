@@ -5,15 +5,15 @@ features ``(F, N)``. Two compiled kernels do all the work, each a ``prange`` loo
 over independent outputs so both cores share it:
 
 * ``conv_pool``: a conv computed directly from the CSR weight (no im2col), output
-  stationary. One work item is one output channel and a block of pooled output rows.
-  Its accumulator holds the conv rows under them with the row stride of the
-  zero-padded input, so every active weight ``(c, i, j)`` adds ``value`` times ONE
-  contiguous run of the input, starting at ``padded[c, y0+i, j, 0]``, to the whole
-  accumulator: no bounds to check, and a run long enough to vectorise even at batch 1.
-  (The few accumulator columns past the conv's width mix in the next row; the pool never
-  reads them.) The pool then takes its maximum over the accumulator, and the bias and
-  ReLU touch the pooled values only. Blocks are sized to stay in the L1 cache.
-* ``linear``: ``W (out, in) @ X (in, N)`` one output row per item, bias and ReLU fused.
+  stationary. One work item is one output channel and a block of pooled output rows
+  (as many as keep its accumulator in the L1 cache: one at batch 100, all at batch 1).
+  Its accumulator holds the conv rows under them; each active weight ``(c, i, j)`` is
+  decoded once, then adds ``value * x[c, y+i-pad, :, :]`` to each conv row ``y``: one
+  contiguous run of ``width * N`` floats, clipped where it would read the zero padding
+  (never materialised). The pool then takes its maximum over the accumulator, and the
+  bias and ReLU (which commute with the max) touch the pooled values only.
+* ``linear``: ``W (out, in) @ X (in, N)``, one output row per item, four weights per
+  pass over the row, bias and ReLU fused.
 
 The weights are stored in the mask's own numbering (conv column ``c*kh*kw + i*kw + j``)
 with 16-bit column indices where a layer has at most 65,536 columns (every SimpleNet
@@ -54,19 +54,6 @@ class CSR:
         self.col_indices = np.ascontiguousarray(col_indices, dtype=index_type(self.shape[1]))
         pointer_type = np.int32 if self.values.size <= np.iinfo(np.int32).max else np.int64
         self.row_pointers = np.ascontiguousarray(row_pointers, dtype=pointer_type)
-
-
-class NumbaOps(ArrayOps):
-    """``ArrayOps`` on numpy whose conv and linear steps are the fused numba kernels."""
-
-    def __init__(self):
-        super().__init__("numba", np, None)
-
-    def csr(self, values, col_indices, row_pointers, shape) -> CSR:
-        return CSR(values, col_indices, row_pointers, shape)
-
-    def csr_arrays(self, matrix: CSR) -> tuple:
-        return matrix.values, matrix.col_indices, matrix.row_pointers
 
 
 class NumbaConv:
@@ -133,7 +120,19 @@ class NumbaLinear(SparseLinear):
         return out
 
 
-NumbaOps.conv_step, NumbaOps.linear_step = NumbaConv, NumbaLinear
+class NumbaOps(ArrayOps):
+    """``ArrayOps`` on numpy whose conv and linear steps are the fused numba kernels."""
+
+    conv_step, linear_step = NumbaConv, NumbaLinear
+
+    def __init__(self):
+        super().__init__("numba", np, None)
+
+    def csr(self, values, col_indices, row_pointers, shape) -> CSR:
+        return CSR(values, col_indices, row_pointers, shape)
+
+    def csr_arrays(self, matrix: CSR) -> tuple:
+        return matrix.values, matrix.col_indices, matrix.row_pointers
 
 
 # ----------------------------------------------------------------------------- kernels
