@@ -111,3 +111,18 @@ def test_missing_numba_is_a_clear_import_error(monkeypatch):
 def test_numba_refuses_a_gpu_device():
     with pytest.raises(ValueError, match="numba backend runs on the CPU"):
         SparseNet.from_masked(masked(SimpleNet(), 0.9), "numba", "cuda")
+
+
+@pytest.mark.parametrize("make_net", [
+    lambda: nn.Sequential(nn.Conv2d(3, 4, (2, 3), padding=(2, 0), bias=False), nn.Flatten(), nn.Linear(4 * 11 * 6, 3)),
+    lambda: nn.Sequential(nn.Conv2d(3, 5, 1, padding=2), nn.MaxPool2d((3, 2)), nn.Flatten(), nn.Linear(5 * 4 * 6, 2)),
+    lambda: nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4, 2)),
+], ids=["no-relu-no-pool-rectangular", "pool-without-relu-wide-padding", "pool-before-conv"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_convs_without_relu_or_pool_match(make_net, batch):
+    model = masked(make_net(), 0.5)
+    inputs = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        expected = model(inputs).numpy()
+    assert_close(SparseNet.from_masked(model, "numba")(inputs), expected)
