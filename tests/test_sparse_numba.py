@@ -53,10 +53,11 @@ def test_a_layer_wider_than_16_bits_keeps_int32_indices_and_matches():
     assert_close(sparse(inputs), expected)
 
 
-def test_outputs_survive_the_next_call():
+@pytest.mark.parametrize("batch", [1, 5])  # at batch 1 the batch-first transpose alone is a view
+def test_outputs_survive_the_next_call(batch):
     model = masked(SimpleNet(), 0.9)
     sparse = SparseNet.from_masked(model, "numba")
-    first_inputs, second_inputs = torch.randn(5, 1, 28, 28), torch.randn(5, 1, 28, 28)
+    first_inputs, second_inputs = torch.randn(batch, 1, 28, 28), torch.randn(batch, 1, 28, 28)
     first = sparse(first_inputs)
     kept = first.copy()
     second = sparse(second_inputs)  # same shape: the same work buffers are reused
