@@ -78,7 +78,9 @@ class ArrayOps:
         return self.xp.ascontiguousarray(self.xp.moveaxis(x, 0, -1))
 
     def batch_first(self, y):
-        return self.xp.ascontiguousarray(self.xp.moveaxis(y, -1, 0))
+        # Always a copy: ``y`` may be a step's kept buffer, which the next call overwrites, and at
+        # batch 1 the transpose alone is already contiguous, i.e. a view of it.
+        return self.xp.moveaxis(y, -1, 0).copy()
 
     def to_numpy(self, array) -> np.ndarray:
         return array if self.xp is np else self.xp.asnumpy(array)
@@ -137,7 +139,7 @@ class TorchOps:
         return x.movedim(0, -1).contiguous()
 
     def batch_first(self, y):
-        return y.movedim(-1, 0).contiguous()
+        return y.movedim(-1, 0).clone(memory_format=torch.contiguous_format)  # a copy: see ArrayOps
 
     def to_numpy(self, array) -> np.ndarray:
         return array.cpu().numpy()

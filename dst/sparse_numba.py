@@ -134,11 +134,6 @@ class NumbaOps(ArrayOps):
     def csr_arrays(self, matrix: CSR) -> tuple:
         return matrix.values, matrix.col_indices, matrix.row_pointers
 
-    def batch_first(self, y):
-        # Always a copy: ``y`` is the last step's buffer, which the next call overwrites, and at
-        # batch 1 the transpose alone would be a view of it.
-        return np.moveaxis(y, -1, 0).copy()
-
 
 # ----------------------------------------------------------------------------- kernels
 
