@@ -1,13 +1,16 @@
 """Sweep: truly sparse (CSR) inference against the masked dense SimpleNet on this machine's CPU.
 
 For each allocation (uniform, and ERK unless --quick), sparsity and batch size, one
-process times the masked dense net, the scipy CSR engine and the torch.sparse engine,
-with their runs interleaved so a busy machine slows them alike; speedups are dense
-median / sparse median. It does so twice: with torch's own thread count, and with
-``torch.set_num_threads(1)``, where dense and torch.sparse run on one core like scipy
-(the like-for-like comparison). Memory is ``memory_report``'s (weights + masks
-against CSR arrays in memory) and the size of the saved ``.npz``; MMAC counts the
-multiply-adds of the active weights (millions per forward of the batch).
+process times the masked dense net, the numba engine (where numba is installed), the
+scipy CSR engine and the torch.sparse engine, with their runs interleaved so a busy
+machine slows them alike; speedups are dense median / sparse median. Every sparse
+model runs once before timing (numba compiles then); the first numba call of the
+process, compilation or loading its disk cache, is reported on its own. It does so
+twice: with torch's and numba's own thread counts, and with both set to 1, where every
+row runs on one core like scipy (the like-for-like comparison). Memory is
+``memory_report``'s for each backend (weights + masks against what that backend holds
+in memory: numba keeps 16-bit column indices) and the size of the saved ``.npz``;
+MMAC counts the multiply-adds of the active weights (millions per forward of the batch).
 
 Masks and inputs are random: a forward's time depends on how many weights are active
 and where, not on their trained values, so no training or data is needed.
@@ -27,14 +30,23 @@ from pathlib import Path
 
 import torch
 
-from dst.benchmark import benchmark_environment, inference_forwards, time_interleaved
+from dst.benchmark import SCIPY_ROW, benchmark_environment, inference_forwards, time_interleaved
 from dst.masked import MaskedNet
 from dst.models import SimpleNet
 from dst.plots import plot_sparsity_sweep
+from dst.sparse_backends import default_cpu_backend, numba_available
 from dst.truly_sparse import SparseNet, memory_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BACKEND_ROWS = {"scipy": "Truly Sparse CSR (CPU)", "torch.sparse": "Truly Sparse torch.sparse (CPU)"}
+# backend name in the JSON -> (SparseNet backend, benchmark_inference's row); the default CPU engine
+# holds the seed's row name 'Truly Sparse CSR (CPU)'.
+BACKEND_ROWS = {"numba": ("numba", "Truly Sparse CSR (CPU)"), "scipy": ("scipy", SCIPY_ROW),
+                "torch.sparse": ("torch", "Truly Sparse torch.sparse (CPU)")}
+if default_cpu_backend() == "scipy":
+    BACKEND_ROWS = {"scipy": ("scipy", "Truly Sparse CSR (CPU)"),
+                    "torch.sparse": ("torch", "Truly Sparse torch.sparse (CPU)")}
+# The issue's goals: SimpleNet, uniform, batch 100, against the masked net with torch's own threads.
+GOALS = {0.95: 5.0, 0.99: 10.0}
 
 
 def multiply_adds(masked: MaskedNet, batch: torch.Tensor) -> tuple[int, int]:
@@ -56,18 +68,42 @@ def multiply_adds(masked: MaskedNet, batch: torch.Tensor) -> tuple[int, int]:
 
 
 def time_with_threads(forwards: dict, threads: int | None, runs: int, warmup: int) -> dict:
-    """``time_interleaved`` with torch limited to ``threads`` (None: as it is), restored after.
+    """``time_interleaved`` with torch and numba limited to ``threads`` (None: as they are), restored after.
 
     The thread count is set once per block, not per call: switching it between calls
     makes torch's OpenMP pool stall for tens of milliseconds on a busy machine.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
+    numba_threads = _set_numba_threads(threads)
     try:
         with torch.no_grad():
             return time_interleaved(forwards, runs, warmup)
     finally:
         torch.set_num_threads(previous)
+        _set_numba_threads(numba_threads)
+
+
+def _set_numba_threads(threads: int | None) -> int | None:
+    """Set numba's thread count (None: leave it); returns the previous one (None without numba)."""
+    if not numba_available():
+        return None
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads or previous)
+    return previous
+
+
+def numba_first_call_seconds() -> float | None:
+    """Seconds of this process's first numba forward (compiling, or loading numba's disk cache)."""
+    if not numba_available():
+        return None
+    model = MaskedNet(SimpleNet(), 0.9, generator=torch.Generator().manual_seed(0)).eval()
+    sparse = SparseNet.from_masked(model, "numba")
+    started = time.perf_counter()
+    sparse(torch.zeros(2, 1, 28, 28))
+    return time.perf_counter() - started
 
 
 def sweep(sparsities, batch_sizes, allocations, runs: int, warmup: int) -> dict:
@@ -79,17 +115,17 @@ def sweep(sparsities, batch_sizes, allocations, runs: int, warmup: int) -> dict:
     for allocation in allocations:
         for sparsity in sparsities:
             masked = MaskedNet(base, sparsity, allocation, generator=generator).eval()
-            sparse = SparseNet.from_masked(masked, "scipy")
-            memory = memory_report(masked, sparse)
+            memory = {name: memory_report(masked, SparseNet.from_masked(masked, backend))
+                      for name, (backend, _) in BACKEND_ROWS.items()}
             with tempfile.TemporaryDirectory() as folder:
-                file_bytes = sparse.save(Path(folder) / "model.npz")
+                file_bytes = SparseNet.from_masked(masked, "scipy").save(Path(folder) / "model.npz")
             for batch in batch_sizes:
                 dense_macs, sparse_macs = multiply_adds(masked, inputs[batch])
                 forwards = inference_forwards(masked, inputs[batch], "cpu")
                 timings = time_with_threads(forwards, None, runs, warmup)
                 single = time_with_threads(forwards, 1, runs, warmup)
                 dense_ms, single_dense_ms = (t["Dense+Mask (CPU)"]["median"] for t in (timings, single))
-                for backend, row_name in BACKEND_ROWS.items():
+                for backend, (_, row_name) in BACKEND_ROWS.items():
                     sparse_ms, single_sparse_ms = (t[row_name]["median"] for t in (timings, single))
                     rows.append({
                         "allocation": allocation, "sparsity": sparsity, "batch_size": batch,
@@ -97,9 +133,10 @@ def sweep(sparsities, batch_sizes, allocations, runs: int, warmup: int) -> dict:
                         "sparse_ms": sparse_ms, "dense_ms": dense_ms, "speedup": dense_ms / sparse_ms,
                         "sparse_single_thread_ms": single_sparse_ms, "dense_single_thread_ms": single_dense_ms,
                         "speedup_single_thread": single_dense_ms / single_sparse_ms,
-                        "dense_bytes": memory["dense_bytes"], "sparse_bytes": memory["sparse_bytes"],
-                        "file_bytes": file_bytes, "memory_ratio": memory["ratio"],
-                        "file_ratio": memory["dense_bytes"] / file_bytes,
+                        "dense_bytes": memory[backend]["dense_bytes"],
+                        "sparse_bytes": memory[backend]["sparse_bytes"],
+                        "file_bytes": file_bytes, "memory_ratio": memory[backend]["ratio"],
+                        "file_ratio": memory[backend]["dense_bytes"] / file_bytes,
                         "dense_macs": dense_macs, "sparse_macs": sparse_macs})
     return {"environment": benchmark_environment("cpu"),
             "settings": {"runs": runs, "warmup": warmup, "statistic": "median ms per forward of the batch"},
@@ -107,46 +144,68 @@ def sweep(sparsities, batch_sizes, allocations, runs: int, warmup: int) -> dict:
 
 
 def format_table(results: dict) -> str:
-    """The sweep as a text table: medians in ms and speedups (x) over the masked dense net."""
-    environment = results["environment"]
-    threads = environment["torch_threads"]
-    lines = [f"torch {environment['torch']}, scipy {environment['scipy']}, {environment['cpu_count']} CPUs; "
-             f"medians of {results['settings']['runs']} interleaved runs; x = dense median / sparse median; "
-             f"scipy is single-threaded in both blocks",
-             f"{'':23}| {'torch with ' + str(threads) + ' threads':^42} | {'torch with 1 thread':^42} |",
-             f"{'alloc':8} {'sparsity':>8} {'batch':>5} |" + f"{'dense':>8} {'scipy':>8} {'x':>5} {'torch':>8} "
-             f"{'x':>5}   |" * 2 + f" {'memory x':>8} {'file x':>6} {'MMAC':>6}"]
-    by_key = {}
-    for row in results["rows"]:
-        by_key.setdefault((row["allocation"], row["sparsity"], row["batch_size"]), []).append(row)
-    for (allocation, sparsity, batch), (scipy_row, torch_row) in by_key.items():
+    """The sweep as a text table: medians in ms and speedups (x) over the masked dense net, memory ratios."""
+    environment, by_key = results["environment"], {}
+    for row in results["rows"]:  # (allocation, sparsity, batch) -> {backend: row}
+        backend = row["backend"].split(" (")[0]
+        by_key.setdefault((row["allocation"], row["sparsity"], row["batch_size"]), {})[backend] = row
+    backends = list(next(iter(by_key.values())))
+    labels = [name.split(".")[0] for name in backends]  # torch.sparse -> torch
+    block = f"{'dense':>8}" + "".join(f" {label:>7} {'x':>5}" for label in labels) + " |"
+    own = f"torch {environment['torch_threads']} threads, numba {environment['numba_threads']}"
+    lines = [f"torch {environment['torch']}, scipy {environment['scipy']}, numba {environment['numba']}, "
+             f"{environment['cpu_count']} CPUs; medians of {results['settings']['runs']} interleaved runs; "
+             f"x = dense median / sparse median; scipy is single-threaded in both blocks",
+             f"{'':23}|{own:^{len(block)}}|{'torch and numba with 1 thread':^{len(block)}}|",
+             f"{'alloc':8} {'sparsity':>8} {'batch':>5} |{block}{block}"
+             + "".join(f" {'mem x ' + label:>11}" for label in labels) + f" {'file x':>6} {'MMAC':>6}"]
+    for (allocation, sparsity, batch), rows in by_key.items():
         cells = [f"{allocation:8} {sparsity:8.2f} {batch:5d} |"]
         for suffix in ("_ms", "_single_thread_ms"):
-            dense = scipy_row["dense" + suffix]
-            scipy_ms, torch_ms = scipy_row["sparse" + suffix], torch_row["sparse" + suffix]
-            cells.append(f"{dense:8.2f} {scipy_ms:8.2f} {dense / scipy_ms:5.1f} {torch_ms:8.2f} "
-                         f"{dense / torch_ms:5.1f}   |")
-        cells.append(f" {scipy_row['memory_ratio']:8.1f} {scipy_row['file_ratio']:6.1f} "
-                     f"{scipy_row['sparse_macs'] / 1e6:6.1f}")
+            dense, times = rows[backends[0]]["dense" + suffix], [row["sparse" + suffix] for row in rows.values()]
+            cells.append(f"{dense:8.2f}" + "".join(f" {ms:7.2f} {dense / ms:5.1f}" for ms in times) + " |")
+        cells += [f" {row['memory_ratio']:11.1f}" for row in rows.values()]
+        first = rows[backends[0]]
+        cells.append(f" {first['file_ratio']:6.1f} {first['sparse_macs'] / 1e6:6.1f}")
         lines.append("".join(cells))
     return "\n".join(lines)
+
+
+def goal_lines(results: dict) -> list[str]:
+    """The default CPU engine's speedups at batch 100 against the issue's goals (uniform), and what ERK gives."""
+    lines = []
+    engine = default_cpu_backend()
+    for row in results["rows"]:
+        if row["batch_size"] == 100 and row["sparsity"] in GOALS and row["backend"].split(" (")[0] == engine:
+            goal = GOALS[row["sparsity"]]
+            verdict = (f"goal {goal:.0f}x {'met' if row['speedup'] >= goal else 'MISSED'}"
+                       if row["allocation"] == "uniform" else "no goal")
+            lines.append(f"{engine} {row['allocation']} {row['sparsity']:.0%} batch 100: {row['speedup']:.1f}x "
+                         f"against the masked net ({verdict}); memory {row['memory_ratio']:.1f}x smaller")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sparsities and runs, uniform allocation only")
-    parser.add_argument("--threads", type=int, help="torch threads for the dense and torch.sparse rows "
-                        "(default: torch's own choice)")
+    parser.add_argument("--threads", type=int, help="torch and numba threads for the dense, torch.sparse "
+                        "and numba rows (default: their own choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        _set_numba_threads(args.threads)
+    first_call = numba_first_call_seconds()  # before the sweep, so no timed call ever compiles
     started = time.perf_counter()
     if args.quick:
         results = sweep([0.9, 0.99], [1, 100], ["uniform"], runs=3, warmup=1)
     else:
         results = sweep([0.5, 0.8, 0.9, 0.95, 0.98, 0.99], [1, 100], ["uniform", "erk"], runs=10, warmup=3)
     results["settings"]["seconds"] = time.perf_counter() - started
+    results["settings"]["numba_first_call_seconds"] = first_call
     print(format_table(results))
+    print("\n".join(goal_lines(results)))
+    if first_call is not None:
+        print(f"numba's first call in this process (compiling or loading its cache): {first_call:.2f} s, untimed")
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / "sparse_inference.json"
     json_path.write_text(json.dumps(results, indent=1))

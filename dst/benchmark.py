@@ -23,7 +23,12 @@ import torch
 
 from dst.gpu import CUPY_GPU_AVAILABLE
 from dst.masked import MaskedNet
+from dst.sparse_backends import default_cpu_backend, numba_available
 from dst.truly_sparse import SparseNet
+
+# The default CPU engine (numba where installed) is the seed's 'Truly Sparse CSR (CPU)' row; where that
+# is not scipy, scipy (the readable reference) gets this row of its own.
+SCIPY_ROW = "Truly Sparse CSR scipy (CPU)"
 
 
 def time_forward(forward: Callable[[], object], runs: int = 10, warmup: int = 3,
@@ -98,9 +103,12 @@ def benchmark_inference(model: MaskedNet, loader: Iterable, device, num_samples:
         ``{row name: {'mean', 'std', 'median', 'min', 'runs'}}`` in milliseconds per
         forward of the whole ``num_samples`` batch, always with the rows
         'Dense, no mask (CPU)' (the same weights without the mask step, i.e. a plain
-        dense net), 'Dense+Mask (CPU)', 'Truly Sparse CSR (CPU)' (scipy, single-threaded) and
-        'Truly Sparse torch.sparse (CPU)'; the dense and torch rows use torch's
-        current thread count (see ``benchmark_environment``). On a machine shared
+        dense net), 'Dense+Mask (CPU)', 'Truly Sparse CSR (CPU)' (the default CPU engine:
+        numba's fused kernels on numba's threads where numba is installed, else scipy),
+        'Truly Sparse CSR scipy (CPU)' (single-threaded scipy, only when numba is the default)
+        and 'Truly Sparse torch.sparse (CPU)'; the dense and torch rows use torch's
+        current thread count (see ``benchmark_environment``). Each sparse model runs once
+        before any timing, so numba's compilation is never timed. On a machine shared
         with other jobs, start Python with OMP_WAIT_POLICY=PASSIVE (or use one torch
         thread): spinning OpenMP threads can stall torch's multi-threaded forwards
         by tens of milliseconds and slow the single-threaded scipy row run after them.
@@ -125,8 +133,10 @@ def inference_forwards(model: MaskedNet, inputs: torch.Tensor, device) -> dict[s
     inputs = inputs.detach().cpu()
     forwards = {"Dense, no mask (CPU)": (lambda: unmasked(inputs), None),
                 "Dense+Mask (CPU)": (lambda: dense(inputs), None),
-                "Truly Sparse CSR (CPU)": _sparse_forward(dense, "scipy", None, inputs),
-                "Truly Sparse torch.sparse (CPU)": _sparse_forward(dense, "torch", None, inputs)}
+                "Truly Sparse CSR (CPU)": _sparse_forward(dense, default_cpu_backend(), None, inputs)}
+    if default_cpu_backend() != "scipy":
+        forwards[SCIPY_ROW] = _sparse_forward(dense, "scipy", None, inputs)
+    forwards["Truly Sparse torch.sparse (CPU)"] = _sparse_forward(dense, "torch", None, inputs)
     if _gpu_rows_reason(device) is None:
         gpu = torch.device(device)
         dense_gpu, inputs_gpu = copy.deepcopy(dense).to(gpu), inputs.to(gpu)
@@ -141,6 +151,7 @@ def _sparse_forward(masked: MaskedNet, backend: str, device, inputs: torch.Tenso
     """(forward, synchronize) of ``masked`` converted to ``backend``, its input already on the backend."""
     sparse = SparseNet.from_masked(masked, backend, device)
     array = sparse.as_input(inputs)
+    sparse(array)  # untimed: numba compiles (or loads from its disk cache) on the first call
     sparse.synchronize()
     return (lambda: sparse(array)), sparse.synchronize
 
@@ -152,6 +163,15 @@ def _gpu_rows_reason(device) -> str | None:
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
     return None
+
+
+def _numba_environment() -> dict:
+    """numba's version and thread count, None where numba is not installed."""
+    if not numba_available():
+        return {"numba": None, "numba_threads": None}
+    import numba
+
+    return {"numba": numba.__version__, "numba_threads": numba.get_num_threads()}
 
 
 def benchmark_environment(device=None) -> dict:
@@ -171,6 +191,8 @@ def benchmark_environment(device=None) -> dict:
         # multi-threaded forwards and steal the core a single-threaded row runs on.
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "scipy_threads": 1,  # scipy.sparse's CSR kernels are single-threaded
+        "cpu_sparse_backend": default_cpu_backend(),  # the engine of the 'Truly Sparse CSR (CPU)' row
+        **_numba_environment(),
         "gpu_rows": reason is None, "gpu_skipped_reason": reason,  # reasons are None where the rows run
         "cupy_row": reason is None and cupy_reason is None, "cupy_skipped_reason": reason or cupy_reason,
         "gpu_name": torch.cuda.get_device_name(torch.device(device)) if reason is None else None,

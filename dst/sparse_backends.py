@@ -7,19 +7,29 @@ path, ``ArrayOps``, written against an array module ``xp`` and its sparse module
 the CPU tests run the code the GPU runs. ``torch`` (torch.sparse_csr, CPU or CUDA) is
 ``TorchOps``, a thin adapter with the same methods. ``get_ops(name, device)`` returns
 one; cupy is imported only when the ``cupy`` backend is asked for.
+
+Each ops object also names the steps that run a conv and a linear on it
+(``conv_step``, ``linear_step``): the im2col steps of ``dst.sparse_layers`` here, the
+fused kernels of ``dst.sparse_numba`` for ``numba`` (numpy arrays, numba-compiled
+loops straight on the CSR weights; numba is imported only when it is asked for).
+``default_cpu_backend()`` is ``numba`` where numba is installed, else ``scipy``.
 """
 
 import contextlib
+import functools
 import warnings
 
 import numpy as np
 import torch
 
 from dst.gpu import require_cupy
+from dst.sparse_layers import SparseConv, SparseLinear
 
 
 class ArrayOps:
     """The array operations the engine needs, for a numpy-like module ``xp`` and its sparse module."""
+
+    conv_step, linear_step = SparseConv, SparseLinear
 
     def __init__(self, name: str, xp, sparse, context=contextlib.nullcontext):
         self.name, self.xp, self.sparse, self.context = name, xp, sparse, context
@@ -68,7 +78,9 @@ class ArrayOps:
         return self.xp.ascontiguousarray(self.xp.moveaxis(x, 0, -1))
 
     def batch_first(self, y):
-        return self.xp.ascontiguousarray(self.xp.moveaxis(y, -1, 0))
+        # Always a copy: ``y`` may be a step's kept buffer, which the next call overwrites, and at
+        # batch 1 the transpose alone is already contiguous, i.e. a view of it.
+        return self.xp.moveaxis(y, -1, 0).copy()
 
     def to_numpy(self, array) -> np.ndarray:
         return array if self.xp is np else self.xp.asnumpy(array)
@@ -83,6 +95,7 @@ class TorchOps:
 
     name = "torch"
     context = contextlib.nullcontext
+    conv_step, linear_step = SparseConv, SparseLinear
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -126,7 +139,7 @@ class TorchOps:
         return x.movedim(0, -1).contiguous()
 
     def batch_first(self, y):
-        return y.movedim(-1, 0).contiguous()
+        return y.movedim(-1, 0).clone(memory_format=torch.contiguous_format)  # a copy: see ArrayOps
 
     def to_numpy(self, array) -> np.ndarray:
         return array.cpu().numpy()
@@ -161,7 +174,33 @@ def _torch_ops(device=None) -> TorchOps:
     return TorchOps(device)
 
 
-BACKENDS = {"scipy": _scipy_ops, "cupy": _cupy_ops, "torch": _torch_ops}
+def _numba_ops(device=None):
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"the numba backend runs on the CPU; got device={device!r} (use 'cupy' for a GPU)")
+    if not numba_available():
+        raise ImportError("backend='numba' needs the numba package (pip install numba); "
+                          "backend='scipy' computes the same without it, slower")
+    from dst.sparse_numba import NumbaOps
+
+    return NumbaOps()
+
+
+BACKENDS = {"scipy": _scipy_ops, "numba": _numba_ops, "cupy": _cupy_ops, "torch": _torch_ops}
+
+
+@functools.cache
+def numba_available() -> bool:
+    """Whether numba imports (the ``numba`` backend's only extra requirement)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:  # not installed, or built for another numpy
+        return False
+    return True
+
+
+def default_cpu_backend() -> str:
+    """The fastest CPU backend installed: ``numba`` where numba is importable, else ``scipy`` (the reference)."""
+    return "numba" if numba_available() else "scipy"
 
 
 def get_ops(backend: str, device=None):

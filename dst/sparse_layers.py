@@ -89,16 +89,10 @@ class SparseConv:
             bias[self.active_rows].reshape(-1, 1, 1, 1))
 
     def prepare(self, shape):
-        if len(shape) != 4 or shape[0] != self.in_channels:
-            raise ValueError(f"layer {self.name!r} expects images with {self.in_channels} channels, "
-                             f"got activations of shape {_torch_order(shape)}")
-        channels, height, width, batch = shape
-        (kh, kw), (pad_h, pad_w), (pool_h, pool_w) = self.kernel_size, self.padding, self.pool_kernel
-        out_height, out_width = height + 2 * pad_h - kh + 1, width + 2 * pad_w - kw + 1
-        if out_height < pool_h or out_width < pool_w:
-            raise ValueError(f"layer {self.name!r}: input {height}x{width} is too small for its kernel "
-                             f"{self.kernel_size} and the pool {self.pool_kernel} after it")
-        out_shape = (self.out_channels, out_height // pool_h, out_width // pool_w, batch)
+        out_shape = conv_output_shape(self.name, self.in_channels, self.out_channels, self.kernel_size,
+                                      self.padding, self.pool_kernel, shape)
+        channels, height, width, _ = shape
+        (pad_h, pad_w), (pool_h, pool_w) = self.padding, self.pool_kernel
         # Zero padding is never materialised: each slab copies only the part that lies inside the
         # input, and the rest of the buffer stays zero (as do rows no weight reads).
         slabs = self.ops.zeros((self.grid[0] * self.grid[1] * channels, *out_shape[1:]))
@@ -255,6 +249,22 @@ class Flatten:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def conv_output_shape(name: str, in_channels: int, out_channels: int, kernel_size, padding, pool_kernel,
+                      shape: tuple) -> tuple:
+    """The batch-last ``(out_channels, Ho, Wo, N)`` of a stride-1 conv and the pool after it on ``shape``
+    ``(C, H, W, N)``; a clear error naming layer ``name`` when the input does not fit it."""
+    if len(shape) != 4 or shape[0] != in_channels:
+        raise ValueError(f"layer {name!r} expects images with {in_channels} channels, "
+                         f"got activations of shape {_torch_order(shape)}")
+    _, height, width, batch = shape
+    (kh, kw), (pad_h, pad_w), (pool_h, pool_w) = kernel_size, padding, pool_kernel
+    out_height, out_width = height + 2 * pad_h - kh + 1, width + 2 * pad_w - kw + 1
+    if out_height < pool_h or out_width < pool_w:
+        raise ValueError(f"layer {name!r}: input {height}x{width} is too small for its kernel "
+                         f"{tuple(kernel_size)} and the pool {tuple(pool_kernel)} after it")
+    return out_channels, out_height // pool_h, out_width // pool_w, batch
+
 
 def _reindex_columns(host: dict, position: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR arrays with column k renamed ``position[k]``, indices sorted again within each row."""

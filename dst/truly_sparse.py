@@ -8,11 +8,13 @@ of any weight is kept.
 
 ``SparseNet`` compiles the layer chain into steps (``dst.sparse_layers``) that keep
 activations batch-last and fold a max-pool right after a conv, and the ReLUs after a
-conv or linear, into that layer. It runs on one of three backends
+conv or linear, into that layer. It runs on one of four backends
 (``dst.sparse_backends``): ``scipy`` (numpy + scipy.sparse, CPU) and ``cupy`` (cupy +
 cupyx.scipy.sparse, GPU) are the same code written against an array module, so the
 CPU tests run the code the GPU runs; ``torch`` (torch.sparse_csr, CPU or CUDA) is a
-thin adapter with the same methods. The engine keeps per-input-shape work buffers, so
+thin adapter with the same methods; ``numba`` (CPU, the fastest there) swaps in its own
+conv and linear steps (``dst.sparse_numba``): compiled loops straight on the CSR
+weights, with 16-bit column indices. The engine keeps per-input-shape work buffers, so
 a ``SparseNet`` must not be called from two threads at once.
 """
 
@@ -53,7 +55,7 @@ class SparseNet:
 
     @classmethod
     def from_masked(cls, masked_net: MaskedNet, backend: str = "scipy", device=None) -> "SparseNet":
-        """Convert ``masked_net`` (left unchanged) to CSR on ``backend`` ("scipy", "cupy" or "torch")."""
+        """Convert ``masked_net`` (left unchanged) to CSR on ``backend`` ("scipy", "numba", "cupy" or "torch")."""
         architecture, weights = describe(masked_net)
         return cls(architecture, weights, backend, device)
 
@@ -72,11 +74,12 @@ class SparseNet:
         for group in groups:
             kind, name = group["type"], group.get("name", "")
             if kind == "conv":
-                step = SparseConv(self.ops, name, weights[name], group["in_channels"], group["kernel_size"],
-                                  group["padding"], group.get("pool_kernel", (1, 1)), group.get("relu", False))
+                step = self.ops.conv_step(self.ops, name, weights[name], group["in_channels"],
+                                          group["kernel_size"], group["padding"], group.get("pool_kernel", (1, 1)),
+                                          group.get("relu", False))
                 self.layers[name] = step
             elif kind == "linear":
-                step = self.layers[name] = SparseLinear(self.ops, name, weights[name], group.get("relu", False))
+                step = self.layers[name] = self.ops.linear_step(self.ops, name, weights[name], group.get("relu", False))
             elif kind == "relu":
                 step = ReLU(self.ops)
             elif kind == "maxpool":
@@ -263,12 +266,14 @@ def memory_report(masked_net: MaskedNet, sparse_model: SparseNet) -> dict:
     """Bytes of the masked dense model against the truly sparse one, in total and per layer.
 
     Dense counts what the masked model holds: weights, the bool mask (1 byte per
-    weight) and biases. Sparse counts what the engine holds: CSR values, column
-    indices and row pointers (int32, as the sparse kernels need), biases, and the
-    small index tables of the convs (gathered channels, active output channels).
-    Activations and work buffers are left out of both. ``ratio`` is dense / sparse. Returns
-    ``{'dense_bytes', 'sparse_bytes', 'ratio', 'layers': {name: {'shape': [out, in],
-    'nnz', 'dense_bytes', 'sparse_bytes'}}}``.
+    weight) and biases. Sparse counts what ``sparse_model``'s backend really holds:
+    CSR values, column indices and row pointers in that backend's types (int32 for
+    scipy, cupy and torch, whose kernels need it; 16-bit column indices for numba where
+    a layer has at most 65,536 columns), biases, and the small index tables of the im2col
+    convs (gathered channels, active output channels). Activations and work buffers are
+    left out of both. ``ratio`` is dense / sparse. Returns ``{'backend', 'dense_bytes',
+    'sparse_bytes', 'ratio', 'layers': {name: {'shape': [out, in], 'nnz', 'dense_bytes',
+    'sparse_bytes'}}}``.
     """
     _check_converted_from(masked_net, sparse_model)
     layers = {}
@@ -279,7 +284,7 @@ def memory_report(masked_net: MaskedNet, sparse_model: SparseNet) -> dict:
                         "sparse_bytes": sparse_model.layer_bytes(name)}
     dense_bytes = sum(layer["dense_bytes"] for layer in layers.values())
     sparse_bytes = sum(layer["sparse_bytes"] for layer in layers.values())
-    return {"dense_bytes": dense_bytes, "sparse_bytes": sparse_bytes,
+    return {"backend": sparse_model.backend, "dense_bytes": dense_bytes, "sparse_bytes": sparse_bytes,
             "ratio": dense_bytes / sparse_bytes, "layers": layers}
 
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from dst import benchmark
 from dst.benchmark import (
+    SCIPY_ROW,
     benchmark_environment,
     benchmark_inference,
     first_samples,
@@ -13,8 +15,11 @@ from dst.benchmark import (
     time_interleaved,
 )
 from dst.masked import MaskedNet
+from dst.sparse_backends import numba_available
 
-CPU_ROWS = {"Dense, no mask (CPU)", "Dense+Mask (CPU)", "Truly Sparse CSR (CPU)", "Truly Sparse torch.sparse (CPU)"}
+SEED_ROWS = {"Dense, no mask (CPU)", "Dense+Mask (CPU)", "Truly Sparse CSR (CPU)", "Truly Sparse torch.sparse (CPU)"}
+# With numba, 'Truly Sparse CSR (CPU)' is numba's engine and scipy's reference gets a row of its own.
+CPU_ROWS = SEED_ROWS | ({SCIPY_ROW} if numba_available() else set())
 TIMING_FIELDS = {"mean", "std", "median", "min", "runs"}
 
 
@@ -39,6 +44,26 @@ def test_cpu_rows_with_sane_timings(capsys, tiny_loader):
         assert 0 < timing["min"] <= timing["median"]
         assert timing["min"] <= timing["mean"] and timing["std"] >= 0
     assert capsys.readouterr().out == ""
+
+
+def test_without_numba_the_csr_row_is_scipy_and_no_row_is_added(monkeypatch):
+    monkeypatch.setattr(benchmark, "default_cpu_backend", lambda: "scipy")
+    timings = benchmark_inference(tiny_model(), list_loader(), "cpu", num_samples=4, runs=1, warmup=0)
+    assert set(timings) == SEED_ROWS
+    assert benchmark_environment("cpu")["cpu_sparse_backend"] == "scipy"
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+def test_numba_is_the_default_cpu_engine_and_runs_once_before_timing(monkeypatch):
+    calls = []
+    original = benchmark.SparseNet.__call__
+    monkeypatch.setattr(benchmark.SparseNet, "__call__",
+                        lambda self, x: calls.append(self.backend) or original(self, x))
+    environment = benchmark_environment("cpu")
+    assert environment["cpu_sparse_backend"] == "numba" and environment["numba_threads"] >= 1
+    benchmark_inference(tiny_model(), list_loader(), "cpu", num_samples=4, runs=1, warmup=0)
+    # one untimed call each when built (numba compiles there), then the single timed round
+    assert calls == ["numba", "scipy", "torch"] * 2
 
 
 def test_model_device_mode_and_weights_are_untouched():
