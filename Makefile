@@ -33,6 +33,7 @@ tutorial: install data
 	@echo "Executed notebook: $(EXECUTED); plots in plots/, results in results/"
 
 benchmarks: install
+	$(BIN)/python -m benchmarks.training_step
 	$(BIN)/python -m benchmarks.sparse_inference
 	$(BIN)/python -m benchmarks.sparse_training
 

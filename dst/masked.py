@@ -1,12 +1,13 @@
-"""Simulated sparsity: weight layers whose weights are multiplied by a mask.
+"""Simulated sparsity: weight layers with a boolean mask over their dense weights.
 
 This is how nearly every DST paper is implemented: the weights stay a dense
-tensor, a boolean mask says which of them exist, and the forward pass uses
-``weight * mask``. The mask makes the gradient of every inactive weight exactly
-zero, and the stored weight is kept exactly zero wherever the mask is off, so
-the network really is the sparse network it claims to be. It saves nothing:
-the dense weight, the mask and a dense product are all still there, plus the
-masking itself on every forward and backward pass.
+tensor, a boolean mask says which of them exist, the gradient of every inactive
+weight is made exactly zero, and the stored weight is kept exactly zero wherever
+the mask is off, so the network really is the sparse network it claims to be.
+It saves nothing: the dense weight, the mask and dense products are all still
+there, plus the masking itself on every training step. ``MASKING`` names the two
+ways to apply the mask (``weight * mask`` in every forward, or on the gradient
+only); both compute the same network.
 
 ``MaskedNet`` masks every trainable Conv1d/2d/3d and Linear, subclasses included
 when they keep the base class's forward. A masked layer takes over the original
@@ -19,7 +20,7 @@ dense: ``MaskedNet`` warns with the list (``skipped_weights()``), and its
 sparsity figures cover the masked layers only.
 
 Why subclasses and not ``torch.nn.utils.parametrize``: a training step costs the
-same with either (``python -m benchmarks.masking_cost``), while a parametrization
+same with either (``python -m benchmarks.training_step``), while a parametrization
 renames every weight in the ``state_dict`` (``parametrizations.weight.original``),
 cannot be pickled as a whole model, and makes ``layer.weight`` a computed tensor
 instead of the Parameter that optimizers and DST index their state by.
@@ -59,11 +60,13 @@ class MaskedLayer(nn.Module):
     # While False the forward uses the raw weight: identical outputs (inactive weights
     # are zero) but gradients for every position, which RigL's regrowth needs.
     apply_mask: bool = True
-    # True when something besides this layer's forward reads the weight (an embedding tied
-    # to it, MultiheadAttention reading out_proj.weight): a hook then masks the weight's
-    # gradient too. Off otherwise: a pass over the gradient on every backward made a SimpleNet
-    # training step 8% slower (benchmarks/masking_cost.py).
+    # Whether a hook masks the weight's gradient: always in MaskedNet's "gradient" masking, and in
+    # "forward" masking when something besides this layer's forward reads the weight (an embedding
+    # tied to it, MultiheadAttention reading out_proj.weight).
     mask_gradient: bool = False
+    # Whether the forward computes with torch.where(mask, weight, 0) ("forward" masking) or with the
+    # weight as stored ("gradient" masking), whose inactive entries every code path holds at zero.
+    mask_in_forward: bool = True
 
     def take_over(self, layer: nn.Module, mask: torch.Tensor, mask_gradient: bool = False) -> "MaskedLayer":
         """Hold ``layer``'s own weight and bias objects (ties and ``requires_grad`` kept), then mask them."""
@@ -98,7 +101,7 @@ class MaskedLayer(nn.Module):
     def masked_weight(self) -> torch.Tensor:
         # where() reads the bool mask directly; weight * mask would first convert it to float,
         # costing an extra pass over every weight in the forward and again in the backward.
-        return torch.where(self.mask, self.weight, 0.0) if self.apply_mask else self.weight
+        return torch.where(self.mask, self.weight, 0.0) if self.apply_mask and self.mask_in_forward else self.weight
 
     @property
     def active_count(self) -> int:
@@ -167,6 +170,19 @@ def masked_type(module: nn.Module) -> type | None:
     return None
 
 
+# How a MaskedNet keeps inactive weights out of the function and out of training.
+MASKING = {
+    # The forward uses the stored weights, whose inactive entries are exactly zero (set when masked, after
+    # every DST step and every load_state_dict; an optimizer cannot move them since their gradient and
+    # optimizer state are zero); a hook zeroes the gradient at inactive positions. The same outputs and
+    # updates as "forward", about 10% faster per training step on a CPU (benchmarks/training_step.py).
+    "gradient": "mask the gradient, compute with the stored (zero-filled) weights",
+    # torch.where(mask, weight, 0) in every forward: the function stays masked even if something writes
+    # values into inactive positions behind the library's back. The classic simulated-sparsity layer.
+    "forward": "multiply the mask into the weight in every forward",
+}
+
+
 def random_mask(shape: torch.Size, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A boolean mask with exactly ``active_count(numel, density)`` True entries at random places."""
     numel = math.prod(shape)
@@ -188,15 +204,18 @@ class MaskedNet(nn.Module):
             ~4.5x too small (the init was scaled for the dense fan-in), and deep
             sparse nets then train slowly; this is the sparse fan-in init.
         generator: random source for the masks (default: torch's global one).
+        masking: "gradient" (default) or "forward", see ``MASKING``; both compute the same network.
 
     Layers that are frozen (``requires_grad=False`` weight) stay dense and out of
     DST; any other weight left unmasked is listed in a warning and by ``skipped_weights()``.
     """
 
     def __init__(self, base_net: nn.Module, sparsity: float = 0.95, allocation: str = "uniform",
-                 scale_init: bool = True, generator: torch.Generator | None = None):
+                 scale_init: bool = True, generator: torch.Generator | None = None, masking: str = "gradient"):
         super().__init__()
         check_sparsity(sparsity)
+        if masking not in MASKING:
+            raise ValueError(f"unknown masking {masking!r}; choose one of {list(MASKING)}")
         if not isinstance(base_net, nn.Module):
             raise TypeError(f"base_net must be a torch.nn.Module, got {type(base_net).__name__}")
         net = copy.deepcopy(base_net)
@@ -220,8 +239,10 @@ class MaskedNet(nn.Module):
             if scale_init:
                 with torch.no_grad():
                     module.weight.mul_(1.0 / math.sqrt(densities[name]))
-            replacements[id(module)] = masked_type(module).from_dense(
-                module, mask, mask_gradient=id(module.weight) in read_elsewhere)
+            layer = masked_type(module).from_dense(
+                module, mask, mask_gradient=masking == "gradient" or id(module.weight) in read_elsewhere)
+            layer.mask_in_forward = masking == "forward"
+            replacements[id(module)] = layer
         self.net = _replace_modules(net, replacements)
         # On the wrapped net, so that loading it directly (a dense checkpoint of the base model) runs it too.
         self.net.register_load_state_dict_post_hook(_after_load)
@@ -273,7 +294,7 @@ class MaskedNet(nn.Module):
 
     @contextlib.contextmanager
     def masks_bypassed(self):
-        """Within this block the forward skips the mask multiply (same outputs, dense gradients)."""
+        """Within this block neither the forward nor the gradient is masked (same outputs, dense gradients)."""
         layers = list(self.masked_layers().values())
         for layer in layers:
             layer.apply_mask = False

@@ -12,19 +12,24 @@ from torch import nn
 class SimpleNet(nn.Sequential):
     """The seed's CNN for 28x28 grey images: two conv blocks, then four linears.
 
-    conv 1->16 and 16->32 (3x3, padding 1), each followed by ReLU and 2x2
-    max-pool, then linear 1568->128->1000->1000->num_classes with ReLU between.
-    With ``num_classes=10`` it has 1,345,642 parameters.
+    conv 1->16 and 16->32 (3x3, padding 1), each followed by 2x2 max-pool and ReLU,
+    then linear 1568->128->1000->1000->num_classes with ReLU between. With
+    ``num_classes=10`` it has 1,345,642 parameters.
+
+    The seed applies ReLU before the pool; pooling first computes exactly the same
+    function (both are monotone, so max(relu(a), relu(b)) = relu(max(a, b))) with the
+    ReLU on 4x fewer values, which made a CPU training step about 8% faster
+    (benchmarks/training_step.py).
     """
 
     def __init__(self, num_classes: int = 10):
         super().__init__(OrderedDict([
             ("conv1", nn.Conv2d(1, 16, kernel_size=3, padding=1)),
-            ("relu1", nn.ReLU()),
             ("pool1", nn.MaxPool2d(2)),
+            ("relu1", nn.ReLU()),
             ("conv2", nn.Conv2d(16, 32, kernel_size=3, padding=1)),
-            ("relu2", nn.ReLU()),
             ("pool2", nn.MaxPool2d(2)),
+            ("relu2", nn.ReLU()),
             ("flatten", nn.Flatten()),
             ("fc1", nn.Linear(32 * 7 * 7, 128)),
             ("relu3", nn.ReLU()),

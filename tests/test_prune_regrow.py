@@ -77,10 +77,10 @@ def test_pruned_weights_are_the_smallest_active_magnitudes():
         assert magnitude[pruned].max() <= magnitude[survivors].min()
 
 
-def run_training(optimizer_factory, steps=40, unit_every=7, regrow="random", seed=0):
+def run_training(optimizer_factory, steps=40, unit_every=7, regrow="random", seed=0, masking="gradient"):
     """Train a small masked MLP with step-based DST, checking invariants after every step."""
     torch.manual_seed(seed)
-    net = MaskedNet(MLP(30, (40, 40), num_classes=4), sparsity=0.8, allocation="erk")
+    net = MaskedNet(MLP(30, (40, 40), num_classes=4), sparsity=0.8, allocation="erk", masking=masking)
     optimizer = optimizer_factory(net.parameters())
     scheduler = DSTScheduler(net, DSTConfig(prune_ratio=0.3, regrow=regrow, every=unit_every, unit="step"))
     generator = torch.Generator().manual_seed(seed)
@@ -113,10 +113,11 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("masking", ["gradient", "forward"])
 @pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("regrow", ["random", "gradient"])
-def test_inactive_weights_and_optimizer_state_stay_exactly_zero(optimizer_name, regrow):
-    _, scheduler, _ = run_training(OPTIMIZERS[optimizer_name], regrow=regrow)
+def test_inactive_weights_and_optimizer_state_stay_exactly_zero(optimizer_name, regrow, masking):
+    _, scheduler, _ = run_training(OPTIMIZERS[optimizer_name], regrow=regrow, masking=masking)
     assert len(scheduler.history) == 40 // 7
     assert all(sum(u.pruned for u in event.layers.values()) > 0 for event in scheduler.history)
 

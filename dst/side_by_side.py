@@ -1,0 +1,113 @@
+"""Training several networks at once, one CPU core each: how the tutorial trains its dense and masked nets.
+
+A small CNN's training step does not keep two CPU cores busy: PyTorch splits each
+operation over its threads, and many of SimpleNet's operations are too small to split
+well (a batch of 64, one input channel). Two nets trained at the same time, each in
+its own Python thread with one intra-op thread (PyTorch releases Python's lock while
+it computes), keep both cores busy; on this project's 2-core machine that trained an
+epoch of both nets about 1.5x faster than one after the other on two threads each
+(benchmarks/training_step.py). Each net's arithmetic is the same as when it trains
+alone on one thread, so results do not depend on the timing of the threads.
+
+Each run needs its own loader: loaders made with the same seed (``dst.data.load_mnist``)
+give the same batches in the same order, so both nets still see the same data.
+"""
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dst.training import evaluate, train_epoch
+
+
+@dataclass
+class Run:
+    """One network trained side by side with others: its model, optimizer and own training loader."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: object
+
+
+def train_side_by_side(runs: Sequence[Run], test_loader, criterion, device: torch.device | str,
+                       progress: bool = True) -> list[dict[str, float]]:
+    """One epoch of training then a test pass for every run; returns ``train_and_evaluate``'s dict per run.
+
+    On a CPU with at least one PyTorch thread per run, the runs train (and are
+    evaluated) concurrently, one thread each; elsewhere (a GPU, or fewer threads) one
+    after the other. ``train_seconds`` is each run's own training time, and
+    ``wall_seconds`` (the same in every dict) the time of the whole call, test passes
+    included. One progress bar counts the batches of all runs.
+    """
+    if len({id(run.train_loader) for run in runs}) != len(runs):
+        raise ValueError("each run needs its own train_loader: a shared loader's shuffling would depend on "
+                         "which thread asks first (make one per run with the same seed for the same batches)")
+    concurrent = torch.device(device).type == "cpu" and len(runs) > 1 and torch.get_num_threads() >= len(runs)
+    total = sum(len(run.train_loader) for run in runs)
+    done = [0] * len(runs)
+    results: list[dict | None] = [None] * len(runs)
+    errors: list[BaseException] = []
+
+    def work(index: int, run: Run) -> None:
+        try:
+            if concurrent:
+                torch.set_num_threads(1)  # OpenMP's thread count is per calling thread: set it in this one too
+            start = time.perf_counter()
+            train_loss, train_acc = train_epoch(run.model, _Counting(run.train_loader, done, index), criterion,
+                                                run.optimizer, device, progress=False)
+            seconds = time.perf_counter() - start
+            test_acc, test_loss = evaluate(run.model, test_loader, device, criterion)
+            results[index] = {"train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+                              "test_acc": test_acc, "train_seconds": seconds}
+        except Exception as error:  # re-raised in the caller's thread below
+            errors.append(error)
+
+    started = time.perf_counter()
+    with tqdm(total=total, desc="train", leave=False, disable=not progress, mininterval=1.0) as bar:
+        if not concurrent:
+            for index, run in enumerate(runs):
+                work(index, run)
+                bar.update(sum(done) - bar.n)
+                if errors:
+                    raise errors[0]
+            return _with_wall_time(results, started)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            workers = [threading.Thread(target=work, args=(index, run), daemon=True) for index, run in enumerate(runs)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                while worker.is_alive():
+                    worker.join(timeout=0.5)
+                    bar.update(sum(done) - bar.n)
+        finally:
+            torch.set_num_threads(threads)
+    if errors:
+        raise errors[0]
+    return _with_wall_time(results, started)
+
+
+def _with_wall_time(results: list[dict], started: float) -> list[dict]:
+    seconds = time.perf_counter() - started
+    return [{**result, "wall_seconds": seconds} for result in results]
+
+
+class _Counting:
+    """``loader`` whose batches are counted into ``counts[index]`` as they are handed out."""
+
+    def __init__(self, loader, counts: list[int], index: int):
+        self.loader, self.counts, self.index = loader, counts, index
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.counts[self.index] += 1
+            yield batch

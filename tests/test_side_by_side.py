@@ -1,0 +1,131 @@
+"""The fast CPU training path computes exactly what the plain one does: layouts, masking modes, two nets at once."""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dst.data import TensorLoader, channels_last
+from dst.masked import MaskedNet
+from dst.models import SimpleNet
+from dst.side_by_side import Run, train_side_by_side
+from dst.training import train_and_evaluate
+
+SEED_ORDER = ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "flatten", "fc1", "relu3", "fc2", "relu4",
+              "fc3", "relu5", "fc4"]
+
+
+def images(count=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, 1, 28, 28, generator=generator), torch.randint(0, 10, (count,), generator=generator)
+
+
+def test_pooling_before_relu_is_the_seed_function_bitwise():
+    net = SimpleNet()
+    seed = nn.Sequential(OrderedDict((name, net.get_submodule(name)) for name in SEED_ORDER))
+    x, _ = images()
+    assert torch.equal(net(x), seed(x))
+
+
+def test_channels_last_batches_hold_the_same_values_and_make_the_convs_channels_last():
+    x, _ = images(4)
+    converted = channels_last(x)
+    assert torch.equal(converted, x)
+    assert converted.stride() == (784, 1, 28, 1)
+    assert SimpleNet().conv1(converted).is_contiguous(memory_format=torch.channels_last)
+    loader = TensorLoader(*images(10), batch_size=4, shuffle=True, seed=3, channels_last=True)
+    plain = TensorLoader(*images(10), batch_size=4, shuffle=True, seed=3)
+    for (a, y_a), (b, y_b) in zip(loader, plain, strict=True):
+        assert torch.equal(a, b) and torch.equal(y_a, y_b) and a.stride()[1] == 1
+
+
+def test_a_clone_yields_the_batches_of_a_fresh_loader_and_shuffles_on_its_own():
+    loader = TensorLoader(*images(20), batch_size=6, shuffle=True, seed=5)
+    twin = loader.clone()
+    first = [y for _, y in loader]
+    assert [y.tolist() for _, y in twin] == [y.tolist() for y in first]
+    assert [y.tolist() for _, y in twin] == [y.tolist() for _, y in loader]  # both on their second epoch
+    assert twin.images is loader.images  # no copy of the data
+
+
+def train_steps(net, steps=4, seed=0):
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x, y = images(16, seed)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(net(channels_last(x)), y).backward()
+        optimizer.step()
+    return optimizer
+
+
+def test_gradient_masking_trains_exactly_like_masking_in_the_forward():
+    torch.manual_seed(0)
+    base = SimpleNet()
+    nets = {masking: MaskedNet(base, 0.9, "erk", generator=torch.Generator().manual_seed(1), masking=masking)
+            for masking in ("gradient", "forward")}
+    optimizers = {masking: train_steps(net) for masking, net in nets.items()}
+    for name, layer in nets["gradient"].masked_layers().items():
+        other = nets["forward"].masked_layers()[name]
+        assert torch.equal(layer.weight, other.weight)
+        assert not layer.weight[~layer.mask].any()
+        for key, value in optimizers["gradient"].state[layer.weight].items():
+            assert torch.equal(value, optimizers["forward"].state[other.weight][key])
+
+
+def test_unknown_masking_lists_the_choices():
+    with pytest.raises(ValueError, match=r"unknown masking 'weights'.*\['gradient', 'forward'\]"):
+        MaskedNet(SimpleNet(), 0.9, masking="weights")
+
+
+def runs_and_loaders(seed=0):
+    torch.manual_seed(seed)
+    dense = SimpleNet()
+    masked = MaskedNet(dense, 0.9, "erk", generator=torch.Generator().manual_seed(seed))
+    loader = TensorLoader(*images(48, seed), batch_size=16, shuffle=True, seed=seed, channels_last=True)
+    test = TensorLoader(*images(20, seed + 1), batch_size=10, channels_last=True)
+    return [Run(net, torch.optim.Adam(net.parameters(), lr=1e-3), loader.clone()) for net in (dense, masked)], test
+
+
+def test_side_by_side_equals_each_net_trained_alone_on_one_thread():
+    runs, test = runs_and_loaders()
+    alone = [copy.deepcopy(run) for run in runs]
+    results = [train_side_by_side(runs, test, F.cross_entropy, "cpu", progress=False) for _ in range(2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = [[train_and_evaluate(run.model, run.train_loader, test, F.cross_entropy, run.optimizer, "cpu",
+                                        progress=False) for run in alone] for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # restored
+    for got_epoch, expected_epoch in zip(results, expected, strict=True):
+        for got, want in zip(got_epoch, expected_epoch, strict=True):
+            assert {key: got[key] for key in ("train_loss", "train_acc", "test_loss", "test_acc")} == \
+                   {key: want[key] for key in ("train_loss", "train_acc", "test_loss", "test_acc")}
+            assert got["wall_seconds"] >= got["train_seconds"] > 0
+    for run, reference in zip(runs, alone, strict=True):
+        for (name, value), (_, other) in zip(run.model.state_dict().items(), reference.model.state_dict().items()):
+            assert torch.equal(value, other), name
+
+
+def test_one_thread_runs_them_one_after_the_other_with_the_same_results(monkeypatch):
+    runs, test = runs_and_loaders(seed=2)
+    reference, _ = runs_and_loaders(seed=2)
+    expected = train_side_by_side(reference, test, F.cross_entropy, "cpu", progress=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    got = train_side_by_side(runs, test, F.cross_entropy, "cpu", progress=False)
+    assert [r["train_loss"] for r in got] == [r["train_loss"] for r in expected]
+
+
+def test_a_shared_loader_is_refused_and_errors_in_a_thread_reach_the_caller():
+    runs, test = runs_and_loaders()
+    with pytest.raises(ValueError, match="its own train_loader"):
+        train_side_by_side([runs[0], Run(runs[1].model, runs[1].optimizer, runs[0].train_loader)], test,
+                           F.cross_entropy, "cpu")
+    bad = TensorLoader(torch.randn(8, 1, 28, 28), torch.full((8,), 12), batch_size=4)  # label 12 of 10 classes
+    with pytest.raises((IndexError, ValueError, RuntimeError)):
+        train_side_by_side([runs[0], Run(runs[1].model, runs[1].optimizer, bad)], test, F.cross_entropy, "cpu",
+                           progress=False)
