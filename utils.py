@@ -27,17 +27,18 @@ from dst.results import (
 )
 from dst.schedule import DSTConfig, DSTScheduler
 from dst.side_by_side import Run, train_side_by_side
+from dst.sparse_backends import default_cpu_backend
 from dst.sparse_training import train_masked_mlp, train_sparse_mlp
 from dst.topology import mask_changes
 from dst.training import evaluate, seed_everything, train_and_evaluate, train_epoch
 from dst.truly_sparse import SparseNet, memory_report
 
 __all__ = [
-    "ALLOCATIONS", "CUPY_GPU_AVAILABLE", "DSTConfig", "DSTScheduler", "MLP", "MaskedNet", "REGROW", "Run", "SimpleNet",
-    "SparseNet", "apply_dst_step", "benchmark_environment", "benchmark_inference", "describe_memory",
-    "describe_speedup", "ensure_mnist", "evaluate", "format_table", "layer_densities", "load_mnist",
-    "load_mnist_tensors", "load_runs", "mask_changes", "memory_report", "plot_benchmark",
-    "plot_dense_vs_masked_comparison", "plot_mask_2d_evolution", "plot_mask_evolution_per_epoch",
+    "ALLOCATIONS", "CUPY_GPU_AVAILABLE", "DSTConfig", "DSTScheduler", "MLP", "MaskedNet", "REGROW", "Run",
+    "SimpleNet", "SparseNet", "apply_dst_step", "benchmark_environment", "benchmark_inference",
+    "default_cpu_backend", "describe_memory", "describe_speedup", "ensure_mnist", "evaluate", "format_table",
+    "layer_densities", "load_mnist", "load_mnist_tensors", "load_runs", "mask_changes", "memory_report",
+    "plot_benchmark", "plot_dense_vs_masked_comparison", "plot_mask_2d_evolution", "plot_mask_evolution_per_epoch",
     "plot_runs_comparison", "run_label", "run_path", "runs_table", "save_run", "seed_everything", "speed_sentence",
     "train_and_evaluate", "train_epoch", "train_masked_mlp", "train_side_by_side", "train_sparse_mlp",
 ]
