@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dst.masked import MaskedLayer, MaskedNet
+from dst.masked import MaskedNet
+from dst.masked_layers import MaskedLayer
 from dst.prune_regrow import Batch, LayerUpdate, apply_dst_step, dense_gradients
 
 # Position hashes are ((index + 1) * multiplier) mod a prime: for layers below 2**31 weights

@@ -32,7 +32,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils.weak import WeakIdKeyDictionary
 
 # Weight Parameter -> weakref to the masked layer that masks it. Filled by the layers
-# (dst.masked) when they are built, copied or loaded; weak on both sides so neither
+# (dst.masked_layers) when they are built, copied or loaded; weak on both sides so neither
 # a weight nor a layer is kept alive by this index.
 _MASKED_WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # Every optimizer that has stepped a weight (the seed notebook calls apply_dst_step without one).
@@ -45,7 +45,7 @@ LBFGS_REFUSED = ("torch.optim.LBFGS cannot train masked weights: it keeps a flat
 
 
 def register_masked_weight(weight: torch.Tensor, layer) -> None:
-    """Record that ``layer`` (a dst.masked.MaskedLayer) masks ``weight``."""
+    """Record that ``layer`` (a dst.masked_layers.MaskedLayer) masks ``weight``."""
     _MASKED_WEIGHTS[weight] = weakref.ref(layer)
 
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dst.masked import MaskedLayer, MaskedNet
+from dst.masked import MaskedNet
+from dst.masked_layers import MaskedLayer
 from dst.optimizer_state import check_optimizer, optimizers_of, reset_optimizer_state
 
 Batch = tuple[torch.Tensor, torch.Tensor]

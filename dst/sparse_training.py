@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from dst.allocation import check_sparsity, layer_densities
 from dst.data import TensorLoader
-from dst.masked import MaskedLinear, MaskedNet
+from dst.masked import MaskedNet
+from dst.masked_layers import MaskedLinear
 from dst.models import MLP
 from dst.prune_regrow import LayerUpdate, apply_dst_step, check_prune_ratio
 from dst.schedule import DSTConfig, DSTScheduler

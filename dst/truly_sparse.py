@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dst.masked import MaskedConv2d, MaskedLayer, MaskedLinear, MaskedNet
+from dst.masked import MaskedNet
+from dst.masked_layers import MaskedConv2d, MaskedLayer, MaskedLinear
 from dst.sparse_backends import get_ops
 from dst.sparse_file import check_model, read_npz, write_npz
 from dst.sparse_layers import Flatten, MaxPool, ReLU, SparseConv, SparseLinear
