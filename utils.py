@@ -2,6 +2,8 @@
 
 from dst.allocation import ALLOCATIONS, layer_densities
 from dst.benchmark import benchmark_environment, benchmark_inference
+from dst.csr.mlp import train_masked_mlp, train_sparse_mlp
+from dst.csr.model import SparseNet, memory_report
 from dst.data import ensure_mnist, load_mnist, load_mnist_tensors
 from dst.gpu import CUPY_GPU_AVAILABLE
 from dst.masked import MaskedNet
@@ -26,10 +28,8 @@ from dst.results import (
     speed_sentence,
 )
 from dst.schedule import DSTConfig, DSTScheduler
-from dst.sparse_training import train_masked_mlp, train_sparse_mlp
 from dst.topology import mask_changes
 from dst.training import evaluate, seed_everything, train_and_evaluate, train_epoch
-from dst.truly_sparse import SparseNet, memory_report
 
 __all__ = [
     "ALLOCATIONS", "CUPY_GPU_AVAILABLE", "DSTConfig", "DSTScheduler", "MLP", "MaskedNet", "REGROW", "SimpleNet",

@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 
 from dst.benchmark import SCIPY_ROW, benchmark_environment, inference_forwards, time_interleaved
+from dst.csr.backends import default_cpu_backend, numba_available
+from dst.csr.model import SparseNet, memory_report
 from dst.masked import MaskedNet
 from dst.models import SimpleNet
 from dst.plots import plot_sparsity_sweep
-from dst.sparse_backends import default_cpu_backend, numba_available
-from dst.truly_sparse import SparseNet, memory_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # backend name in the JSON -> (SparseNet backend, benchmark_inference's row); the default CPU engine

@@ -37,15 +37,15 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from dst.benchmark import benchmark_environment, time_interleaved
-from dst.masked import MaskedNet
-from dst.models import MLP
-from dst.sparse_training import (
+from dst.csr.mlp import (
     DEFAULT_OPTIMIZER,
     SET_DST,
     SparseMLP,
     masked_dense_nbytes,
     torch_optimizer,
 )
+from dst.masked import MaskedNet
+from dst.models import MLP
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 128
@@ -267,8 +267,8 @@ def plot(rows: list[dict], memory_limit: int):
 
 def mnist_runs(quick: bool) -> dict:
     """Accuracy next to the masked net after one epoch, and a net too wide to be masked."""
+    from dst.csr.mlp import train_masked_mlp, train_sparse_mlp
     from dst.data import load_mnist_tensors
-    from dst.sparse_training import train_masked_mlp, train_sparse_mlp
 
     train_x, train_y = load_mnist_tensors("data", train=True)
     test_x, test_y = load_mnist_tensors("data", train=False)

@@ -21,10 +21,10 @@ import numpy as np
 import scipy
 import torch
 
+from dst.csr.backends import default_cpu_backend, numba_available
+from dst.csr.model import SparseNet
 from dst.gpu import CUPY_GPU_AVAILABLE
 from dst.masked import MaskedNet
-from dst.sparse_backends import default_cpu_backend, numba_available
-from dst.truly_sparse import SparseNet
 
 # The default CPU engine (numba where installed) is the seed's 'Truly Sparse CSR (CPU)' row; where that
 # is not scipy, scipy (the readable reference) gets this row of its own.

@@ -14,8 +14,8 @@ from dst.benchmark import (
     time_forward,
     time_interleaved,
 )
+from dst.csr.backends import numba_available
 from dst.masked import MaskedNet
-from dst.sparse_backends import numba_available
 
 SEED_ROWS = {"Dense, no mask (CPU)", "Dense+Mask (CPU)", "Truly Sparse CSR (CPU)", "Truly Sparse torch.sparse (CPU)"}
 # With numba, 'Truly Sparse CSR (CPU)' is numba's engine and scipy's reference gets a row of its own.

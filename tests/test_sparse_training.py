@@ -11,18 +11,18 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dst.masked import MaskedNet
-from dst.models import MLP
-from dst.prune_regrow import apply_dst_step
-from dst.schedule import DSTConfig
-from dst.sparse_kernels import OptimizerConfig, sample_inactive
-from dst.sparse_training import (
+from dst.csr.linear import OptimizerConfig, sample_inactive
+from dst.csr.mlp import (
     SparseMLP,
     masked_dense_nbytes,
     torch_optimizer,
     train_masked_mlp,
     train_sparse_mlp,
 )
+from dst.masked import MaskedNet
+from dst.models import MLP
+from dst.prune_regrow import apply_dst_step
+from dst.schedule import DSTConfig
 
 BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
     importlib.util.find_spec("numba") is None, reason="numba is not installed (optional backend)"))]

@@ -6,14 +6,14 @@ weights: the positions come from the MASK, so an active weight that happens to b
 ``(out, in*kh*kw)`` matrix of its im2col product. Biases stay dense; no dense copy
 of any weight is kept.
 
-``SparseNet`` compiles the layer chain into steps (``dst.sparse_layers``) that keep
+``SparseNet`` compiles the layer chain into steps (``dst.csr.steps``) that keep
 activations batch-last and fold a max-pool right after a conv, and the ReLUs after a
 conv or linear, into that layer. It runs on one of four backends
-(``dst.sparse_backends``): ``scipy`` (numpy + scipy.sparse, CPU) and ``cupy`` (cupy +
+(``dst.csr.backends``): ``scipy`` (numpy + scipy.sparse, CPU) and ``cupy`` (cupy +
 cupyx.scipy.sparse, GPU) are the same code written against an array module, so the
 CPU tests run the code the GPU runs; ``torch`` (torch.sparse_csr, CPU or CUDA) is a
 thin adapter with the same methods; ``numba`` (CPU, the fastest there) swaps in its own
-conv and linear steps (``dst.sparse_numba``): compiled loops straight on the CSR
+conv and linear steps (``dst.csr.numba_backend``): compiled loops straight on the CSR
 weights, with 16-bit column indices. The engine keeps per-input-shape work buffers, so
 a ``SparseNet`` must not be called from two threads at once.
 """
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from dst.csr.backends import get_ops
+from dst.csr.npz import check_model, read_npz, write_npz
+from dst.csr.steps import Flatten, MaxPool, ReLU, SparseConv, SparseLinear
 from dst.masked import MaskedNet
 from dst.masked_layers import MaskedConv2d, MaskedLayer, MaskedLinear
-from dst.sparse_backends import get_ops
-from dst.sparse_file import check_model, read_npz, write_npz
-from dst.sparse_layers import Flatten, MaxPool, ReLU, SparseConv, SparseLinear
 
 SUPPORTED_LAYERS = ("MaskedConv2d", "MaskedLinear", "ReLU", "MaxPool2d", "Flatten", "Dropout", "Identity")
 
@@ -42,7 +42,7 @@ class SparseNet:
     backend's own array of floats, normalised like the training data; it is
     converted to float32 on the backend's device), and returns the ``(N, classes)``
     output as the backend's array. The architecture and weights are checked
-    (``dst.sparse_file.check_model``) before any matrix is built.
+    (``dst.csr.npz.check_model``) before any matrix is built.
     """
 
     def __init__(self, architecture: list[dict], weights: dict[str, dict], backend: str = "scipy",
@@ -170,7 +170,7 @@ class SparseNet:
     def save(self, path, compress: bool = True) -> int:
         """Write the model to one ``.npz`` file (zip-deflated unless ``compress=False``); returns its size in bytes.
 
-        See ``dst.sparse_file``: flat arrays shared by all layers and a JSON header; column
+        See ``dst.csr.npz``: flat arrays shared by all layers and a JSON header; column
         indices and row pointers in the narrowest unsigned type that holds them.
         """
         return write_npz(path, self.architecture, self.host_weights(), compress)

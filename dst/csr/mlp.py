@@ -3,7 +3,7 @@
 The masked layers of ``dst.masked`` simulate sparsity and save nothing. Here,
 as in SET (Mocanu et al. 2018) and "Truly Sparse Neural Networks at Scale"
 (Curci, Mocanu and Pechenizkiy 2021), every weight matrix is a CSR structure
-(``dst.sparse_kernels.SparseLinear``) holding only its active weights and their
+(``dst.csr.linear.SparseLinear``) holding only its active weights and their
 optimizer state, so the cost of a step and the memory both scale with the
 number of active weights instead of with the width squared. The DST topology
 update (magnitude prune, random regrow) runs on those structures directly.
@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from dst.allocation import check_sparsity, layer_densities
+from dst.csr.linear import OPTIMIZERS, OptimizerConfig, SparseLinear, get_backend
 from dst.data import TensorLoader
 from dst.masked import MaskedNet
 from dst.masked_layers import MaskedLinear
 from dst.models import MLP
 from dst.prune_regrow import LayerUpdate, apply_dst_step, check_prune_ratio
 from dst.schedule import DSTConfig, DSTScheduler
-from dst.sparse_kernels import OPTIMIZERS, OptimizerConfig, SparseLinear, get_backend
 from dst.training import evaluate, train_epoch
 
 DEFAULT_OPTIMIZER = OptimizerConfig()

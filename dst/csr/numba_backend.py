@@ -1,6 +1,6 @@
 """The numba backend of the truly sparse engine: fused kernels that run straight on the CSR weights.
 
-Activations stay batch-last, as in ``dst.sparse_layers``: images ``(C, H, W, N)``,
+Activations stay batch-last, as in ``dst.csr.steps``: images ``(C, H, W, N)``,
 features ``(F, N)``. Two compiled kernels do all the work, each a ``prange`` loop
 over independent outputs so both cores share it:
 
@@ -28,8 +28,8 @@ later processes only load it); time a forward only after one call.
 import numba
 import numpy as np
 
-from dst.sparse_backends import ArrayOps
-from dst.sparse_layers import SparseLinear, conv_output_shape
+from dst.csr.backends import ArrayOps
+from dst.csr.steps import SparseLinear, conv_output_shape
 
 NO_BIAS = np.zeros(0, dtype=np.float32)
 # Floats in one conv work item's accumulator: 16 KiB leaves most of a 32-48 KiB L1 cache to the input runs.

@@ -360,7 +360,7 @@ class SparseLinear:
 class OptimizerConfig:
     """The optimizer, shared by the truly sparse and the masked trainer so their runs compare.
 
-    ``dst.sparse_training.torch_optimizer`` builds the torch twin of this config.
+    ``dst.csr.mlp.torch_optimizer`` builds the torch twin of this config.
     """
 
     # "sgd" (torch.optim.SGD, momentum without dampening) or "adam" (torch.optim.Adam, L2 decay).

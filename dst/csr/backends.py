@@ -9,8 +9,8 @@ the CPU tests run the code the GPU runs. ``torch`` (torch.sparse_csr, CPU or CUD
 one; cupy is imported only when the ``cupy`` backend is asked for.
 
 Each ops object also names the steps that run a conv and a linear on it
-(``conv_step``, ``linear_step``): the im2col steps of ``dst.sparse_layers`` here, the
-fused kernels of ``dst.sparse_numba`` for ``numba`` (numpy arrays, numba-compiled
+(``conv_step``, ``linear_step``): the im2col steps of ``dst.csr.steps`` here, the
+fused kernels of ``dst.csr.numba_backend`` for ``numba`` (numpy arrays, numba-compiled
 loops straight on the CSR weights; numba is imported only when it is asked for).
 ``default_cpu_backend()`` is ``numba`` where numba is installed, else ``scipy``.
 """
@@ -22,8 +22,8 @@ import warnings
 import numpy as np
 import torch
 
+from dst.csr.steps import SparseConv, SparseLinear
 from dst.gpu import require_cupy
-from dst.sparse_layers import SparseConv, SparseLinear
 
 
 class ArrayOps:
@@ -180,7 +180,7 @@ def _numba_ops(device=None):
     if not numba_available():
         raise ImportError("backend='numba' needs the numba package (pip install numba); "
                           "backend='scipy' computes the same without it, slower")
-    from dst.sparse_numba import NumbaOps
+    from dst.csr.numba_backend import NumbaOps
 
     return NumbaOps()
 

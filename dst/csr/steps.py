@@ -16,7 +16,7 @@ materialised), and output channels with no active weight are never computed. See
 
 Every step has ``prepare(shape) -> (out_shape, buffers)``, called once per input
 shape to allocate its work buffers, and ``step(x, buffers)``, the forward. Each runs
-on the array operations ``ops`` of one backend (``dst.sparse_backends``).
+on the array operations ``ops`` of one backend (``dst.csr.backends``).
 """
 
 import math
