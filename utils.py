@@ -2,7 +2,7 @@
 
 from dst.allocation import ALLOCATIONS, layer_densities
 from dst.benchmark import benchmark_environment, benchmark_inference
-from dst.csr.mlp import train_masked_mlp, train_sparse_mlp
+from dst.csr.comparison import train_masked_mlp, train_sparse_mlp
 from dst.csr.model import SparseNet, memory_report
 from dst.data import ensure_mnist, load_mnist, load_mnist_tensors
 from dst.gpu import CUPY_GPU_AVAILABLE
@@ -15,7 +15,7 @@ from dst.plots import (
     plot_mask_evolution_per_epoch,
     plot_runs_comparison,
 )
-from dst.prune_regrow import REGROW, apply_dst_step
+from dst.prune_regrow import apply_dst_step
 from dst.results import (
     describe_memory,
     describe_speedup,
@@ -30,6 +30,7 @@ from dst.results import (
 from dst.schedule import DSTConfig, DSTScheduler
 from dst.topology import mask_changes
 from dst.training import evaluate, seed_everything, train_and_evaluate, train_epoch
+from dst.update_rule import REGROW
 
 __all__ = [
     "ALLOCATIONS", "CUPY_GPU_AVAILABLE", "DSTConfig", "DSTScheduler", "MLP", "MaskedNet", "REGROW", "SimpleNet",

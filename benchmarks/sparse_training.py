@@ -3,7 +3,7 @@
 The net is 784 -> width -> width -> 10 (uniform sparsity, batch 128, SGD with momentum).
 Each width runs in its own process: the masked dense net is built first, so the
 growth of that process's peak resident set is its measured memory; then the truly
-sparse nets (one per sparsity, on the "numba" backend and on the pure "numpy"/scipy
+sparse nets (one per sparsity, on the "numba" backend and on the pure numpy/"scipy"
 one) are built under tracemalloc, and all steps are timed in turns (``time_interleaved``)
 so a busy shared machine slows them alike. Where torch's default thread count is
 beaten by one thread, the faster dense time is the baseline.
@@ -37,22 +37,18 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from dst.benchmark import benchmark_environment, time_interleaved
-from dst.csr.mlp import (
-    DEFAULT_OPTIMIZER,
-    SET_DST,
-    SparseMLP,
-    masked_dense_nbytes,
-    torch_optimizer,
-)
+from dst.csr.comparison import masked_dense_nbytes
+from dst.csr.mlp import DEFAULT_OPTIMIZER, SET_DST, SparseMLP
+from dst.csr.optimizers import torch_optimizer
 from dst.masked import MaskedNet
 from dst.models import MLP
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 128
-SPARSE_BACKENDS = ("numba", "numpy")
+SPARSE_BACKENDS = ("numba", "scipy")
 # Rough cost of one active weight in one step (three products over a batch of 128), from
 # runs on this machine: used only to skip what would take too long, never reported as a time.
-SPARSE_NS_PER_WEIGHT = {"numba": 400, "numpy": 1200}
+SPARSE_NS_PER_WEIGHT = {"numba": 400, "scipy": 1200}
 # No single timed entry (warm-up and runs) may take longer than this.
 ENTRY_LIMIT_S = 60.0
 # Peak bytes per weight of the masked dense net while it trains: weight, mask, grad and
@@ -189,7 +185,7 @@ def table(results: list[dict]) -> list[dict]:
             if sparse["backend"] != "numba":
                 continue
             numpy_row = next(r for r in result["sparse"]
-                             if r["backend"] == "numpy" and r["sparsity"] == sparse["sparsity"])
+                             if r["backend"] == "scipy" and r["sparsity"] == sparse["sparsity"])
             row = {"width": result["width"], "sparsity": sparse["sparsity"],
                    "dense_step_ms": dense.get("step_ms"), "sparse_step_ms": sparse.get("step_ms"),
                    "sparse_numpy_step_ms": numpy_row.get("step_ms"),
@@ -267,7 +263,7 @@ def plot(rows: list[dict], memory_limit: int):
 
 def mnist_runs(quick: bool) -> dict:
     """Accuracy next to the masked net after one epoch, and a net too wide to be masked."""
-    from dst.csr.mlp import train_masked_mlp, train_sparse_mlp
+    from dst.csr.comparison import train_masked_mlp, train_sparse_mlp
     from dst.data import load_mnist_tensors
 
     train_x, train_y = load_mnist_tensors("data", train=True)

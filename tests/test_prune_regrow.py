@@ -11,8 +11,9 @@ from torch import nn
 
 from dst.masked import MaskedNet
 from dst.models import MLP, SimpleNet
-from dst.prune_regrow import LayerUpdate, apply_dst_step
+from dst.prune_regrow import apply_dst_step
 from dst.schedule import DSTConfig, DSTScheduler
+from dst.update_rule import LayerUpdate
 
 
 def toy_net(weights: torch.Tensor, mask: torch.Tensor) -> MaskedNet:

@@ -11,20 +11,16 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dst.csr.linear import OptimizerConfig, sample_inactive
-from dst.csr.mlp import (
-    SparseMLP,
-    masked_dense_nbytes,
-    torch_optimizer,
-    train_masked_mlp,
-    train_sparse_mlp,
-)
+from dst.csr.comparison import masked_dense_nbytes, train_masked_mlp, train_sparse_mlp
+from dst.csr.mlp import SparseMLP
+from dst.csr.optimizers import OptimizerConfig, torch_optimizer
 from dst.masked import MaskedNet
 from dst.models import MLP
 from dst.prune_regrow import apply_dst_step
 from dst.schedule import DSTConfig
+from dst.update_rule import sample_inactive
 
-BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
+BACKENDS = ["scipy", pytest.param("numba", marks=pytest.mark.skipif(
     importlib.util.find_spec("numba") is None, reason="numba is not installed (optional backend)"))]
 OPTIMIZER_CONFIGS = {
     "sgd": OptimizerConfig(lr=0.1, momentum=0.9, weight_decay=1e-3),
@@ -281,7 +277,7 @@ def test_first_call_costs_are_reported_apart_from_the_step_time(trainer, tiny_lo
     (lambda: SparseMLP.random(hidden=1000), ValueError, "tuple of widths"),
     (lambda: SparseMLP.random(10, (5,), 3).update_topology(1.5), ValueError, "prune_ratio"),
     (lambda: SparseMLP.random(allocation="dense"), ValueError, "erk"),
-    (lambda: SparseMLP.random(10, (5,), backend="jax"), ValueError, r"\['cupy', 'numba', 'numpy'\]"),
+    (lambda: SparseMLP.random(10, (5,), backend="jax"), ValueError, r"\['cupy', 'numba', 'scipy', 'torch'\]"),
     (lambda: OptimizerConfig(name="rmsprop"), ValueError, r"\['adam', 'sgd'\]"),
     (lambda: OptimizerConfig(lr=-1.0), ValueError, "lr"),
     (lambda: OptimizerConfig(momentum=1.0), ValueError, "momentum"),

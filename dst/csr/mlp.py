@@ -6,36 +6,34 @@ as in SET (Mocanu et al. 2018) and "Truly Sparse Neural Networks at Scale"
 (``dst.csr.linear.SparseLinear``) holding only its active weights and their
 optimizer state, so the cost of a step and the memory both scale with the
 number of active weights instead of with the width squared. The DST topology
-update (magnitude prune, random regrow) runs on those structures directly.
+update is the simulated engine's rule (``dst.update_rule``), run on those
+structures directly, and ``dst.schedule.DSTScheduler`` decides when it runs
+(``sparse_dst_step`` is this engine's step).
 
 ``SparseMLP.from_masked`` and ``SparseMLP.to_masked`` convert to and from a
 ``MaskedNet(MLP(...))``, which is how the tests check that one step here
 equals one step of the masked torch network with a torch optimizer.
-``train_sparse_mlp`` and ``train_masked_mlp`` run both on the same data and
-report comparable metrics.
+``dst.csr.comparison`` runs both on the same data and reports comparable metrics.
 """
 
-import copy
-import numbers
 import time
 from itertools import pairwise
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dst.allocation import check_sparsity, layer_densities
-from dst.csr.linear import OPTIMIZERS, OptimizerConfig, SparseLinear, get_backend
-from dst.data import TensorLoader
+from dst.checks import check_data, check_hidden, check_positive_int, class_labels, is_positive_int
+from dst.csr.backends import get_backend
+from dst.csr.linear import SparseLinear
+from dst.csr.optimizers import OPTIMIZERS, OptimizerConfig
 from dst.masked import MaskedNet
 from dst.masked_layers import MaskedLinear
 from dst.models import MLP
-from dst.prune_regrow import LayerUpdate, apply_dst_step, check_prune_ratio
 from dst.schedule import DSTConfig, DSTScheduler
-from dst.training import evaluate, train_epoch
+from dst.update_rule import LayerUpdate, RandomSource, check_prune_ratio, get_regrow
 
 DEFAULT_OPTIMIZER = OptimizerConfig()
-NUM_CLASSES = 10  # MNIST; the trainers below are for the tutorial's data
 
 # SET-style topology updates for one-epoch MNIST runs (~470 steps of 128): 4 updates, each
 # moving 20% of every layer's connections. Regrown weights start at zero (see dst.prune_regrow).
@@ -74,8 +72,8 @@ class SparseMLP:
                seed: int = 0, backend: str | None = None) -> "SparseMLP":
         """A freshly initialised sparse MLP; its densities come from ``layer_densities``."""
         check_sparsity(sparsity)
-        widths = (in_features, *_check_hidden(hidden), num_classes)
-        if not all(_is_positive_int(width) for width in widths):
+        widths = (in_features, *check_hidden(hidden), num_classes)
+        if not all(is_positive_int(width) for width in widths):
             raise ValueError(f"layer widths must be positive ints, got {widths}")
         shapes = {f"fc{i}": (fan_out, fan_in) for i, (fan_in, fan_out)
                   in enumerate(pairwise(widths), start=1)}
@@ -116,7 +114,7 @@ class SparseMLP:
                 dense = torch.from_numpy(self.layers[name].to_dense())
                 masked.weight.copy_(dense)
                 masked.mask.zero_().view(-1)[torch.from_numpy(self.layers[name].positions())] = True
-                masked.bias.copy_(torch.from_numpy(self.backend.to_host(self.layers[name].bias)))
+                masked.bias.copy_(torch.from_numpy(self.backend.to_numpy(self.layers[name].bias)))
         return masked_net
 
     def _forward(self, inputs) -> list:
@@ -132,27 +130,27 @@ class SparseMLP:
 
     def _features(self, x):
         """(batch, ...) images or features as a feature-major float32 array on the backend."""
-        features = _to_numpy(x, np.float32).reshape(len(x), -1)
+        features = host_array(x, np.float32).reshape(len(x), -1)
         in_features = next(iter(self.layers.values())).shape[1]
         if features.shape[1] != in_features:
             raise ValueError(f"inputs have {features.shape[1]} features per sample, "
                              f"the net takes {in_features}")
-        return self.backend.from_host(np.ascontiguousarray(features.T))
+        return self.backend.asarray(np.ascontiguousarray(features.T))
 
     def predict(self, x):
         """Logits (batch, classes) as a host numpy array."""
-        return self.backend.to_host(self._forward(self._features(x))[-1]).T
+        return self.backend.to_numpy(self._forward(self._features(x))[-1]).T
 
     def train_step(self, x, y) -> float:
         """One optimizer step on the batch (x, y); returns its mean cross-entropy loss."""
         xp = self.backend.xp
-        targets = _labels(y, len(x), self._num_classes())
+        targets = class_labels(y, len(x), self._num_classes())
         activations = self._forward(self._features(x))
         logits = activations[-1]  # (classes, batch)
         shifted = logits - logits.max(axis=0, keepdims=True)
         log_normaliser = xp.log(xp.exp(shifted).sum(axis=0, keepdims=True))
         columns = xp.arange(len(targets))
-        targets_device = self.backend.from_host(targets)
+        targets_device = self.backend.asarray(targets)
         loss = float((log_normaliser[0] - shifted[targets_device, columns]).mean())
         grad = xp.exp(shifted - log_normaliser)
         grad[targets_device, columns] -= 1.0
@@ -170,47 +168,52 @@ class SparseMLP:
                 grad *= activations[index] > 0
         return loss
 
-    def update_topology(self, prune_ratio: float) -> dict[str, LayerUpdate]:
-        """One SET update on every layer (see ``SparseLinear.prune_and_regrow``)."""
+    def update_topology(self, prune_ratio: float, regrow: str = "random",
+                        random: RandomSource = None) -> dict[str, LayerUpdate]:
+        """One DST step on every layer (``SparseLinear.prune_and_regrow``), drawing from ``random`` or ``self.rng``."""
         check_prune_ratio(prune_ratio)
-        return {name: layer.prune_and_regrow(prune_ratio, self.rng) for name, layer in self.layers.items()}
+        random = self.rng if random is None else random
+        return {name: layer.prune_and_regrow(prune_ratio, random, regrow) for name, layer in self.layers.items()}
 
     def fit(self, x, y, epochs: int = 1, batch_size: int = 128, dst: DSTConfig | None = SET_DST,
             max_batches: int | None = None) -> dict:
         """Shuffled mini-batch training with DST updates; returns the loss history and timings.
 
         ``dst=None`` keeps the topology fixed; ``max_batches`` caps each epoch (quick runs),
-        like ``dst.data.TensorLoader``'s.
+        like ``dst.data.TensorLoader``'s. The updates come from a ``DSTScheduler``, as for
+        the masked net; its step count continues this model's.
         """
-        _check_positive_int(epochs=epochs, batch_size=batch_size)
+        check_positive_int(epochs=epochs, batch_size=batch_size)
         if max_batches is not None:
-            _check_positive_int(max_batches=max_batches)
-        if dst is not None and dst.regrow != "random":
-            raise ValueError(f"the truly sparse trainer regrows at random (SET) only, got "
-                             f"regrow={dst.regrow!r}: gradient regrowth (RigL) needs the dense "
-                             "gradient this trainer never forms")
-        labels = _check_data(x, y, "training", self._num_classes())
-        features = _to_numpy(x, np.float32).reshape(len(x), -1)
+            check_positive_int(max_batches=max_batches)
+        if dst is not None and get_regrow(dst.regrow).needs_gradient:
+            raise ValueError(f"the truly sparse trainer cannot regrow by {dst.regrow!r} "
+                             f"({get_regrow(dst.regrow).description}): that needs the dense gradient "
+                             "this trainer never forms")
+        labels = check_data(x, y, "training", self._num_classes())
+        features = host_array(x, np.float32).reshape(len(x), -1)
         history = {"epoch_losses": [], "dst_updates": 0, "update_time_s": 0.0}
+        scheduler = None if dst is None else DSTScheduler(self, dst, dst_step=sparse_dst_step, steps=self.steps)
 
-        def maybe_update(unit: str, t: int) -> None:
-            if dst is not None and dst.unit == unit and dst.is_update(t):
-                started = time.perf_counter()
-                self.update_topology(dst.prune_ratio_at(t))
+        def timed(update, *args) -> None:
+            started = time.perf_counter()
+            if update(*args) is not None:
                 history["update_time_s"] += time.perf_counter() - started
                 history["dst_updates"] += 1
 
         start, steps_before = time.perf_counter(), self.steps
-        for epoch in range(1, epochs + 1):
+        for _ in range(epochs):
             order = self.rng.permutation(len(features))
             losses = []
             for begin in range(0, len(order), batch_size)[:max_batches]:
                 batch = order[begin:begin + batch_size]
                 losses.append(self.train_step(features[batch], labels[batch]))
-                maybe_update("step", self.steps)
+                if scheduler is not None:
+                    timed(scheduler.after_step, None)
             if losses:
                 history["epoch_losses"].append(float(np.mean(losses)))
-            maybe_update("epoch", epoch)
+            if scheduler is not None:
+                timed(scheduler.after_epoch, ())
         history["steps"] = self.steps - steps_before
         history["train_time_s"] = time.perf_counter() - start
         return history
@@ -227,15 +230,15 @@ class SparseMLP:
         twin = SparseMLP.random(self.layers["fc1"].shape[1], (8,) * (len(self.layers) - 1),
                                 next(reversed(self.layers.values())).shape[0], sparsity=0.5,
                                 allocation="uniform", optimizer=self.optimizer, backend=self.backend.name)
-        features = _to_numpy(x, np.float32).reshape(len(x), -1)
-        twin.train_step(features, _to_numpy(y, np.int64).reshape(-1))
+        features = host_array(x, np.float32).reshape(len(x), -1)
+        twin.train_step(features, host_array(y, np.int64).reshape(-1))
         twin.update_topology(0.1)
         twin.predict(features)
         return time.perf_counter() - started
 
     def evaluate(self, x, y, batch_size: int = 1000) -> float:
         """Accuracy in % on (x, y)."""
-        labels = _check_data(x, y, "evaluation", self._num_classes())
+        labels = check_data(x, y, "evaluation", self._num_classes())
         correct = sum(int((self.predict(x[begin:begin + batch_size]).argmax(axis=1)
                            == labels[begin:begin + batch_size]).sum())
                       for begin in range(0, len(labels), batch_size))
@@ -253,173 +256,21 @@ class SparseMLP:
         return {name: layer.active_count for name, layer in self.layers.items()}
 
 
-def masked_dense_nbytes(widths: tuple[int, ...], optimizer: OptimizerConfig = DEFAULT_OPTIMIZER) -> int:
-    """Analytic bytes of the masked dense MLP's weight, mask, gradient and optimizer state.
+def sparse_dst_step(model: SparseMLP, prune_ratio: float = 0.1, regrow: str = "random", batch=None,
+                    loss_fn=None, optimizer=None, generator: RandomSource = None) -> dict[str, LayerUpdate]:
+    """``apply_dst_step``'s counterpart for a ``SparseMLP`` (same arguments, so ``DSTScheduler`` drives both).
 
-    Per weight position: float32 weight and gradient (4 + 4), bool mask (1) and a
-    float32 per optimizer state tensor; biases alike without a mask. The forward's
-    transient ``weight * mask`` (4 more per position) is not counted.
+    The optimizer state lives in the layers and is remapped by the step itself, so
+    ``optimizer`` and ``loss_fn`` are unused; ``generator`` defaults to ``model.rng``.
+    Criteria that need the dense gradient (RigL) are refused.
     """
-    states = len(optimizer.state_names)
-    weights = sum(fan_in * fan_out for fan_in, fan_out in pairwise(widths))
-    return weights * (4 + 1 + 4 + 4 * states) + sum(widths[1:]) * (4 + 4 + 4 * states)
+    if not isinstance(model, SparseMLP):
+        raise TypeError(f"sparse_dst_step needs a SparseMLP, got {type(model).__name__}")
+    return model.update_topology(prune_ratio, regrow, generator)
 
 
-def torch_optimizer(config: OptimizerConfig, params) -> torch.optim.Optimizer:
-    """The torch optimizer that ``config`` describes, for the masked dense net."""
-    if config.name == "adam":
-        return torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps,
-                                weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-
-
-def train_sparse_mlp(train_x, train_y, test_x, test_y, hidden: tuple[int, ...] = (1024, 1024),
-                     sparsity: float = 0.99, allocation: str = "erk", epochs: int = 1, batch_size: int = 128,
-                     optimizer: OptimizerConfig = DEFAULT_OPTIMIZER, dst: DSTConfig | None = SET_DST,
-                     seed: int = 0, max_batches: int | None = None, backend: str | None = None) -> dict:
-    """Train a truly sparse MLP with SET on (train_x, train_y), test it, and return its metrics.
-
-    Inputs are torch tensors or numpy arrays: images (N, 1, 28, 28) or features
-    (N, F), and int labels in [0, 10). The keys match ``train_masked_mlp``'s:
-    test_accuracy (%), epoch_losses, train_time_s (DST updates included), step_time_ms
-    (its mean per step, timed after ``SparseMLP.warm_up`` so no compilation is in it),
-    warmup_s (that first-call cost, on its own), weight_optimizer_bytes (weights, indices, gradient and optimizer
-    state as held), dense_weight_optimizer_bytes (what the masked dense net would hold),
-    active_weights, total_weights, steps, dst_updates.
-    """
-    hidden = _check_hidden(hidden)
-    train_y = _check_data(train_x, train_y, "training", NUM_CLASSES)
-    _check_data(test_x, test_y, "test", NUM_CLASSES)
-    features = _to_numpy(train_x, np.float32).reshape(len(train_x), -1)
-    model = SparseMLP.random(features.shape[1], hidden, NUM_CLASSES, sparsity, allocation, optimizer,
-                             seed, backend)
-    warmup_seconds = model.warm_up(features[:batch_size], train_y[:batch_size])
-    history = model.fit(features, train_y, epochs, batch_size, dst, max_batches)
-    history["warmup_s"] = warmup_seconds
-    started = time.perf_counter()
-    accuracy = model.evaluate(test_x, test_y)
-    widths = (features.shape[1], *hidden, NUM_CLASSES)
-    return _metrics(f"truly sparse ({model.backend.name})", widths, sparsity, history, accuracy,
-                    time.perf_counter() - started, model.nbytes(), masked_dense_nbytes(widths, optimizer),
-                    sum(model.active_counts().values()))
-
-
-def train_masked_mlp(train_x, train_y, test_x, test_y, hidden: tuple[int, ...] = (1024, 1024),
-                     sparsity: float = 0.99, allocation: str = "erk", epochs: int = 1, batch_size: int = 128,
-                     optimizer: OptimizerConfig = DEFAULT_OPTIMIZER, dst: DSTConfig | None = SET_DST,
-                     seed: int = 0, max_batches: int | None = None, device: torch.device | str = "cpu") -> dict:
-    """The same run, simulated: ``MaskedNet(MLP)``, the torch optimizer, ``DSTScheduler``.
-
-    Returns ``train_sparse_mlp``'s keys; both byte counts are the analytic dense footprint.
-    """
-    check_sparsity(sparsity)
-    _check_positive_int(epochs=epochs)
-    hidden = _check_hidden(hidden)
-    train_y = _check_data(train_x, train_y, "training", NUM_CLASSES)
-    test_y = _check_data(test_x, test_y, "test", NUM_CLASSES)
-    images, labels = _to_torch(train_x, torch.float32), _to_torch(train_y, torch.int64)
-    loader = TensorLoader(images.reshape(len(images), -1), labels, batch_size, shuffle=True, seed=seed,
-                          max_batches=max_batches, device=device)
-    test_loader = TensorLoader(_to_torch(test_x, torch.float32).reshape(len(test_x), -1),
-                               _to_torch(test_y, torch.int64), 1000, device=device)
-    widths = (loader.images.shape[1], *hidden, NUM_CLASSES)
-    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's global RNG
-        torch.manual_seed(seed)
-        net = MaskedNet(MLP(widths[0], tuple(hidden), NUM_CLASSES), sparsity, allocation,
-                        generator=torch.Generator().manual_seed(seed)).to(device)
-    torch_opt = torch_optimizer(optimizer, net.parameters())
-    scheduler = None if dst is None else DSTScheduler(net, dst, torch_opt,
-                                                      generator=torch.Generator().manual_seed(seed))
-    history = {"epoch_losses": [], "warmup_s": _warm_up_torch(net, torch_opt, loader)}
-    start = time.perf_counter()
-    for _ in range(epochs):
-        loss, _ = train_epoch(net, loader, F.cross_entropy, torch_opt, device, dst=scheduler, progress=False)
-        history["epoch_losses"].append(loss)
-        if scheduler is not None:
-            scheduler.after_epoch(loader)
-    history["train_time_s"] = time.perf_counter() - start
-    history["steps"] = epochs * len(loader)
-    history["dst_updates"] = 0 if scheduler is None else len(scheduler.history)
-    started = time.perf_counter()
-    accuracy = evaluate(net, test_loader, device)
-    nbytes = masked_dense_nbytes(widths, optimizer)
-    active = sum(layer.active_count for layer in net.masked_layers().values())
-    return _metrics("masked dense (torch)", widths, sparsity, history, accuracy,
-                    time.perf_counter() - started, nbytes, nbytes, active)
-
-
-def _warm_up_torch(net: MaskedNet, optimizer: torch.optim.Optimizer, loader: TensorLoader) -> float:
-    """One step and one DST update on throwaway copies, so first-call costs stay out of the timing."""
-    started = time.perf_counter()
-    scratch_net, scratch_optimizer = copy.deepcopy((net, optimizer))
-    inputs, targets = loader.images[:loader.batch_size], loader.labels[:loader.batch_size]
-    scratch_optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(scratch_net(inputs), targets).backward()
-    scratch_optimizer.step()
-    apply_dst_step(scratch_net, prune_ratio=0.1, optimizer=scratch_optimizer,
-                   generator=torch.Generator().manual_seed(0))
-    return time.perf_counter() - started
-
-
-def _metrics(trainer: str, widths: tuple[int, ...], sparsity: float, history: dict, accuracy: float,
-             eval_seconds: float, nbytes: int, dense_nbytes: int, active: int) -> dict:
-    return {"trainer": trainer, "widths": list(widths), "sparsity": sparsity, "test_accuracy": accuracy,
-            "epoch_losses": history["epoch_losses"], "steps": history["steps"],
-            "dst_updates": history["dst_updates"], "train_time_s": history["train_time_s"],
-            "step_time_ms": 1e3 * history["train_time_s"] / max(history["steps"], 1),
-            "warmup_s": history["warmup_s"],
-            "eval_time_s": eval_seconds, "weight_optimizer_bytes": int(nbytes),
-            "dense_weight_optimizer_bytes": int(dense_nbytes), "active_weights": int(active),
-            "total_weights": sum(fan_in * fan_out for fan_in, fan_out in pairwise(widths))}
-
-
-def _to_numpy(values, dtype) -> np.ndarray:
+def host_array(values, dtype) -> np.ndarray:
+    """``values`` (a torch tensor or anything array-like) as a host numpy array of ``dtype``."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
     return np.asarray(values, dtype=dtype)
-
-
-def _to_torch(values, dtype) -> torch.Tensor:
-    return (values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))).to(dtype)
-
-
-def _labels(y, count: int, num_classes: int) -> np.ndarray:
-    labels = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype} (a float label "
-                        "such as 3.7 would be truncated to 3); convert whole-number labels with .astype(int)")
-    labels = labels.astype(np.int64).reshape(-1)
-    if len(labels) != count:
-        raise ValueError(f"x and y differ in length: {count} vs {len(labels)}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
-    return labels
-
-
-def _is_positive_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
-
-
-def _check_positive_int(**values) -> None:
-    for name, value in values.items():
-        if not _is_positive_int(value):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_hidden(hidden) -> tuple[int, ...]:
-    """``hidden`` as a tuple of widths, or a clear error for a bare width or anything else."""
-    if isinstance(hidden, (numbers.Number, str)) or not hasattr(hidden, "__iter__"):
-        raise ValueError(f"hidden must be a tuple of widths, e.g. ({hidden!r}, {hidden!r}), got {hidden!r}")
-    hidden = tuple(hidden)
-    if not all(_is_positive_int(width) for width in hidden):
-        raise ValueError(f"hidden widths must be positive ints, got {hidden}")
-    return tuple(int(width) for width in hidden)
-
-
-def _check_data(x, y, split: str, num_classes: int) -> np.ndarray:
-    """The labels of (x, y) as int64, after checking both hold the same, non-zero number of samples."""
-    if len(x) == 0:
-        raise ValueError(f"the {split} data is empty (0 samples)")
-    if len(x) != len(y):
-        raise ValueError(f"x and y of the {split} data differ in length: {len(x)} vs {len(y)}")
-    return _labels(y, len(x), num_classes)

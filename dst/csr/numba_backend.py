@@ -1,43 +1,30 @@
-"""The numba backend of the truly sparse engine: fused kernels that run straight on the CSR weights.
+"""The ``numba`` backend: numpy arrays, with compiled kernels (``dst.csr.numba_kernels``) on the CSR arrays.
 
-Activations stay batch-last, as in ``dst.csr.steps``: images ``(C, H, W, N)``,
-features ``(F, N)``. Two compiled kernels do all the work, each a ``prange`` loop
-over independent outputs so both cores share it:
-
-* ``conv_pool``: a conv computed directly from the CSR weight (no im2col), output
-  stationary. One work item is one output channel and a block of pooled output rows
-  (as many as keep its accumulator in the L1 cache: one at batch 100, all at batch 1).
-  Its accumulator holds the conv rows under them; each active weight ``(c, i, j)`` is
-  decoded once, then adds ``value * x[c, y+i-pad, :, :]`` to each conv row ``y``: one
-  contiguous run of ``width * N`` floats, clipped where it would read the zero padding
-  (never materialised). The pool then takes its maximum over the accumulator, and the
-  bias and ReLU (which commute with the max) touch the pooled values only.
-* ``linear``: ``W (out, in) @ X (in, N)``, one output row per item, four weights per
-  pass over the row, bias and ReLU fused.
-
+Inference: activations stay batch-last, as in ``dst.csr.steps``, and two fused
+kernels do all the work: a conv computed directly on its CSR weight with bias,
+ReLU and max-pool fused (no im2col), and CSR x dense linears with bias and ReLU.
 The weights are stored in the mask's own numbering (conv column ``c*kh*kw + i*kw + j``)
 with 16-bit column indices where a layer has at most 65,536 columns (every SimpleNet
 layer), so an active weight costs 6 bytes in memory instead of 8. Output buffers are
 allocated once per input shape and reused; the forward returns a copy (the batch-first
 transpose), so a caller never sees a buffer change under it.
 
-numba compiles each kernel on its first call (cached on disk next to this file, so
-later processes only load it); time a forward only after one call.
+Training: the three products of a step (``numba_training``), on the int32 CSR
+arrays of ``dst.csr.linear.SparseLinear``; the SDDMM is ~10x faster than numpy's
+gathers, the other two ~1.5x faster than scipy's.
+
+numba compiles each kernel on its first call (cached on disk); time a forward only after one call.
 """
 
-import numba
 import numpy as np
 
-from dst.csr.backends import ArrayOps
-from dst.csr.steps import SparseLinear, conv_output_shape
+from dst.csr.backends import ArrayOps, TrainingProducts
+from dst.csr.numba_kernels import conv_pool, linear, train_matmul, train_matmul_transposed, train_sddmm
+from dst.csr.steps import LinearStep, conv_output_shape
 
 NO_BIAS = np.zeros(0, dtype=np.float32)
 # Floats in one conv work item's accumulator: 16 KiB leaves most of a 32-48 KiB L1 cache to the input runs.
 ACCUMULATOR_FLOATS = 4096
-# FMA contraction only: no reassociation, so every output sums its terms in one fixed order.
-FASTMATH = {"contract"}
-# UNSIGNED: the hot loops index flat arrays with np.uint64. A signed index makes numba add a
-# negative-index check to every access, which stops LLVM from vectorising: 2.5x slower on long runs.
 
 
 def index_type(columns: int) -> type:
@@ -56,7 +43,7 @@ class CSR:
         self.row_pointers = np.ascontiguousarray(row_pointers, dtype=pointer_type)
 
 
-class NumbaConv:
+class NumbaConvStep:
     """Conv2d (stride 1, zero padding) with the max-pool, bias and ReLU after it, in one ``conv_pool`` call."""
 
     kind = "conv"
@@ -102,7 +89,7 @@ class NumbaConv:
                 "col_indices": col_indices.astype(np.int64), "row_pointers": row_pointers.astype(np.int64)}
 
 
-class NumbaLinear(SparseLinear):
+class NumbaLinearStep(LinearStep):
     """Linear with its bias and ReLU in one ``linear`` call, into a buffer kept per input shape."""
 
     def __init__(self, ops, name: str, host: dict, relu: bool = False):
@@ -123,10 +110,10 @@ class NumbaLinear(SparseLinear):
 class NumbaOps(ArrayOps):
     """``ArrayOps`` on numpy whose conv and linear steps are the fused numba kernels."""
 
-    conv_step, linear_step = NumbaConv, NumbaLinear
+    conv_step, linear_step = NumbaConvStep, NumbaLinearStep
 
     def __init__(self):
-        super().__init__("numba", np, None)
+        super().__init__("numba", np, None, training=numba_training())
 
     def csr(self, values, col_indices, row_pointers, shape) -> CSR:
         return CSR(values, col_indices, row_pointers, shape)
@@ -135,95 +122,21 @@ class NumbaOps(ArrayOps):
         return matrix.values, matrix.col_indices, matrix.row_pointers
 
 
-# ----------------------------------------------------------------------------- kernels
+def numba_training() -> TrainingProducts:
+    """The numba backend's training products (no CSR matrix object: the kernels read the arrays)."""
 
-@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def conv_pool(x, values, col_indices, row_pointers, bias, kernel_h, kernel_w, pad_h, pad_w, pool_h, pool_w,
-              relu, rows_per_item, out):  # pragma: no cover - compiled
-    """``out (O, Ho, Wo, N) = relu(maxpool(conv(x (C, H, W, N))) + bias)``, the conv's weight in CSR over
-    the mask's columns ``c*kh*kw + i*kw + j``; ``bias`` may be empty, the pool (1, 1) for none."""
-    channels, height, width, batch = x.shape
-    out_channels, out_height, out_width, _ = out.shape
-    flat_x = x.reshape(channels * height * width * batch)  # indexed with unsigned ints: see UNSIGNED
-    conv_width = pool_w * out_width  # conv output columns the pool reads (floor mode drops the rest)
-    run_length = conv_width * batch  # one conv output row: columns x batch, contiguous
-    kernel_area = kernel_h * kernel_w
-    blocks = (out_height + rows_per_item - 1) // rows_per_item
-    for item in numba.prange(out_channels * blocks):
-        channel, first_row = item // blocks, item % blocks * rows_per_item
-        rows = min(rows_per_item, out_height - first_row)  # pooled rows of this item
-        offset = bias[channel] if bias.size > 0 else np.float32(0.0)
-        if row_pointers[channel] == row_pointers[channel + 1]:  # no weight: the constant relu(bias)
-            out[channel, first_row:first_row + rows] = max(offset, np.float32(0.0)) if relu else offset
-            continue
-        accumulator = np.zeros(rows * pool_h * run_length, dtype=np.float32)  # the conv rows under them
-        for k in range(row_pointers[channel], row_pointers[channel + 1]):
-            column = np.int64(col_indices[k])
-            c = column // kernel_area
-            i = (column - c * kernel_area) // kernel_w
-            j = column - c * kernel_area - i * kernel_w
-            # conv column u reads input column u + j - pad_w: keep the u where that lies inside
-            first, last = max(0, pad_w - j), min(conv_width, width + pad_w - j)
-            value, length = values[k], (last - first) * batch
-            for conv_row in range(rows * pool_h):
-                source_row = first_row * pool_h + conv_row + i - pad_h
-                if 0 <= source_row < height and length > 0:
-                    source = np.uint64(((c * height + source_row) * width + first + j - pad_w) * batch)
-                    target = np.uint64(conv_row * run_length + first * batch)
-                    for t in range(np.uint64(length)):
-                        accumulator[target + t] += value * flat_x[source + t]
-        for row in range(rows):
-            pooled = out[channel, first_row + row].reshape(out_width * batch)
-            for w in range(out_width):
-                window = pooled[w * batch:(w + 1) * batch]
-                corner = row * pool_h * run_length + w * pool_w * batch  # the window's top-left conv output
-                window[:] = accumulator[corner:corner + batch]
-                for a in range(pool_h):
-                    for b in range(pool_w):
-                        candidate = accumulator[corner + a * run_length + b * batch:][:batch]
-                        for n in range(batch):
-                            window[n] = max(window[n], candidate[n])
-                # The bias and ReLU commute with the max: they touch the pooled values only.
-                for n in range(batch):
-                    window[n] = max(window[n] + offset, np.float32(0.0)) if relu else window[n] + offset
+    def matmul(layer, inputs):
+        outputs = np.empty((layer.shape[0], inputs.shape[1]), dtype=inputs.dtype)
+        train_matmul(layer.indptr, layer.columns, layer.weight, inputs, outputs)
+        return outputs
 
+    def matmul_transposed(layer, grad_outputs):
+        grad_inputs = np.zeros((layer.shape[1], grad_outputs.shape[1]), dtype=grad_outputs.dtype)
+        train_matmul_transposed(layer.indptr, layer.columns, layer.weight, grad_outputs, grad_inputs)
+        return grad_inputs
 
-@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def linear(x, values, col_indices, row_pointers, bias, relu, out):  # pragma: no cover - compiled
-    """``out (O, N) = relu(W @ x (I, N) + bias)``, W in CSR; ``bias`` may be empty."""
-    (features, batch), out_features = x.shape, out.shape[0]
-    flat_x, flat_out = x.reshape(features * batch), out.reshape(out_features * batch)  # see UNSIGNED
-    unsigned_batch = np.uint64(batch)
-    for row in numba.prange(out_features):
-        offset = bias[row] if bias.size > 0 else np.float32(0.0)
-        start, stop = row_pointers[row], row_pointers[row + 1]
-        if batch == 1:  # a sparse dot product; four running sums, so the additions need not wait in line
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for k in range(start, stop - 3, 4):
-                s0 += values[k] * flat_x[np.uint64(col_indices[k])]
-                s1 += values[k + 1] * flat_x[np.uint64(col_indices[k + 1])]
-                s2 += values[k + 2] * flat_x[np.uint64(col_indices[k + 2])]
-                s3 += values[k + 3] * flat_x[np.uint64(col_indices[k + 3])]
-            for k in range(stop - (stop - start) % 4, stop):
-                s0 += values[k] * flat_x[np.uint64(col_indices[k])]
-            flat_out[row] = offset + ((s0 + s1) + (s2 + s3))
-        else:
-            target = np.uint64(row * batch)
-            for n in range(unsigned_batch):
-                flat_out[target + n] = offset
-            # Four weights per pass over the output row: a quarter of its loads and stores, and of the
-            # loop's set-up, which for a batch of 100 costs about as much as the multiply-adds.
-            for k in range(start, stop - 3, 4):
-                v0, v1, v2, v3 = values[k], values[k + 1], values[k + 2], values[k + 3]
-                x0, x1 = np.uint64(col_indices[k]) * unsigned_batch, np.uint64(col_indices[k + 1]) * unsigned_batch
-                x2, x3 = np.uint64(col_indices[k + 2]) * unsigned_batch, np.uint64(col_indices[k + 3]) * unsigned_batch
-                for n in range(unsigned_batch):
-                    flat_out[target + n] += (v0 * flat_x[x0 + n] + v1 * flat_x[x1 + n]
-                                             + v2 * flat_x[x2 + n] + v3 * flat_x[x3 + n])
-            for k in range(stop - (stop - start) % 4, stop):
-                value, source = values[k], np.uint64(col_indices[k]) * unsigned_batch
-                for n in range(unsigned_batch):
-                    flat_out[target + n] += value * flat_x[source + n]
-        if relu:
-            for n in range(np.uint64(row * batch), np.uint64((row + 1) * batch)):
-                flat_out[n] = max(flat_out[n], np.float32(0.0))
+    def sddmm(layer, left, right):
+        train_sddmm(layer.indptr, layer.columns, left, right, layer.weight_grad)
+
+    return TrainingProducts(keeps_rows=False, matrix=lambda *arrays: None, matmul=matmul,
+                            matmul_transposed=matmul_transposed, sddmm=sddmm)
