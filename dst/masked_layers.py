@@ -65,7 +65,8 @@ class MaskedLayer(nn.Module):
         self.watch()
 
     def watch(self) -> None:
-        """Let optimizers find this layer's mask, and hook the gradient if ``mask_gradient``; idempotent."""
+        """Register the weight with ``dst.optimizer_state`` (the first registration installs its optimizer
+        step hooks), and hook the gradient if ``mask_gradient``; idempotent."""
         register_masked_weight(self.weight, self)
         if self.mask_gradient and self.weight.requires_grad and self.weight not in _GRADIENT_HOOKED:
             self.weight.register_hook(self._masked_gradient)
