@@ -8,7 +8,6 @@ percent and sparsities are fractions in [0, 1], as the training code records the
 
 import functools
 import math
-import re
 import textwrap
 from itertools import pairwise
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from dst import benchmark_rows
 from dst.results import speed_phrase
 from dst.topology import as_2d_masks, mask_changes, turnover_percent
 
@@ -210,7 +210,7 @@ def plot_dense_vs_masked_comparison(dense_train_losses, dense_train_accs, dense_
 
 @_lecture_style
 def plot_benchmark(timings, memory=None, save_path=None):
-    """Bar-plot median times (ms, std error bars), each with its ratio to Dense+Mask on the same device."""
+    """Bar-plot median times (ms, std error bars), each with its ratio to the masked net on the same device."""
     if not timings:
         raise ValueError("timings is empty: expected {label: {'mean', 'std', 'median', 'runs'}}")
     labels = list(timings)
@@ -229,7 +229,7 @@ def plot_benchmark(timings, memory=None, save_path=None):
     time_ax.margins(y=0.2)
     time_ax.set_xticks(range(len(labels)), [textwrap.fill(label, 12) for label in labels])
     time_ax.set(ylabel="median time per batch (ms)",
-                title="Inference time (ratio vs Dense+Mask on the same device)")
+                title=f"Inference time (ratio vs {benchmark_rows.MASKED} on the same device)")
     if memory:
         _plot_memory(axes[0, 1], memory)
     fig.tight_layout()
@@ -317,26 +317,21 @@ def _plot_memory(ax, memory):
 
 
 def _bar_annotation(timings, label):
-    """'0.830 ms' plus, where the same device has a Dense+Mask bar, 'baseline' or the speed ratio to it."""
+    """'0.830 ms' plus, where the same device has a baseline bar (the masked net), 'baseline' or the ratio to it."""
     median = float(timings[label]["median"])
     text = (f"{median:#.3g}" if median < 1000 else f"{median:.0f}") + " ms"
     baseline = _baseline_median(timings, label)
     if baseline is None or baseline <= 0 or median <= 0:
         return text
-    return f"{text}\n" + ("baseline" if label.startswith("Dense+Mask") else speed_phrase(median, baseline))
+    return f"{text}\n" + ("baseline" if benchmark_rows.is_baseline(label) else speed_phrase(median, baseline))
 
 
 def _baseline_median(timings, label):
-    """Median of the 'Dense+Mask' entry on the same device as ``label`` ('CPU' in "... (CPU)"), or None."""
+    """Median of the baseline row on the same device as ``label`` ('CPU' in "... (CPU)"), or None."""
     for other, timing in timings.items():
-        if other.startswith("Dense+Mask") and _device(other) == _device(label):
+        if benchmark_rows.is_baseline(other) and benchmark_rows.device_of(other) == benchmark_rows.device_of(label):
             return float(timing["median"])
     return None
-
-
-def _device(label):
-    match = re.search(r"\(([^()]*)\)\s*$", label)
-    return match[1] if match else ""
 
 
 def _check_lengths(**series):
