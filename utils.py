@@ -6,15 +6,10 @@ from dst.csr.comparison import train_masked_mlp, train_sparse_mlp
 from dst.csr.model import SparseNet, memory_report
 from dst.data import ensure_mnist, load_mnist, load_mnist_tensors
 from dst.gpu import CUPY_GPU_AVAILABLE
+from dst.mask_plots import plot_mask_2d_evolution, plot_mask_evolution_per_epoch
 from dst.masked import MaskedNet
 from dst.models import MLP, SimpleNet
-from dst.plots import (
-    plot_benchmark,
-    plot_dense_vs_masked_comparison,
-    plot_mask_2d_evolution,
-    plot_mask_evolution_per_epoch,
-    plot_runs_comparison,
-)
+from dst.plots import plot_benchmark, plot_dense_vs_masked_comparison, plot_runs_comparison
 from dst.prune_regrow import apply_dst_step
 from dst.results import (
     describe_memory,
