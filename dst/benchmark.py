@@ -10,7 +10,6 @@ moments hit every row alike.
 """
 
 import copy
-import numbers
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ import scipy
 import torch
 
 from dst import benchmark_rows as rows
+from dst.checks import check_positive_int
 from dst.csr.backends import default_cpu_backend, numba_available
 from dst.csr.model import SparseNet
 from dst.gpu import CUPY_GPU_AVAILABLE
@@ -69,8 +69,7 @@ def first_samples(loader: Iterable, num_samples: int) -> torch.Tensor:
 
     Raises ValueError when the loader holds fewer, rather than return fewer than asked for.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    check_positive_int(num_samples=num_samples)
     batches, count = [], 0
     for batch in loader:
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
