@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dst import update_rule
+from dst.csr import backends
+from dst.csr.backends import TRAINING_BACKENDS, get_backend, numba_available
 from dst.csr.comparison import masked_dense_nbytes, train_masked_mlp, train_sparse_mlp
 from dst.csr.mlp import SparseMLP
 from dst.csr.optimizers import OptimizerConfig, torch_optimizer
@@ -333,3 +336,23 @@ def test_non_finite_optimizer_settings_are_refused(field, value):
 def test_cupy_backend_without_cupy_says_what_is_missing():
     with pytest.raises(RuntimeError, match="cupy"):
         SparseMLP.random(10, (5,), 3, backend="cupy")
+
+
+def test_torch_backend_is_inference_only_and_names_the_backends_that_train():
+    with pytest.raises(ValueError, match=r"'torch' runs inference only.*\['cupy', 'numba', 'scipy'\]"):
+        SparseMLP.random(10, (5,), 3, backend="torch")
+    installed = ["scipy", *(["numba"] if numba_available() else [])]
+    assert all(get_backend(name).training is not None for name in installed)
+    assert set(installed) <= set(TRAINING_BACKENDS) and set(TRAINING_BACKENDS) < set(backends.BACKENDS)
+
+
+def test_random_regrowth_by_rejection_is_uniform_over_free_positions(monkeypatch):
+    monkeypatch.setattr(update_rule, "LIST_INACTIVE_UP_TO", 0)  # the path of layers too large to list
+    rng = np.random.default_rng(1)
+    active = np.array([1, 5, 6], dtype=np.int64)
+    counts = np.zeros(16)
+    for _ in range(3000):
+        drawn = sample_inactive(active, 16, 2, rng)
+        assert len(np.unique(drawn)) == 2 and not np.isin(drawn, active).any() and np.all(np.diff(drawn) > 0)
+        counts[drawn] += 1
+    np.testing.assert_allclose(counts[np.setdiff1d(np.arange(16), active)] / 3000, 2 / 13, rtol=0.15)
