@@ -356,3 +356,13 @@ def test_random_regrowth_by_rejection_is_uniform_over_free_positions(monkeypatch
         assert len(np.unique(drawn)) == 2 and not np.isin(drawn, active).any() and np.all(np.diff(drawn) > 0)
         counts[drawn] += 1
     np.testing.assert_allclose(counts[np.setdiff1d(np.arange(16), active)] / 3000, 2 / 13, rtol=0.15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_engines_make_the_same_dst_step_from_the_same_generator(backend):
+    net = masked_mlp(40, (30, 20), 6, sparsity=0.7, seed=2)
+    sparse = SparseMLP.from_masked(net, backend=backend)
+    masked_report = apply_dst_step(net, prune_ratio=0.3, generator=torch.Generator().manual_seed(3))
+    sparse_report = sparse.update_topology(0.3, random=torch.Generator().manual_seed(3))
+    assert sparse_report == masked_report
+    assert_same_network(sparse, net)
