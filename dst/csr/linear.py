@@ -26,7 +26,26 @@ import numpy as np
 
 from dst.allocation import active_count
 from dst.csr.backends import Backend, require_training
-from dst.update_rule import REGROW, LayerUpdate, RandomSource, choose_moves, get_regrow, moved_count, sample_inactive
+from dst.update_rule import (
+    REGROW,
+    LayerUpdate,
+    RandomSource,
+    RegrowCriterion,
+    choose_moves,
+    get_regrow,
+    moved_count,
+    sample_inactive,
+)
+
+
+def trainable_regrow(regrow: str) -> RegrowCriterion:
+    """The criterion ``regrow`` if this engine can run it: not one that needs the dense gradient (RigL)."""
+    criterion = get_regrow(regrow)
+    if criterion.needs_gradient:
+        raise ValueError(f"the truly sparse trainer cannot regrow by {regrow!r} ({criterion.description}): "
+                         "that needs the dense gradient this trainer never forms; choose one of "
+                         f"{sorted(name for name, other in REGROW.items() if not other.needs_gradient)}")
+    return criterion
 
 
 def index_dtype(numel: int) -> type:
@@ -128,11 +147,7 @@ class SparseLinear:
         their optimizer state starts at zero too, so no stale momentum pushes them. Criteria
         that need the dense gradient (RigL) are refused: this layer never forms it.
         """
-        criterion = get_regrow(regrow)
-        if criterion.needs_gradient:
-            raise ValueError(f"the truly sparse trainer cannot regrow by {regrow!r} ({criterion.description}): "
-                             "that needs the dense gradient this trainer never forms; choose one of "
-                             f"{sorted(name for name, other in REGROW.items() if not other.needs_gradient)}")
+        criterion = trainable_regrow(regrow)
         xp, numel = self.backend.xp, self.shape[0] * self.shape[1]
         before = self.positions()
         count = moved_count(len(before), numel, prune_ratio)

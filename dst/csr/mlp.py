@@ -25,13 +25,13 @@ import torch
 from dst.allocation import check_sparsity, layer_densities
 from dst.checks import check_data, check_hidden, check_positive_int, class_labels, is_positive_int
 from dst.csr.backends import get_backend
-from dst.csr.linear import SparseLinear
+from dst.csr.linear import SparseLinear, trainable_regrow
 from dst.csr.optimizers import OPTIMIZERS, OptimizerConfig
 from dst.masked import MaskedNet
 from dst.masked_layers import MaskedLinear
 from dst.models import MLP
 from dst.schedule import DSTConfig, DSTScheduler
-from dst.update_rule import LayerUpdate, RandomSource, check_prune_ratio, get_regrow
+from dst.update_rule import LayerUpdate, RandomSource, check_prune_ratio
 
 DEFAULT_OPTIMIZER = OptimizerConfig()
 
@@ -186,10 +186,8 @@ class SparseMLP:
         check_positive_int(epochs=epochs, batch_size=batch_size)
         if max_batches is not None:
             check_positive_int(max_batches=max_batches)
-        if dst is not None and get_regrow(dst.regrow).needs_gradient:
-            raise ValueError(f"the truly sparse trainer cannot regrow by {dst.regrow!r} "
-                             f"({get_regrow(dst.regrow).description}): that needs the dense gradient "
-                             "this trainer never forms")
+        if dst is not None:
+            trainable_regrow(dst.regrow)  # refused before training, not at the first update
         labels = check_data(x, y, "training", self._num_classes())
         features = host_array(x, np.float32).reshape(len(x), -1)
         history = {"epoch_losses": [], "dst_updates": 0, "update_time_s": 0.0}
