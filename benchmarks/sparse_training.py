@@ -184,11 +184,11 @@ def table(results: list[dict]) -> list[dict]:
         for sparse in result["sparse"]:
             if sparse["backend"] != "numba":
                 continue
-            numpy_row = next(r for r in result["sparse"]
+            scipy_row = next(r for r in result["sparse"]
                              if r["backend"] == "scipy" and r["sparsity"] == sparse["sparsity"])
             row = {"width": result["width"], "sparsity": sparse["sparsity"],
                    "dense_step_ms": dense.get("step_ms"), "sparse_step_ms": sparse.get("step_ms"),
-                   "sparse_numpy_step_ms": numpy_row.get("step_ms"),
+                   "sparse_scipy_step_ms": scipy_row.get("step_ms"),
                    "dense_bytes": result["dense_bytes"], "sparse_bytes": sparse.get("sparse_bytes"),
                    "dense_peak_rss_delta_bytes": dense.get("peak_rss_delta_bytes"),
                    "sparse_traced_peak_bytes": sparse.get("traced_peak_bytes"),
@@ -206,12 +206,12 @@ def format_rows(rows: list[dict]) -> str:
     def number(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    lines = [f"{'width':>6} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} {'numpy ms':>9} {'speedup':>8} "
+    lines = [f"{'width':>6} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} {'scipy ms':>9} {'speedup':>8} "
              f"{'dense MB':>9} {'sparse MB':>9} {'mem ratio':>9}  note"]
     for row in rows:
         lines.append(
             f"{row['width']:>6} {row['sparsity']:>8.3f} {number(row['dense_step_ms'], '9.1f')} "
-            f"{number(row['sparse_step_ms'], '9.1f')} {number(row['sparse_numpy_step_ms'], '9.1f')} "
+            f"{number(row['sparse_step_ms'], '9.1f')} {number(row['sparse_scipy_step_ms'], '9.1f')} "
             f"{number(row.get('speedup'), '7.1f') + 'x' if row.get('speedup') else '-':>8} "
             f"{row['dense_bytes'] / 1e6:9.1f} {number(row['sparse_bytes'] and row['sparse_bytes'] / 1e6, '9.2f')} "
             f"{number(row.get('memory_ratio'), '8.0f') + 'x' if row.get('memory_ratio') else '-':>9}  "
@@ -235,9 +235,9 @@ def plot(rows: list[dict], memory_limit: int):
         timed = [row for row in own if row["sparse_step_ms"]]
         time_axis.plot([r["width"] for r in timed], [r["sparse_step_ms"] for r in timed], "-o", color=color,
                        label=f"truly sparse {sparsity:.1%} (numba)")
-        numpy_timed = [row for row in own if row["sparse_numpy_step_ms"]]
-        time_axis.plot([r["width"] for r in numpy_timed], [r["sparse_numpy_step_ms"] for r in numpy_timed],
-                       "--", color=color, alpha=0.6, label=f"truly sparse {sparsity:.1%} (numpy/scipy)")
+        scipy_timed = [row for row in own if row["sparse_scipy_step_ms"]]
+        time_axis.plot([r["width"] for r in scipy_timed], [r["sparse_scipy_step_ms"] for r in scipy_timed],
+                       "--", color=color, alpha=0.6, label=f"truly sparse {sparsity:.1%} (scipy)")
         held = [row for row in own if row["sparse_bytes"]]
         memory_axis.plot([r["width"] for r in held], [r["sparse_bytes"] for r in held], "-o", color=color,
                          label=f"truly sparse {sparsity:.1%}")
