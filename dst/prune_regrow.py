@@ -98,7 +98,8 @@ def update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str = "random",
     flat_gradient = None if gradient is None else gradient.detach().reshape(-1).float().cpu().numpy()
     pruned, regrown = choose_moves(active.cpu().numpy(), magnitudes, mask.numel(), count, criterion,
                                    gradient=flat_gradient, random=generator)
-    pruned, regrown = (torch.from_numpy(positions).to(mask.device) for positions in (pruned, regrown))
+    pruned = active[torch.from_numpy(pruned).to(active.device)]
+    regrown = torch.from_numpy(regrown).to(mask.device)
     changed = torch.cat([pruned, regrown])
     with torch.no_grad():
         mask[pruned] = False

@@ -2,8 +2,8 @@
 
 A layer is described by the sorted flat positions of its active weights
 (``row * in + col``; a conv's weight flattened the same way), their magnitudes and
-its size ``numel``. ``choose_moves`` prunes the ``count`` active weights of smallest
-magnitude and asks a regrow criterion for ``count`` positions that were inactive
+its size ``numel``. ``choose_moves`` picks the ``count`` active weights of smallest
+magnitude to prune and asks a regrow criterion for ``count`` positions that were inactive
 *before* the step (a weight pruned now is not regrown now, so the step really moves
 ``count`` connections). The simulated engine (``dst.prune_regrow``, boolean masks
 over torch weights) and the truly sparse one (``dst.csr.linear``, CSR arrays) both
@@ -106,13 +106,18 @@ def moved_count(active: int, numel: int, prune_ratio: float) -> int:
 
 def choose_moves(active: np.ndarray, magnitudes: np.ndarray, numel: int, count: int, criterion: RegrowCriterion,
                  gradient: np.ndarray | None = None, random: RandomSource = None) -> tuple[np.ndarray, np.ndarray]:
-    """The sorted positions to prune and to regrow in one layer.
+    """Which active weights to prune and where to regrow them, in one layer.
 
     Args:
         active: (active,) sorted int64 flat positions of the active weights.
         magnitudes: (active,) their absolute values, in the same order.
         count: how many move (``moved_count``); at most the active and the inactive positions.
         gradient: (numel,) the flat dense gradient, for criteria that need it.
+
+    Returns:
+        ``(pruned, regrown)``: ``pruned`` indexes ``active`` (the ``count`` smallest magnitudes, in
+        no particular order; ``active[pruned]`` are their positions), since both engines hold their
+        weights in position order; ``regrown`` holds ``count`` sorted positions that were inactive.
     """
     if not 0 <= count <= min(len(active), numel - len(active)):
         raise ValueError(f"cannot move {count} of {len(active)} active weights among {numel} positions")
@@ -120,7 +125,7 @@ def choose_moves(active: np.ndarray, magnitudes: np.ndarray, numel: int, count: 
         raise ValueError(f"regrow={criterion.name!r} needs the layer's dense gradient")
     if count == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    pruned = np.sort(active[np.argpartition(magnitudes, count - 1)[:count]])
+    pruned = np.argpartition(magnitudes, count - 1)[:count]
     regrown = criterion.choose(active, numel, count, gradient, random)
     return pruned, regrown.astype(np.int64, copy=False)
 

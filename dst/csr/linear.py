@@ -156,7 +156,7 @@ class SparseLinear:
         magnitudes = self.backend.to_numpy(xp.abs(self.weight))
         pruned, regrown = choose_moves(before, magnitudes, numel, count, criterion, random=random)
         keep_host = np.ones(len(before), dtype=bool)
-        keep_host[np.searchsorted(before, pruned)] = False
+        keep_host[pruned] = False
         keep = self.backend.asarray(keep_host)
         positions = np.concatenate([before[keep_host], regrown])
         order = np.argsort(positions)
