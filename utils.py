@@ -1,44 +1,29 @@
-"""The tutorial's doorway: the names ``dst_tutorial.ipynb`` imports, re-exported from ``dst``."""
+"""The tutorial's doorway: the names ``dst_tutorial.ipynb`` imports, re-exported from ``dst`` (no logic here).
 
-from dst.allocation import ALLOCATIONS, layer_densities
-from dst.benchmark import benchmark_environment, benchmark_inference
+The notebook reaches its bookkeeping (run labels, saved results, tables, sentences
+computed from measurements) through one module instead: ``from dst import report``.
+"""
+
+from dst.benchmark import benchmark_inference
+from dst.csr import SparseNet, default_cpu_backend, train_masked_mlp, train_sparse_mlp
 from dst.data import ensure_mnist, load_mnist, load_mnist_tensors
 from dst.gpu import CUPY_GPU_AVAILABLE
+from dst.mask_plots import plot_mask_2d_evolution, plot_mask_evolution_per_epoch
 from dst.masked import MaskedNet
-from dst.models import MLP, SimpleNet
-from dst.plots import (
-    plot_benchmark,
-    plot_dense_vs_masked_comparison,
-    plot_mask_2d_evolution,
-    plot_mask_evolution_per_epoch,
-    plot_runs_comparison,
-)
-from dst.prune_regrow import REGROW, apply_dst_step
-from dst.results import (
-    describe_memory,
-    describe_speedup,
-    format_table,
-    load_runs,
-    run_label,
-    run_path,
-    runs_table,
-    save_run,
-    speed_sentence,
-)
+from dst.models import SimpleNet
+from dst.plots import plot_benchmark, plot_dense_vs_masked_comparison, plot_runs_comparison
+from dst.prune_regrow import apply_dst_step
 from dst.schedule import DSTConfig, DSTScheduler
 from dst.side_by_side import Run, train_side_by_side
-from dst.sparse_backends import default_cpu_backend
-from dst.sparse_training import train_masked_mlp, train_sparse_mlp
-from dst.topology import mask_changes
 from dst.training import evaluate, seed_everything, train_and_evaluate, train_epoch
-from dst.truly_sparse import SparseNet, memory_report
 
 __all__ = [
-    "ALLOCATIONS", "CUPY_GPU_AVAILABLE", "DSTConfig", "DSTScheduler", "MLP", "MaskedNet", "REGROW", "Run",
-    "SimpleNet", "SparseNet", "apply_dst_step", "benchmark_environment", "benchmark_inference",
-    "default_cpu_backend", "describe_memory", "describe_speedup", "ensure_mnist", "evaluate", "format_table",
-    "layer_densities", "load_mnist", "load_mnist_tensors", "load_runs", "mask_changes", "memory_report",
-    "plot_benchmark", "plot_dense_vs_masked_comparison", "plot_mask_2d_evolution", "plot_mask_evolution_per_epoch",
-    "plot_runs_comparison", "run_label", "run_path", "runs_table", "save_run", "seed_everything", "speed_sentence",
-    "train_and_evaluate", "train_epoch", "train_masked_mlp", "train_side_by_side", "train_sparse_mlp",
+    # the seed tutorial's import list
+    "SimpleNet", "MaskedNet", "train_epoch", "evaluate", "apply_dst_step", "benchmark_inference",
+    "plot_mask_evolution_per_epoch", "plot_mask_2d_evolution", "plot_dense_vs_masked_comparison",
+    "CUPY_GPU_AVAILABLE",
+    # the DST concepts this tutorial adds
+    "DSTConfig", "DSTScheduler", "train_and_evaluate", "seed_everything", "Run", "train_side_by_side",
+    "ensure_mnist", "load_mnist", "load_mnist_tensors", "SparseNet", "default_cpu_backend", "train_sparse_mlp",
+    "train_masked_mlp", "plot_benchmark", "plot_runs_comparison",
 ]

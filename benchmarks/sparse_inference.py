@@ -30,21 +30,21 @@ from pathlib import Path
 
 import torch
 
-from dst.benchmark import SCIPY_ROW, benchmark_environment, inference_forwards, time_interleaved
+from dst import benchmark_rows
+from dst.benchmark import benchmark_environment, inference_forwards, time_interleaved
+from dst.csr.backends import default_cpu_backend, numba_available
+from dst.csr.model import SparseNet, memory_report
 from dst.masked import MaskedNet
 from dst.models import SimpleNet
 from dst.plots import plot_sparsity_sweep
-from dst.sparse_backends import default_cpu_backend, numba_available
-from dst.truly_sparse import SparseNet, memory_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# backend name in the JSON -> (SparseNet backend, benchmark_inference's row); the default CPU engine
-# holds the seed's row name 'Truly Sparse CSR (CPU)'.
-BACKEND_ROWS = {"numba": ("numba", "Truly Sparse CSR (CPU)"), "scipy": ("scipy", SCIPY_ROW),
-                "torch.sparse": ("torch", "Truly Sparse torch.sparse (CPU)")}
+# backend (as named in dst.csr.backends.BACKENDS and in the JSON) -> benchmark_inference's row; the
+# default CPU engine holds the seed's row name 'Truly Sparse CSR (CPU)'.
+BACKEND_ROWS = {"numba": benchmark_rows.CSR_CPU, "scipy": benchmark_rows.CSR_SCIPY_CPU,
+                "torch": benchmark_rows.TORCH_SPARSE_CPU}
 if default_cpu_backend() == "scipy":
-    BACKEND_ROWS = {"scipy": ("scipy", "Truly Sparse CSR (CPU)"),
-                    "torch.sparse": ("torch", "Truly Sparse torch.sparse (CPU)")}
+    BACKEND_ROWS = {"scipy": benchmark_rows.CSR_CPU, "torch": benchmark_rows.TORCH_SPARSE_CPU}
 # The goals: SimpleNet, uniform, batch 100, against the masked net with torch's own threads.
 GOALS = {0.95: 5.0, 0.99: 10.0}
 
@@ -115,8 +115,8 @@ def sweep(sparsities, batch_sizes, allocations, runs: int, warmup: int) -> dict:
     for allocation in allocations:
         for sparsity in sparsities:
             masked = MaskedNet(base, sparsity, allocation, generator=generator).eval()
-            memory = {name: memory_report(masked, SparseNet.from_masked(masked, backend))
-                      for name, (backend, _) in BACKEND_ROWS.items()}
+            memory = {backend: memory_report(masked, SparseNet.from_masked(masked, backend))
+                      for backend in BACKEND_ROWS}
             with tempfile.TemporaryDirectory() as folder:
                 file_bytes = SparseNet.from_masked(masked, "scipy").save(Path(folder) / "model.npz")
             for batch in batch_sizes:
@@ -124,8 +124,8 @@ def sweep(sparsities, batch_sizes, allocations, runs: int, warmup: int) -> dict:
                 forwards = inference_forwards(masked, inputs[batch], "cpu")
                 timings = time_with_threads(forwards, None, runs, warmup)
                 single = time_with_threads(forwards, 1, runs, warmup)
-                dense_ms, single_dense_ms = (t["Dense+Mask (CPU)"]["median"] for t in (timings, single))
-                for backend, (_, row_name) in BACKEND_ROWS.items():
+                dense_ms, single_dense_ms = (t[benchmark_rows.MASKED_CPU]["median"] for t in (timings, single))
+                for backend, row_name in BACKEND_ROWS.items():
                     sparse_ms, single_sparse_ms = (t[row_name]["median"] for t in (timings, single))
                     rows.append({
                         "allocation": allocation, "sparsity": sparsity, "batch_size": batch,
@@ -150,7 +150,7 @@ def format_table(results: dict) -> str:
         backend = row["backend"].split(" (")[0]
         by_key.setdefault((row["allocation"], row["sparsity"], row["batch_size"]), {})[backend] = row
     backends = list(next(iter(by_key.values())))
-    labels = [name.split(".")[0] for name in backends]  # torch.sparse -> torch
+    labels = backends
     block = f"{'dense':>8}" + "".join(f" {label:>7} {'x':>5}" for label in labels) + " |"
     own = f"torch {environment['torch_threads']} threads, numba {environment['numba_threads']}"
     lines = [f"torch {environment['torch']}, scipy {environment['scipy']}, numba {environment['numba']}, "

@@ -3,7 +3,7 @@
 The net is 784 -> width -> width -> 10 (uniform sparsity, batch 128, SGD with momentum).
 Each width runs in its own process: the masked dense net is built first, so the
 growth of that process's peak resident set is its measured memory; then the truly
-sparse nets (one per sparsity, on the "numba" backend and on the pure "numpy"/scipy
+sparse nets (one per sparsity, on the "numba" backend and on the pure numpy/"scipy"
 one) are built under tracemalloc, and all steps are timed in turns (``time_interleaved``)
 so a busy shared machine slows them alike. Where torch's default thread count is
 beaten by one thread, the faster dense time is the baseline.
@@ -37,22 +37,18 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from dst.benchmark import benchmark_environment, time_interleaved
+from dst.csr.comparison import masked_dense_nbytes
+from dst.csr.mlp import DEFAULT_OPTIMIZER, SET_DST, SparseMLP
+from dst.csr.optimizers import torch_optimizer
 from dst.masked import MaskedNet
 from dst.models import MLP
-from dst.sparse_training import (
-    DEFAULT_OPTIMIZER,
-    SET_DST,
-    SparseMLP,
-    masked_dense_nbytes,
-    torch_optimizer,
-)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 128
-SPARSE_BACKENDS = ("numba", "numpy")
+SPARSE_BACKENDS = ("numba", "scipy")
 # Rough cost of one active weight in one step (three products over a batch of 128), from
 # runs on this machine: used only to skip what would take too long, never reported as a time.
-SPARSE_NS_PER_WEIGHT = {"numba": 400, "numpy": 1200}
+SPARSE_NS_PER_WEIGHT = {"numba": 400, "scipy": 1200}
 # No single timed entry (warm-up and runs) may take longer than this.
 ENTRY_LIMIT_S = 60.0
 # Peak bytes per weight of the masked dense net while it trains: weight, mask, grad and
@@ -188,11 +184,11 @@ def table(results: list[dict]) -> list[dict]:
         for sparse in result["sparse"]:
             if sparse["backend"] != "numba":
                 continue
-            numpy_row = next(r for r in result["sparse"]
-                             if r["backend"] == "numpy" and r["sparsity"] == sparse["sparsity"])
+            scipy_row = next(r for r in result["sparse"]
+                             if r["backend"] == "scipy" and r["sparsity"] == sparse["sparsity"])
             row = {"width": result["width"], "sparsity": sparse["sparsity"],
                    "dense_step_ms": dense.get("step_ms"), "sparse_step_ms": sparse.get("step_ms"),
-                   "sparse_numpy_step_ms": numpy_row.get("step_ms"),
+                   "sparse_scipy_step_ms": scipy_row.get("step_ms"),
                    "dense_bytes": result["dense_bytes"], "sparse_bytes": sparse.get("sparse_bytes"),
                    "dense_peak_rss_delta_bytes": dense.get("peak_rss_delta_bytes"),
                    "sparse_traced_peak_bytes": sparse.get("traced_peak_bytes"),
@@ -210,12 +206,12 @@ def format_rows(rows: list[dict]) -> str:
     def number(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    lines = [f"{'width':>6} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} {'numpy ms':>9} {'speedup':>8} "
+    lines = [f"{'width':>6} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} {'scipy ms':>9} {'speedup':>8} "
              f"{'dense MB':>9} {'sparse MB':>9} {'mem ratio':>9}  note"]
     for row in rows:
         lines.append(
             f"{row['width']:>6} {row['sparsity']:>8.3f} {number(row['dense_step_ms'], '9.1f')} "
-            f"{number(row['sparse_step_ms'], '9.1f')} {number(row['sparse_numpy_step_ms'], '9.1f')} "
+            f"{number(row['sparse_step_ms'], '9.1f')} {number(row['sparse_scipy_step_ms'], '9.1f')} "
             f"{number(row.get('speedup'), '7.1f') + 'x' if row.get('speedup') else '-':>8} "
             f"{row['dense_bytes'] / 1e6:9.1f} {number(row['sparse_bytes'] and row['sparse_bytes'] / 1e6, '9.2f')} "
             f"{number(row.get('memory_ratio'), '8.0f') + 'x' if row.get('memory_ratio') else '-':>9}  "
@@ -239,9 +235,9 @@ def plot(rows: list[dict], memory_limit: int):
         timed = [row for row in own if row["sparse_step_ms"]]
         time_axis.plot([r["width"] for r in timed], [r["sparse_step_ms"] for r in timed], "-o", color=color,
                        label=f"truly sparse {sparsity:.1%} (numba)")
-        numpy_timed = [row for row in own if row["sparse_numpy_step_ms"]]
-        time_axis.plot([r["width"] for r in numpy_timed], [r["sparse_numpy_step_ms"] for r in numpy_timed],
-                       "--", color=color, alpha=0.6, label=f"truly sparse {sparsity:.1%} (numpy/scipy)")
+        scipy_timed = [row for row in own if row["sparse_scipy_step_ms"]]
+        time_axis.plot([r["width"] for r in scipy_timed], [r["sparse_scipy_step_ms"] for r in scipy_timed],
+                       "--", color=color, alpha=0.6, label=f"truly sparse {sparsity:.1%} (scipy)")
         held = [row for row in own if row["sparse_bytes"]]
         memory_axis.plot([r["width"] for r in held], [r["sparse_bytes"] for r in held], "-o", color=color,
                          label=f"truly sparse {sparsity:.1%}")
@@ -267,8 +263,8 @@ def plot(rows: list[dict], memory_limit: int):
 
 def mnist_runs(quick: bool) -> dict:
     """Accuracy next to the masked net after one epoch, and a net too wide to be masked."""
+    from dst.csr.comparison import train_masked_mlp, train_sparse_mlp
     from dst.data import load_mnist_tensors
-    from dst.sparse_training import train_masked_mlp, train_sparse_mlp
 
     train_x, train_y = load_mnist_tensors("data", train=True)
     test_x, test_y = load_mnist_tensors("data", train=False)

@@ -10,7 +10,6 @@ moments hit every row alike.
 """
 
 import copy
-import numbers
 import os
 import platform
 import statistics
@@ -21,14 +20,12 @@ import numpy as np
 import scipy
 import torch
 
+from dst import benchmark_rows as rows
+from dst.checks import check_positive_int
+from dst.csr.backends import default_cpu_backend, numba_available
+from dst.csr.model import SparseNet
 from dst.gpu import CUPY_GPU_AVAILABLE
 from dst.masked import MaskedNet
-from dst.sparse_backends import default_cpu_backend, numba_available
-from dst.truly_sparse import SparseNet
-
-# The default CPU engine (numba where installed) is the seed's 'Truly Sparse CSR (CPU)' row; where that
-# is not scipy, scipy (the readable reference) gets this row of its own.
-SCIPY_ROW = "Truly Sparse CSR scipy (CPU)"
 
 
 def time_forward(forward: Callable[[], object], runs: int = 10, warmup: int = 3,
@@ -72,8 +69,7 @@ def first_samples(loader: Iterable, num_samples: int) -> torch.Tensor:
 
     Raises ValueError when the loader holds fewer, rather than return fewer than asked for.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    check_positive_int(num_samples=num_samples)
     batches, count = [], 0
     for batch in loader:
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -96,17 +92,17 @@ def benchmark_inference(model: MaskedNet, loader: Iterable, device, num_samples:
     Args:
         model: a MaskedNet; it is copied, never moved or switched to eval mode.
         device: where the GPU rows run. They run only when it is a CUDA device that
-            torch can use ('Dense+Mask (GPU)', 'Truly Sparse torch.sparse (GPU)'),
-            and the cupy row only when cupy also sees a GPU ('Truly Sparse CSR (GPU)').
+            torch can use (``MASKED_GPU``, ``TORCH_SPARSE_GPU``), and the cupy row
+            (``CSR_GPU``) only when cupy also sees a GPU.
 
     Returns:
         ``{row name: {'mean', 'std', 'median', 'min', 'runs'}}`` in milliseconds per
-        forward of the whole ``num_samples`` batch, always with the rows
-        'Dense, no mask (CPU)' (the same weights without the mask step, i.e. a plain
-        dense net), 'Dense+Mask (CPU)', 'Truly Sparse CSR (CPU)' (the default CPU engine:
+        forward of the whole ``num_samples`` batch; row names are ``dst.benchmark_rows``'
+        constants. Always present: ``DENSE_CPU`` (the same weights without the mask step,
+        i.e. a plain dense net), ``MASKED_CPU``, ``CSR_CPU`` (the default CPU engine:
         numba's fused kernels on numba's threads where numba is installed, else scipy),
-        'Truly Sparse CSR scipy (CPU)' (single-threaded scipy, only when numba is the default)
-        and 'Truly Sparse torch.sparse (CPU)'; the dense and torch rows use torch's
+        ``CSR_SCIPY_CPU`` (single-threaded scipy, only when numba is the default) and
+        ``TORCH_SPARSE_CPU``; the dense and torch rows use torch's
         current thread count (see ``benchmark_environment``). Each sparse model runs once
         before any timing, so numba's compilation is never timed. On a machine shared
         with other jobs, start Python with OMP_WAIT_POLICY=PASSIVE (or use one torch
@@ -131,19 +127,19 @@ def inference_forwards(model: MaskedNet, inputs: torch.Tensor, device) -> dict[s
     for layer in unmasked.masked_layers().values():
         layer.apply_mask = False
     inputs = inputs.detach().cpu()
-    forwards = {"Dense, no mask (CPU)": (lambda: unmasked(inputs), None),
-                "Dense+Mask (CPU)": (lambda: dense(inputs), None),
-                "Truly Sparse CSR (CPU)": _sparse_forward(dense, default_cpu_backend(), None, inputs)}
+    forwards = {rows.DENSE_CPU: (lambda: unmasked(inputs), None),
+                rows.MASKED_CPU: (lambda: dense(inputs), None),
+                rows.CSR_CPU: _sparse_forward(dense, default_cpu_backend(), None, inputs)}
     if default_cpu_backend() != "scipy":
-        forwards[SCIPY_ROW] = _sparse_forward(dense, "scipy", None, inputs)
-    forwards["Truly Sparse torch.sparse (CPU)"] = _sparse_forward(dense, "torch", None, inputs)
+        forwards[rows.CSR_SCIPY_CPU] = _sparse_forward(dense, "scipy", None, inputs)
+    forwards[rows.TORCH_SPARSE_CPU] = _sparse_forward(dense, "torch", None, inputs)
     if _gpu_rows_reason(device) is None:
         gpu = torch.device(device)
         dense_gpu, inputs_gpu = copy.deepcopy(dense).to(gpu), inputs.to(gpu)
-        forwards["Dense+Mask (GPU)"] = (lambda: dense_gpu(inputs_gpu), lambda: torch.cuda.synchronize(gpu))
+        forwards[rows.MASKED_GPU] = (lambda: dense_gpu(inputs_gpu), lambda: torch.cuda.synchronize(gpu))
         if CUPY_GPU_AVAILABLE:
-            forwards["Truly Sparse CSR (GPU)"] = _sparse_forward(dense, "cupy", gpu, inputs)
-        forwards["Truly Sparse torch.sparse (GPU)"] = _sparse_forward(dense, "torch", gpu, inputs)
+            forwards[rows.CSR_GPU] = _sparse_forward(dense, "cupy", gpu, inputs)
+        forwards[rows.TORCH_SPARSE_GPU] = _sparse_forward(dense, "torch", gpu, inputs)
     return forwards
 
 
@@ -191,7 +187,7 @@ def benchmark_environment(device=None) -> dict:
         # multi-threaded forwards and steal the core a single-threaded row runs on.
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "scipy_threads": 1,  # scipy.sparse's CSR kernels are single-threaded
-        "cpu_sparse_backend": default_cpu_backend(),  # the engine of the 'Truly Sparse CSR (CPU)' row
+        "cpu_sparse_backend": default_cpu_backend(),  # the engine of the rows.CSR_CPU row
         **_numba_environment(),
         "gpu_rows": reason is None, "gpu_skipped_reason": reason,  # reasons are None where the rows run
         "cupy_row": reason is None and cupy_reason is None, "cupy_skipped_reason": reason or cupy_reason,

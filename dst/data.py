@@ -11,7 +11,6 @@ tensors that are already in place costs next to nothing.
 import copy
 import hashlib
 import math
-import numbers
 import os
 import shutil
 import socket
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 import torchvision
 from torch.utils.data import TensorDataset
+
+from dst.checks import is_positive_int
 
 MNIST_MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -188,10 +189,6 @@ def load_mnist_tensors(root: str | os.PathLike = "./data",
     return images, dataset.targets.to(torch.int64)
 
 
-def _is_positive_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
-
-
 class TensorLoader:
     """Batches (x, y) of in-memory tensors: a fast, reproducible stand-in for ``DataLoader``.
 
@@ -205,9 +202,9 @@ class TensorLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
                  seed: int = 0, max_batches: int | None = None, device: torch.device | str | None = None,
                  channels_last: bool = False):
-        if not _is_positive_int(batch_size):
+        if not is_positive_int(batch_size):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if max_batches is not None and not _is_positive_int(max_batches):
+        if max_batches is not None and not is_positive_int(max_batches):
             raise ValueError(f"max_batches must be None or a positive int, got {max_batches!r}")
         if len(images) != len(labels):
             raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")

@@ -41,8 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dst.masked import MaskedLayer, MaskedNet
-from dst.prune_regrow import Batch, LayerUpdate, apply_dst_step, dense_gradients
+from dst.masked import MaskedNet
+from dst.masked_layers import MaskedLayer
+from dst.prune_regrow import Batch, apply_dst_step, dense_gradients
+from dst.update_rule import LayerUpdate, get_regrow
 
 # Position hashes are ((index + 1) * multiplier) mod a prime: for layers below 2**31 weights
 # they are distinct and nonzero (so every weight counts), and sums of 2**31 of them fit in int64.
@@ -155,13 +157,13 @@ def distributed_dst_step(model: nn.Module, prune_ratio: float = 0.1, regrow: str
     if not is_distributed():
         return apply_dst_step(masked_net, prune_ratio=prune_ratio, regrow=regrow, batch=batch, loss_fn=loss_fn,
                               optimizer=optimizer, generator=generator)
-    gradients = None
-    if regrow == "random" and generator is None:
+    criterion, gradients = get_regrow(regrow), None
+    if criterion.uses_random and generator is None:
         generator = shared_generator()
-    elif regrow == "gradient" and batch is not None:
+    if criterion.needs_gradient and batch is not None:
         gradients = mean_dense_gradients(masked_net, batch, loss_fn)
     # Fingerprint the generator before it is used, so a mismatch can be blamed on it.
-    generator_hash = _generator_fingerprint(generator) if regrow == "random" else 0
+    generator_hash = _generator_fingerprint(generator) if criterion.uses_random else 0
     report = apply_dst_step(masked_net, prune_ratio=prune_ratio, regrow=regrow, batch=batch, loss_fn=loss_fn,
                             optimizer=optimizer, generator=generator, gradients=gradients)
     if check:

@@ -2,7 +2,10 @@
 
 A masked weight's gradient is zero at inactive positions, so an optimizer leaves
 them alone only if its per-weight state there (momentum, Adam's moments) is zero
-too. Two public torch hooks, run around every ``optimizer.step()``, keep it so:
+too. A DST step resets the state of the connections it moved in the optimizer its
+caller passes (``apply_dst_step(..., optimizer=...)``, ``DSTScheduler(optimizer=...)``);
+two public torch hooks, run around every ``optimizer.step()``, cover the optimizers
+nobody passed:
 
 - after a step, the optimizer is remembered for each weight it stepped, so a DST
   step can reset the state of the connections it moved in every optimizer that
@@ -13,6 +16,12 @@ too. Two public torch hooks, run around every ``optimizer.step()``, keep it so:
   checked) has that state zeroed at inactive positions. This covers the orders a
   DST step cannot see: a checkpoint loaded into a fresh optimizer that has not
   stepped yet, a model checkpoint with other masks loaded under a live optimizer.
+
+The hooks are torch's global optimizer step hooks
+(``torch.optim.optimizer.register_optimizer_step_pre_hook`` and ``..._post_hook``).
+They are installed by the first ``register_masked_weight`` call, i.e. when the
+first ``MaskedNet`` masks a weight (``dst.masked_layers.MaskedLayer.watch``), not
+when this module is imported, and they only act on masked weights.
 
 ``torch.optim.LBFGS`` keeps a flat history of past updates that cannot be reset
 weight by weight, so it would revive pruned weights: it is refused for masked
@@ -32,20 +41,25 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils.weak import WeakIdKeyDictionary
 
 # Weight Parameter -> weakref to the masked layer that masks it. Filled by the layers
-# (dst.masked) when they are built, copied or loaded; weak on both sides so neither
+# (dst.masked_layers) when they are built, copied or loaded; weak on both sides so neither
 # a weight nor a layer is kept alive by this index.
 _MASKED_WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # Every optimizer that has stepped a weight (the seed notebook calls apply_dst_step without one).
 _OPTIMIZERS_BY_PARAM: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # Optimizer -> {id(weight): what its state and the mask were when last made to agree}.
 _CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# The handles of the two global step hooks, once installed (see the module docstring).
+_HOOKS: list = []
 
 LBFGS_REFUSED = ("torch.optim.LBFGS cannot train masked weights: it keeps a flat history of past updates that a "
                  "DST step cannot reset weight by weight, so it would revive pruned weights; use SGD, Adam or AdamW")
 
 
 def register_masked_weight(weight: torch.Tensor, layer) -> None:
-    """Record that ``layer`` (a dst.masked.MaskedLayer) masks ``weight``."""
+    """Record that ``layer`` (a dst.masked_layers.MaskedLayer) masks ``weight``; the first call installs the hooks."""
+    if not _HOOKS:
+        _HOOKS.extend([register_optimizer_step_pre_hook(_agree_with_masks),
+                       register_optimizer_step_post_hook(_remember_optimizer)])
     _MASKED_WEIGHTS[weight] = weakref.ref(layer)
 
 
@@ -82,6 +96,8 @@ def reset_optimizer_state(optimizers, param: torch.Tensor, flat_indices: torch.T
 def _remember_optimizer(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     for group in optimizer.param_groups:
         for param in group["params"]:
+            if param not in _MASKED_WEIGHTS:
+                continue  # a DST step only ever asks about masked weights
             seen = _OPTIMIZERS_BY_PARAM.get(param)
             if seen is None:
                 seen = _OPTIMIZERS_BY_PARAM[param] = weakref.WeakSet()
@@ -109,7 +125,3 @@ def _agree_with_masks(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
                 for value in state:
                     value.masked_fill_(~mask, 0)
             checked[id(param)] = (weakref.ref(mask), mask._version, tuple(weakref.ref(value) for value in state))
-
-
-register_optimizer_step_pre_hook(_agree_with_masks)
-register_optimizer_step_post_hook(_remember_optimizer)

@@ -1,20 +1,21 @@
-"""The DST topology update: prune the weakest active weights, regrow as many elsewhere.
+"""The DST step of the simulated engine: ``apply_dst_step`` on every masked layer of a MaskedNet.
 
-Regrowth criteria (``REGROW``):
-- ``"random"`` (SET, Mocanu et al. 2018): new connections at uniformly random
-  inactive positions.
-- ``"gradient"`` (RigL, Evci et al. 2020): the inactive positions whose dense
-  loss gradient is largest in magnitude, from a batch the caller provides.
+Each layer moves connections by the rule both engines share (``dst.update_rule``):
+prune the active weights of smallest magnitude, regrow as many at positions that
+were inactive before the step, chosen by a regrow criterion (``REGROW``: ``"random"``
+for SET, ``"gradient"`` for RigL, whose dense gradients ``dense_gradients`` computes
+from a batch). Here the layer's state is a boolean mask over a dense torch weight.
 
-Both start regrown weights at exactly zero. RigL does so by design; the
+Both criteria start regrown weights at exactly zero. RigL does so by design; the
 original SET drew them from the init distribution, but a random value injected
 into a trained net changes its function at once (the loss jumps after every
 update), while a zero leaves the function unchanged and lets the next gradient
 steps decide what the connection is worth.
 
-Candidates for regrowth are the positions inactive *before* the step, so a
-weight pruned now is not regrown in the same step and the update really moves
-``pruned`` connections.
+Moved connections also start with zero optimizer state (momentum, Adam's moments),
+in the optimizer passed to ``apply_dst_step`` and in every optimizer that has stepped
+the layer's weight: ``dst.optimizer_state`` finds those, so the seed's call
+``apply_dst_step(masked_net, prune_ratio=0.1)`` is correct without one.
 
 Every count is exact whatever the weights hold: pruning picks among the active
 positions only and regrowth among the inactive ones. A layer with a NaN or
@@ -23,44 +24,17 @@ layer, before anything changes. Frozen layers (``requires_grad=False`` weight)
 are left out of DST, and so, under RigL, are layers the loss does not reach.
 """
 
-import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dst.masked import MaskedLayer, MaskedNet
+from dst.masked import MaskedNet
+from dst.masked_layers import MaskedLayer
 from dst.optimizer_state import check_optimizer, optimizers_of, reset_optimizer_state
+from dst.update_rule import LayerUpdate, check_prune_ratio, choose_moves, get_regrow, moved_count
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class LayerUpdate:
-    """What one DST step did to one layer (counts of weights)."""
-
-    active: int
-    pruned: int
-    regrown: int
-
-
-def regrow_random(candidates: torch.Tensor, count: int, gradient: torch.Tensor | None,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """``count`` flat indices drawn uniformly from the True entries of ``candidates``."""
-    pool = candidates.nonzero().squeeze(1)
-    order = torch.randperm(pool.numel(), generator=generator).to(pool.device)
-    return pool[order[:count]]
-
-
-def regrow_gradient(candidates: torch.Tensor, count: int, gradient: torch.Tensor | None,
-                    generator: torch.Generator | None) -> torch.Tensor:
-    """Flat indices of the ``count`` candidates with the largest gradient magnitude."""
-    scores = gradient.abs().masked_fill(~candidates, -1.0)
-    return torch.topk(scores, count, sorted=False).indices
-
-
-REGROW = {"random": regrow_random, "gradient": regrow_gradient}
 
 
 def split_batch(batch) -> Batch:
@@ -104,23 +78,32 @@ def dense_gradients(masked_net: MaskedNet, batch: Batch,
     return {name: grad for name, grad in zip(layers, grads) if grad is not None}
 
 
-def _update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str, gradient: torch.Tensor | None,
-                  optimizers: set, generator: torch.Generator | None) -> LayerUpdate:
+def update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str = "random",
+                 gradient: torch.Tensor | None = None, optimizers=(),
+                 generator: torch.Generator | None = None) -> LayerUpdate:
+    """One DST step on one masked layer (``dst.update_rule``'s choices), its moved weights and their state zeroed.
+
+    ``gradient`` is the layer's dense loss gradient (criteria that need one);
+    ``optimizers`` are those whose state at the moved positions is reset.
+    """
+    criterion = get_regrow(regrow)
     mask = layer.mask.view(-1)
-    active_positions = mask.nonzero().squeeze(1)
-    active = active_positions.numel()
-    count = min(round(prune_ratio * active), mask.numel() - active)
+    active = mask.nonzero().squeeze(1)
+    count = moved_count(active.numel(), mask.numel(), prune_ratio)
     if count == 0:
-        return LayerUpdate(active=active, pruned=0, regrown=0)
+        return LayerUpdate(active=active.numel(), pruned=0, regrown=0)
     weight = layer.weight.detach().view(-1)
-    smallest = torch.topk(weight[active_positions].abs(), count, largest=False, sorted=False).indices
-    pruned = active_positions[smallest]
-    flat_gradient = None if gradient is None else gradient.reshape(-1)
-    regrown = REGROW[regrow](~mask, count, flat_gradient, generator)
+    # The rule runs on the host: the active positions and their magnitudes (and RigL's gradient) come over.
+    magnitudes = weight[active].abs().float().cpu().numpy()
+    flat_gradient = None if gradient is None else gradient.detach().reshape(-1).float().cpu().numpy()
+    pruned, regrown = choose_moves(active.cpu().numpy(), magnitudes, mask.numel(), count, criterion,
+                                   gradient=flat_gradient, random=generator)
+    pruned = active[torch.from_numpy(pruned).to(active.device)]
+    regrown = torch.from_numpy(regrown).to(mask.device)
+    changed = torch.cat([pruned, regrown])
     with torch.no_grad():
         mask[pruned] = False
         mask[regrown] = True
-        changed = torch.cat([pruned, regrown])
         weight[changed] = 0.0
     reset_optimizer_state(optimizers, layer.weight, changed)
     return LayerUpdate(active=int(mask.sum()), pruned=count, regrown=count)
@@ -153,9 +136,13 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
 
     Args:
         prune_ratio: fraction of each layer's active weights to move, in [0, 1].
-        regrow: "random" (SET) or "gradient" (RigL; needs ``batch``).
-        batch: (inputs, targets) for the gradient criterion.
-        optimizer: refused if it is a torch.optim.LBFGS (its history cannot be reset per weight).
+        regrow: a criterion of ``dst.update_rule.REGROW``: "random" (SET) or "gradient"
+            (RigL; needs ``batch`` or ``gradients``).
+        batch: (inputs, targets) for a criterion that needs gradients.
+        optimizer: the optimizer training ``masked_net``; pass it, so the reset is visible at
+            the call. Optimizers that have already stepped these weights are found without it
+            (``dst.optimizer_state``). Refused if it is a torch.optim.LBFGS (its history cannot
+            be reset per weight).
         generator: random source for "random" regrowth (default: torch's global one).
         gradients: precomputed dense gradients by layer name (as in ``masked_layers()``)
             for "gradient" regrowth, used instead of computing them from ``batch``;
@@ -168,21 +155,21 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
         raise TypeError(f"apply_dst_step needs a MaskedNet, got {type(masked_net).__name__}; "
                         "wrap the model first: MaskedNet(model, sparsity=...)")
     check_prune_ratio(prune_ratio)
-    if regrow not in REGROW:
-        raise ValueError(f"unknown regrow method {regrow!r}; choose one of {sorted(REGROW)}")
+    criterion = get_regrow(regrow)
     if optimizer is not None:
         check_optimizer(optimizer)
-    if regrow == "gradient" and gradients is None:
+    if criterion.needs_gradient and gradients is None:
         if batch is None:
-            raise ValueError("regrow='gradient' (RigL) needs batch=(inputs, targets) to compute gradients")
+            raise ValueError(f"regrow={regrow!r} ({criterion.description}) needs batch=(inputs, targets) "
+                             "to compute gradients")
         gradients = dense_gradients(masked_net, batch, loss_fn)
-    elif regrow == "gradient":
+    elif criterion.needs_gradient:
         _check_gradients(masked_net, gradients)
     else:
         gradients = {}
     layers = masked_net.masked_layers()
     moving = {name: layer for name, layer in layers.items()
-              if layer.weight.requires_grad and (regrow != "gradient" or name in gradients)}
+              if layer.weight.requires_grad and (not criterion.needs_gradient or name in gradients)}
     for name, layer in moving.items():  # every check before the first change
         _check_finite(name, layer.weight.detach(), "weights")
         if name in gradients:
@@ -193,7 +180,7 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
             report[name] = LayerUpdate(active=layer.active_count, pruned=0, regrown=0)
             continue
         optimizers = optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set())
-        report[name] = _update_layer(layer, prune_ratio, regrow, gradients.get(name), optimizers, generator)
+        report[name] = update_layer(layer, prune_ratio, regrow, gradients.get(name), optimizers, generator)
     return report
 
 
@@ -208,11 +195,3 @@ def _check_gradients(masked_net: MaskedNet, gradients: dict[str, torch.Tensor]) 
         if gradients[name].shape != layer.weight.shape:
             raise ValueError(f"gradients[{name!r}] has shape {tuple(gradients[name].shape)}, "
                              f"the layer's weight {tuple(layer.weight.shape)}")
-
-
-def check_prune_ratio(prune_ratio: float) -> None:
-    """Raise unless ``prune_ratio`` is a number in [0, 1]."""
-    if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, numbers.Real):
-        raise TypeError(f"prune_ratio must be a float in [0, 1], got {type(prune_ratio).__name__}")
-    if not 0.0 <= prune_ratio <= 1.0:
-        raise ValueError(f"prune_ratio must be in [0, 1] (fraction of active weights moved), got {prune_ratio}")

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dst import benchmark_rows
+
 # Two medians closer than this are reported as "about the same": these machines are noisy.
 SAME_SPEED_TOLERANCE = 0.10
 
@@ -134,8 +136,8 @@ def runs_table(runs: list[dict]) -> list[dict]:
     rows = []
     for run in runs:
         timings = run.get("benchmark", {})
-        dense = timings.get("Dense+Mask (CPU)", {}).get("median")
-        sparse = timings.get("Truly Sparse CSR (CPU)", {}).get("median")
+        dense = timings.get(benchmark_rows.MASKED_CPU, {}).get("median")
+        sparse = timings.get(benchmark_rows.CSR_CPU, {}).get("median")
         rows.append({
             "label": run["label"],
             "sparsity": run["config"]["GLOBAL_SPARSITY"],

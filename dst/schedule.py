@@ -1,15 +1,15 @@
 """When DST updates happen and how much they move: the config and a small scheduler."""
 
 import math
-import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from dst.masked import MaskedNet
-from dst.prune_regrow import REGROW, Batch, LayerUpdate, apply_dst_step, check_prune_ratio
+from dst.checks import is_positive_int
+from dst.prune_regrow import Batch, apply_dst_step
+from dst.update_rule import LayerUpdate, check_prune_ratio, get_regrow
 
 SCHEDULES = ("constant", "cosine")
 UNITS = ("epoch", "step")
@@ -22,7 +22,7 @@ class DSTConfig:
     # Fraction of each layer's active weights moved per update. 0.1 is the seed's;
     # RigL uses 0.3 and lets the cosine schedule decay it.
     prune_ratio: float = 0.1
-    # "random" (SET) or "gradient" (RigL). Both keep the same active count.
+    # A criterion of dst.update_rule.REGROW: "random" (SET) or "gradient" (RigL). Both keep the active count.
     regrow: str = "random"
     # "constant" (the seed) or "cosine": ratio * (1 + cos(pi * t / end)) / 2, zero from `end` on,
     # so the topology settles before training ends (RigL stops updating at 75% of training).
@@ -35,15 +35,14 @@ class DSTConfig:
 
     def __post_init__(self):
         check_prune_ratio(self.prune_ratio)
-        if self.regrow not in REGROW:
-            raise ValueError(f"unknown regrow method {self.regrow!r}; choose one of {sorted(REGROW)}")
+        get_regrow(self.regrow)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
         if self.unit not in UNITS:
             raise ValueError(f"unknown unit {self.unit!r}; choose one of {list(UNITS)}")
-        if not _is_positive_int(self.every):
+        if not is_positive_int(self.every):
             raise ValueError(f"every must be a positive int (units between updates), got {self.every!r}")
-        if self.end is not None and not _is_positive_int(self.end):
+        if self.end is not None and not is_positive_int(self.end):
             raise ValueError(f"end must be None or a positive int (the last epoch or step with an update), "
                              f"got {self.end!r}")
         # Plain ints from here on (a numpy integer would otherwise leak into results JSON and reprs).
@@ -69,10 +68,6 @@ class DSTConfig:
         return [t for t in range(1, total + 1) if self.is_update(t)]
 
 
-def _is_positive_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
-
-
 @dataclass
 class DSTEvent:
     """One update that happened: when, how much, and the per-layer report."""
@@ -85,15 +80,18 @@ class DSTEvent:
 
 @dataclass
 class DSTScheduler:
-    """Applies DST updates to ``masked_net`` when ``config`` says they are due.
+    """Applies DST updates to ``model`` when ``config`` says they are due, on either engine.
 
-    Call ``after_step(batch)`` after every optimizer step (``train_epoch`` does
-    when given ``dst=``) and ``after_epoch(loader)`` after every epoch; only
-    the calls matching ``config.unit`` count. Each returns the ``DSTEvent`` it
-    applied, or None. All events are kept in ``history``.
+    ``model`` is a MaskedNet (the simulated engine; ``dst_step`` is ``apply_dst_step``) or
+    a truly sparse ``dst.csr.mlp.SparseMLP`` (``dst_step=dst.csr.mlp.sparse_dst_step``,
+    which ``SparseMLP.fit`` passes). Call ``after_step(batch)`` after every optimizer step
+    (``train_epoch`` does when given ``dst=``) and ``after_epoch(loader)`` after every epoch;
+    only the calls matching ``config.unit`` count. Each returns the ``DSTEvent`` it
+    applied, or None. All events are kept in ``history``. ``optimizer`` is handed to every
+    step, which resets its state at the moved connections.
     """
 
-    masked_net: MaskedNet
+    model: object
     config: DSTConfig
     optimizer: torch.optim.Optimizer | None = None
     loss_fn: Callable = F.cross_entropy
@@ -123,8 +121,8 @@ class DSTScheduler:
         if not self.config.is_update(t):
             return None
         ratio = self.config.prune_ratio_at(t)
-        batch = get_batch() if self.config.regrow == "gradient" else None
-        layers = self.dst_step(self.masked_net, prune_ratio=ratio, regrow=self.config.regrow,
+        batch = get_batch() if get_regrow(self.config.regrow).needs_gradient else None
+        layers = self.dst_step(self.model, prune_ratio=ratio, regrow=self.config.regrow,
                                batch=batch, loss_fn=self.loss_fn, optimizer=self.optimizer,
                                generator=self.generator)
         event = DSTEvent(unit=self.config.unit, t=t, prune_ratio=ratio, layers=layers)
@@ -135,6 +133,6 @@ class DSTScheduler:
 def _first_batch(loader: Iterable[Batch]) -> Batch:
     batch = next(iter(loader), None)
     if batch is None:
-        raise ValueError("regrow='gradient' (RigL) draws one batch from the loader given to after_epoch, "
-                         "but that loader yielded none")
+        raise ValueError("a regrow criterion that needs gradients (RigL) draws one batch from the loader given to "
+                         "after_epoch, but that loader yielded none")
     return batch

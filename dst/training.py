@@ -22,7 +22,7 @@ def seed_everything(seed: int) -> None:
 def train_epoch(model: nn.Module, loader, criterion, optimizer: torch.optim.Optimizer,
                 device: torch.device | str, dst: DSTScheduler | None = None,
                 progress: bool = True) -> tuple[float, float]:
-    """Train for one pass over ``loader``; returns (mean loss, accuracy in %).
+    """Train for one pass over ``loader``; returns ``(mean loss, accuracy in %)``, the seed's order.
 
     Batches are (inputs, targets) with class-index targets. With ``dst``, its
     step-based updates run after each optimizer step. ``progress=False`` turns the
@@ -56,7 +56,12 @@ def train_epoch(model: nn.Module, loader, criterion, optimizer: torch.optim.Opti
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str, criterion=None,
              progress: bool = False) -> float | tuple[float, float]:
-    """Accuracy in % on ``loader``; with ``criterion``, (accuracy %, mean loss)."""
+    """Accuracy in % on ``loader``; with ``criterion``, the tuple ``(accuracy in %, mean loss)``.
+
+    The seed returns the accuracy alone, so accuracy comes first here and the loss is the
+    optional extra: the reverse of ``train_epoch``'s ``(loss, accuracy)``. ``train_and_evaluate``
+    returns both by name and avoids the question.
+    """
     model.eval()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)

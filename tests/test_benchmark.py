@@ -5,17 +5,17 @@ import pytest
 import torch
 from torch import nn
 
-from dst import benchmark
+from dst import benchmark, benchmark_rows
 from dst.benchmark import (
-    SCIPY_ROW,
     benchmark_environment,
     benchmark_inference,
     first_samples,
     time_forward,
     time_interleaved,
 )
+from dst.benchmark_rows import CSR_SCIPY_CPU as SCIPY_ROW
+from dst.csr.backends import numba_available
 from dst.masked import MaskedNet
-from dst.sparse_backends import numba_available
 
 SEED_ROWS = {"Dense, no mask (CPU)", "Dense+Mask (CPU)", "Truly Sparse CSR (CPU)", "Truly Sparse torch.sparse (CPU)"}
 # With numba, 'Truly Sparse CSR (CPU)' is numba's engine and scipy's reference gets a row of its own.
@@ -125,3 +125,13 @@ def test_more_samples_than_the_loader_holds_is_refused_not_shrunk():
     with pytest.raises(ValueError, match="num_samples must be a positive int"):
         first_samples(list_loader(), 0)
     assert first_samples(list_loader(), np.int64(12)).shape[0] == 12
+
+
+def test_row_names_keep_the_seed_schema_and_name_their_device():
+    assert {benchmark_rows.DENSE_CPU, benchmark_rows.MASKED_CPU, benchmark_rows.CSR_CPU,
+            benchmark_rows.TORCH_SPARSE_CPU} == SEED_ROWS  # the keys of every saved results file
+    assert [benchmark_rows.device_of(name) for name in (benchmark_rows.MASKED_GPU, "Dense+Mask", "x (y) (CPU)")] == [
+        "GPU", "", "CPU"]
+    for baseline, candidate in benchmark_rows.COMPARISONS:
+        assert benchmark_rows.is_baseline(baseline) or baseline == benchmark_rows.DENSE_CPU
+        assert not benchmark_rows.is_baseline(candidate) or candidate == benchmark_rows.MASKED_CPU

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dst.allocation import active_count, layer_densities
-from dst.masked import MaskedConv1d, MaskedConv2d, MaskedConv3d, MaskedLinear, MaskedNet
+from dst.masked import MaskedNet
+from dst.masked_layers import MaskedConv1d, MaskedConv2d, MaskedConv3d, MaskedLinear
 from dst.models import MLP, SimpleNet
 from dst.prune_regrow import apply_dst_step
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from dst import plots  # noqa: E402
+from dst import mask_plots, plots  # noqa: E402
 
-BLACK, WHITE, RED, GREEN = (tuple(color) for color in plots.TRANSITION_COLORS)
+BLACK, WHITE, RED, GREEN = (tuple(color) for color in mask_plots.TRANSITION_COLORS)
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,7 @@ def random_masks(epochs=3, shapes=None, density=0.2, seed=0):
 def test_mask_transition_image_colours_each_transition():
     previous = np.array([[1, 1, 0], [0, 1, 0]], dtype=bool)
     current = np.array([[1, 0, 1], [0, 1, 0]], dtype=bool)
-    image = plots.mask_transition_image(previous, current)
+    image = mask_plots.mask_transition_image(previous, current)
     assert image.shape == (2, 3, 3)
     assert image.dtype == np.uint8
     expected = [[WHITE, RED, GREEN], [BLACK, WHITE, BLACK]]
@@ -40,7 +40,7 @@ def test_mask_transition_image_colours_each_transition():
 
 def test_first_epoch_against_itself_is_only_white_and_black():
     mask = np.array([[1, 0, 1], [0, 0, 1]], dtype=bool)
-    image = plots.mask_transition_image(mask, mask)
+    image = mask_plots.mask_transition_image(mask, mask)
     assert {tuple(pixel) for pixel in image.reshape(-1, 3)} == {WHITE, BLACK}
 
 
@@ -49,7 +49,7 @@ def test_block_with_one_regrown_pixel_among_kept_is_green():
     current = previous.copy()
     current[3, 5] = False  # pruned
     previous[6, 1] = False  # regrown: off before, on now
-    image = plots.mask_transition_image(previous, current, block=(8, 8))
+    image = mask_plots.mask_transition_image(previous, current, block=(8, 8))
     assert image.shape == (1, 1, 3)
     assert tuple(image[0, 0]) == GREEN
 
@@ -59,7 +59,7 @@ def test_block_priority_pruned_over_kept_over_empty():
     current = np.zeros((4, 6), dtype=bool)
     previous[0, 0] = True  # block (0, 0): one pruned pixel
     previous[0, 3] = current[0, 3] = True  # block (0, 1): one kept pixel
-    image = plots.mask_transition_image(previous, current, block=(2, 3))
+    image = mask_plots.mask_transition_image(previous, current, block=(2, 3))
     assert [[tuple(pixel) for pixel in row] for row in image] == [[RED, WHITE], [BLACK, BLACK]]
 
 
@@ -68,8 +68,8 @@ def test_block_priority_pruned_over_kept_over_empty():
 def test_block_reduction_takes_each_blocks_highest_priority(height, width, block_rows, block_cols, seed):
     rng = np.random.default_rng(seed)
     previous, current = rng.random((2, height, width)) < 0.3
-    full = plots.mask_transition_image(previous, current)
-    reduced = plots.mask_transition_image(previous, current, block=(block_rows, block_cols))
+    full = mask_plots.mask_transition_image(previous, current)
+    reduced = mask_plots.mask_transition_image(previous, current, block=(block_rows, block_cols))
     priority = [BLACK, WHITE, RED, GREEN]
     assert reduced.shape == (-(-height // block_rows), -(-width // block_cols), 3)
     for row in range(reduced.shape[0]):
@@ -82,17 +82,17 @@ def test_block_reduction_takes_each_blocks_highest_priority(height, width, block
 
 def test_mask_transition_image_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
-        plots.mask_transition_image(np.zeros((2, 3), bool), np.zeros((3, 2), bool))
+        mask_plots.mask_transition_image(np.zeros((2, 3), bool), np.zeros((3, 2), bool))
 
 
 def test_mask_2d_evolution_reduces_large_masks_and_names_the_block_size(tmp_path):
     masks = random_masks(epochs=2, shapes={"fc3": (1000, 1000), "conv1": (16, 9)}, density=0.05)
     path = tmp_path / "nested" / "dir" / "mask_2d.png"
-    fig = plots.plot_mask_2d_evolution(masks, save_path=path)
+    fig = mask_plots.plot_mask_2d_evolution(masks, save_path=path)
     assert isinstance(fig, Figure)
     assert path.is_file()
     big_image = fig.axes[0].images[0].get_array()
-    assert max(big_image.shape[:2]) <= plots.MAX_IMAGE_SIDE
+    assert max(big_image.shape[:2]) <= mask_plots.MAX_IMAGE_SIDE
     assert "(8x8 blocks)" in fig.axes[0].get_title(loc="left")
     assert "blocks" not in fig.axes[2].get_title(loc="left")
 
@@ -101,7 +101,7 @@ def test_mask_2d_evolution_rejects_layers_that_change_between_epochs():
     masks = random_masks(epochs=2)
     del masks[1]["fc1"]
     with pytest.raises(ValueError, match="epoch 2"):
-        plots.plot_mask_2d_evolution(masks)
+        mask_plots.plot_mask_2d_evolution(masks)
 
 
 def test_mask_evolution_per_epoch_reports_turnover(tmp_path):
@@ -109,18 +109,18 @@ def test_mask_evolution_per_epoch_reports_turnover(tmp_path):
     masks[2] = {name: mask.copy() for name, mask in masks[1].items()}  # no change from epoch 2 to 3
     sparsity = [{name: 1 - mask.mean() for name, mask in epoch.items()} for epoch in masks]
     path = tmp_path / "a" / "evolution.png"
-    fig = plots.plot_mask_evolution_per_epoch(sparsity, masks, save_path=path)
+    fig = mask_plots.plot_mask_evolution_per_epoch(sparsity, masks, save_path=path)
     assert path.is_file()
     turnover = fig.axes[1].lines[0].get_ydata()
     assert len(turnover) == 2 and turnover[0] > 0 and turnover[1] == 0
-    assert isinstance(plots.plot_mask_evolution_per_epoch(sparsity), Figure)
+    assert isinstance(mask_plots.plot_mask_evolution_per_epoch(sparsity), Figure)
 
 
 def test_mask_evolution_per_epoch_rejects_mismatched_epochs():
     masks = random_masks(epochs=3)
     sparsity = [{name: 0.8 for name in masks[0]}] * 2
     with pytest.raises(ValueError, match="masks_per_epoch"):
-        plots.plot_mask_evolution_per_epoch(sparsity, masks)
+        mask_plots.plot_mask_evolution_per_epoch(sparsity, masks)
 
 
 def curves(epochs=4):

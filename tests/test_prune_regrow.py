@@ -1,6 +1,9 @@
 """The DST step: counts kept, prune/regrow choices against an oracle, optimizer state reset."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +14,9 @@ from torch import nn
 
 from dst.masked import MaskedNet
 from dst.models import MLP, SimpleNet
-from dst.prune_regrow import LayerUpdate, apply_dst_step
+from dst.prune_regrow import apply_dst_step
 from dst.schedule import DSTConfig, DSTScheduler
+from dst.update_rule import LayerUpdate
 
 
 def toy_net(weights: torch.Tensor, mask: torch.Tensor) -> MaskedNet:
@@ -350,3 +354,13 @@ def test_inactive_weights_and_state_stay_zero_whatever_the_resume_order(order):
         assert torch.all(layer.weight[~layer.mask] == 0), name
         state = optimizer.state[layer.weight]
         assert torch.all(state["exp_avg"][~layer.mask] == 0) and torch.all(state["exp_avg_sq"][~layer.mask] == 0)
+
+
+def test_optimizer_hooks_come_with_the_first_masked_weight_not_with_an_import():
+    code = ("import torch, dst, utils\nfrom dst import optimizer_state\n"
+            "before = len(optimizer_state._HOOKS)\n"
+            "from dst.masked import MaskedNet\nfrom dst.models import MLP\nMaskedNet(MLP(4, (3,)), 0.5)\n"
+            "print(before, len(optimizer_state._HOOKS))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.split() == ["0", "2"]

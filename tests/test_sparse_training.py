@@ -11,20 +11,19 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dst import update_rule
+from dst.csr import backends
+from dst.csr.backends import TRAINING_BACKENDS, get_backend, numba_available
+from dst.csr.comparison import masked_dense_nbytes, train_masked_mlp, train_sparse_mlp
+from dst.csr.mlp import SparseMLP
+from dst.csr.optimizers import OptimizerConfig, torch_optimizer
 from dst.masked import MaskedNet
 from dst.models import MLP
 from dst.prune_regrow import apply_dst_step
 from dst.schedule import DSTConfig
-from dst.sparse_kernels import OptimizerConfig, sample_inactive
-from dst.sparse_training import (
-    SparseMLP,
-    masked_dense_nbytes,
-    torch_optimizer,
-    train_masked_mlp,
-    train_sparse_mlp,
-)
+from dst.update_rule import sample_inactive
 
-BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
+BACKENDS = ["scipy", pytest.param("numba", marks=pytest.mark.skipif(
     importlib.util.find_spec("numba") is None, reason="numba is not installed (optional backend)"))]
 OPTIMIZER_CONFIGS = {
     "sgd": OptimizerConfig(lr=0.1, momentum=0.9, weight_decay=1e-3),
@@ -281,7 +280,7 @@ def test_first_call_costs_are_reported_apart_from_the_step_time(trainer, tiny_lo
     (lambda: SparseMLP.random(hidden=1000), ValueError, "tuple of widths"),
     (lambda: SparseMLP.random(10, (5,), 3).update_topology(1.5), ValueError, "prune_ratio"),
     (lambda: SparseMLP.random(allocation="dense"), ValueError, "erk"),
-    (lambda: SparseMLP.random(10, (5,), backend="jax"), ValueError, r"\['cupy', 'numba', 'numpy'\]"),
+    (lambda: SparseMLP.random(10, (5,), backend="jax"), ValueError, r"\['cupy', 'numba', 'scipy', 'torch'\]"),
     (lambda: OptimizerConfig(name="rmsprop"), ValueError, r"\['adam', 'sgd'\]"),
     (lambda: OptimizerConfig(lr=-1.0), ValueError, "lr"),
     (lambda: OptimizerConfig(momentum=1.0), ValueError, "momentum"),
@@ -337,3 +336,33 @@ def test_non_finite_optimizer_settings_are_refused(field, value):
 def test_cupy_backend_without_cupy_says_what_is_missing():
     with pytest.raises(RuntimeError, match="cupy"):
         SparseMLP.random(10, (5,), 3, backend="cupy")
+
+
+def test_torch_backend_is_inference_only_and_names_the_backends_that_train():
+    with pytest.raises(ValueError, match=r"'torch' runs inference only.*\['cupy', 'numba', 'scipy'\]"):
+        SparseMLP.random(10, (5,), 3, backend="torch")
+    installed = ["scipy", *(["numba"] if numba_available() else [])]
+    assert all(get_backend(name).training is not None for name in installed)
+    assert set(installed) <= set(TRAINING_BACKENDS) and set(TRAINING_BACKENDS) < set(backends.BACKENDS)
+
+
+def test_random_regrowth_by_rejection_is_uniform_over_free_positions(monkeypatch):
+    monkeypatch.setattr(update_rule, "LIST_INACTIVE_UP_TO", 0)  # the path of layers too large to list
+    rng = np.random.default_rng(1)
+    active = np.array([1, 5, 6], dtype=np.int64)
+    counts = np.zeros(16)
+    for _ in range(3000):
+        drawn = sample_inactive(active, 16, 2, rng)
+        assert len(np.unique(drawn)) == 2 and not np.isin(drawn, active).any() and np.all(np.diff(drawn) > 0)
+        counts[drawn] += 1
+    np.testing.assert_allclose(counts[np.setdiff1d(np.arange(16), active)] / 3000, 2 / 13, rtol=0.15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_engines_make_the_same_dst_step_from_the_same_generator(backend):
+    net = masked_mlp(40, (30, 20), 6, sparsity=0.7, seed=2)
+    sparse = SparseMLP.from_masked(net, backend=backend)
+    masked_report = apply_dst_step(net, prune_ratio=0.3, generator=torch.Generator().manual_seed(3))
+    sparse_report = sparse.update_topology(0.3, random=torch.Generator().manual_seed(3))
+    assert sparse_report == masked_report
+    assert_same_network(sparse, net)

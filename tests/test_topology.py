@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dst import plots  # noqa: E402
+from dst import mask_plots  # noqa: E402
 from dst.masked import MaskedNet  # noqa: E402
 from dst.models import MLP, SimpleNet  # noqa: E402
 from dst.prune_regrow import apply_dst_step  # noqa: E402
@@ -68,7 +68,7 @@ def test_turnover_figure_draws_the_mask_changes():
         if epoch in (1, 3):
             apply_dst_step(net, prune_ratio=0.25 if epoch == 1 else 0.1, generator=torch.Generator().manual_seed(epoch))
     changes = mask_changes(snapshots)
-    fig = plots.plot_mask_evolution_per_epoch(sparsity, snapshots)
+    fig = mask_plots.plot_mask_evolution_per_epoch(sparsity, snapshots)
     drawn = {name: list(line.get_ydata()) for line in fig.axes[1].lines for name in line.get_label().split(", ")}
     for name in snapshots[0]:
         expected = [turnover_percent(change[name]) for change in changes]
@@ -84,7 +84,7 @@ def test_mask_figure_labels_each_changed_epoch_with_its_counts_and_skips_unchang
         if epoch == 2:
             apply_dst_step(net, prune_ratio=0.2, generator=torch.Generator().manual_seed(0))
     (changed,) = [change for change in mask_changes(snapshots) if change["fc1"]["pruned"]]
-    fig = plots.plot_mask_2d_evolution(snapshots)
+    fig = mask_plots.plot_mask_2d_evolution(snapshots)
     columns = len(fig.axes) // len(snapshots[0])
     assert columns == 2  # epoch 1 and epoch 3, the only epoch whose masks changed
     first_row_labels = [ax.get_xlabel() for ax in fig.axes[:columns]]
@@ -94,7 +94,7 @@ def test_mask_figure_labels_each_changed_epoch_with_its_counts_and_skips_unchang
 
 def test_mask_figure_says_when_no_dst_step_happened():
     net = masked_net()
-    fig = plots.plot_mask_2d_evolution([net.get_masks_as_2d(), net.get_masks_as_2d()])
+    fig = mask_plots.plot_mask_2d_evolution([net.get_masks_as_2d(), net.get_masks_as_2d()])
     assert "no DST step happened" in fig._suptitle.get_text()
 
 

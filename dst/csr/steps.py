@@ -12,11 +12,11 @@ that layer: the pool is a running maximum over the window positions, the bias an
 ReLU (which commute with a max) then touch 4x fewer values, im2col copies only the
 slabs some active weight reads into a preallocated buffer (padding never
 materialised), and output channels with no active weight are never computed. See
-``SparseConv`` for the details. ``ReLU`` and ``MaxPool`` are the unfolded steps.
+``ConvStep`` for the details. ``ReLU`` and ``MaxPool`` are the unfolded steps.
 
 Every step has ``prepare(shape) -> (out_shape, buffers)``, called once per input
 shape to allocate its work buffers, and ``step(x, buffers)``, the forward. Each runs
-on the array operations ``ops`` of one backend (``dst.sparse_backends``).
+on the array operations ``ops`` of one backend (``dst.csr.backends``).
 """
 
 import math
@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 
-class SparseConv:
+class ConvStep:
     """Conv2d (stride 1, zero padding) on a CSR weight, with the max-pool, bias and ReLU after it.
 
     With a ``ph x pw`` max-pool after it (stride == kernel; 1 x 1 when there is none),
@@ -163,7 +163,7 @@ class SparseConv:
                 "col_indices": col_indices[order], "row_pointers": np.concatenate([[0], np.cumsum(counts)])}
 
 
-class SparseLinear:
+class LinearStep:
     """Linear as ``W (out, in) @ X (in, N)``, then the bias and a folded-in ReLU."""
 
     kind = "linear"

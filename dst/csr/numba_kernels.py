@@ -1,8 +1,8 @@
-"""The numba backend of the truly sparse engine: fused kernels that run straight on the CSR weights.
+"""The compiled kernels of the ``numba`` backend, all working straight on CSR arrays.
 
-Activations stay batch-last, as in ``dst.sparse_layers``: images ``(C, H, W, N)``,
-features ``(F, N)``. Two compiled kernels do all the work, each a ``prange`` loop
-over independent outputs so both cores share it:
+Inference (``dst.csr.numba_backend``'s steps), activations batch-last: images
+``(C, H, W, N)``, features ``(F, N)``; each a ``prange`` loop over independent
+outputs so both cores share it:
 
 * ``conv_pool``: a conv computed directly from the CSR weight (no im2col), output
   stationary. One work item is one output channel and a block of pooled output rows
@@ -15,127 +15,27 @@ over independent outputs so both cores share it:
 * ``linear``: ``W (out, in) @ X (in, N)``, one output row per item, four weights per
   pass over the row, bias and ReLU fused.
 
-The weights are stored in the mask's own numbering (conv column ``c*kh*kw + i*kw + j``)
-with 16-bit column indices where a layer has at most 65,536 columns (every SimpleNet
-layer), so an active weight costs 6 bytes in memory instead of 8. Output buffers are
-allocated once per input shape and reused; the forward returns a copy (the batch-first
-transpose), so a caller never sees a buffer change under it.
+Training (``dst.csr.linear.SparseLinear``), activations feature-major ``(features,
+batch)``: ``train_matmul`` (W @ A), ``train_matmul_transposed`` (W.T @ dZ) and
+``train_sddmm`` (``dZ[row_k] . A[col_k]`` for every active weight). Serial on purpose:
+on the 2-core development machine shared with other work, numba's parallel versions
+waited ~8 ms a call for their second thread and were no faster on wide layers, whose
+time goes into fetching rows from memory.
 
 numba compiles each kernel on its first call (cached on disk next to this file, so
-later processes only load it); time a forward only after one call.
+later processes only load it); time nothing before one call.
 """
 
 import numba
 import numpy as np
 
-from dst.sparse_backends import ArrayOps
-from dst.sparse_layers import SparseLinear, conv_output_shape
-
-NO_BIAS = np.zeros(0, dtype=np.float32)
-# Floats in one conv work item's accumulator: 16 KiB leaves most of a 32-48 KiB L1 cache to the input runs.
-ACCUMULATOR_FLOATS = 4096
 # FMA contraction only: no reassociation, so every output sums its terms in one fixed order.
 FASTMATH = {"contract"}
 # UNSIGNED: the hot loops index flat arrays with np.uint64. A signed index makes numba add a
 # negative-index check to every access, which stops LLVM from vectorising: 2.5x slower on long runs.
 
 
-def index_type(columns: int) -> type:
-    """The narrowest column index type the kernels take for a layer with ``columns`` columns."""
-    return np.uint16 if columns <= np.iinfo(np.uint16).max + 1 else np.int32
-
-
-class CSR:
-    """A CSR matrix as the three arrays the kernels read: float32 values, column indices, row pointers."""
-
-    def __init__(self, values, col_indices, row_pointers, shape):
-        self.shape = tuple(int(size) for size in shape)
-        self.values = np.ascontiguousarray(values, dtype=np.float32)
-        self.col_indices = np.ascontiguousarray(col_indices, dtype=index_type(self.shape[1]))
-        pointer_type = np.int32 if self.values.size <= np.iinfo(np.int32).max else np.int64
-        self.row_pointers = np.ascontiguousarray(row_pointers, dtype=pointer_type)
-
-
-class NumbaConv:
-    """Conv2d (stride 1, zero padding) with the max-pool, bias and ReLU after it, in one ``conv_pool`` call."""
-
-    kind = "conv"
-
-    def __init__(self, ops, name: str, host: dict, in_channels: int, kernel_size, padding,
-                 pool_kernel=(1, 1), relu: bool = False):
-        self.ops, self.name, self.relu = ops, name, relu
-        self.in_channels, self.kernel_size, self.padding = in_channels, tuple(kernel_size), tuple(padding)
-        self.pool_kernel = tuple(pool_kernel)
-        self.weight = ops.csr(host["values"], host["col_indices"], host["row_pointers"], host["shape"])
-        bias = host.get("bias")
-        self.bias = None if bias is None else np.ascontiguousarray(bias.reshape(-1), dtype=np.float32)
-
-    def prepare(self, shape):
-        out_shape = conv_output_shape(self.name, self.in_channels, self.out_features, self.kernel_size,
-                                      self.padding, self.pool_kernel, shape)
-        _, out_height, out_width, batch = out_shape
-        (pool_h, pool_w) = self.pool_kernel
-        rows_per_item = max(1, min(out_height, ACCUMULATOR_FLOATS // max(1, pool_h * pool_w * out_width * batch)))
-        return out_shape, (rows_per_item, np.empty(out_shape, dtype=np.float32))
-
-    def __call__(self, x, buffers):
-        rows_per_item, out = buffers
-        weight = self.weight
-        conv_pool(np.ascontiguousarray(x), weight.values, weight.col_indices, weight.row_pointers,
-                  NO_BIAS if self.bias is None else self.bias, *self.kernel_size, *self.padding,
-                  *self.pool_kernel, self.relu, rows_per_item, out)
-        return out
-
-    @property
-    def in_features(self) -> int:  # columns of the mask's (out, in*kh*kw) matrix
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    def held_arrays(self) -> list:
-        return []
-
-    def host_csr(self, values: np.ndarray, col_indices: np.ndarray, row_pointers: np.ndarray) -> dict:
-        return {"shape": self.weight.shape, "values": values,
-                "col_indices": col_indices.astype(np.int64), "row_pointers": row_pointers.astype(np.int64)}
-
-
-class NumbaLinear(SparseLinear):
-    """Linear with its bias and ReLU in one ``linear`` call, into a buffer kept per input shape."""
-
-    def __init__(self, ops, name: str, host: dict, relu: bool = False):
-        super().__init__(ops, name, host, relu)
-        self.bias = None if self.bias is None else np.ascontiguousarray(self.bias.reshape(-1))
-
-    def prepare(self, shape):
-        out_shape, _ = super().prepare(shape)
-        return out_shape, np.empty(out_shape, dtype=np.float32)
-
-    def __call__(self, x, out):
-        weight = self.weight
-        linear(np.ascontiguousarray(x), weight.values, weight.col_indices, weight.row_pointers,
-               NO_BIAS if self.bias is None else self.bias, self.relu, out)
-        return out
-
-
-class NumbaOps(ArrayOps):
-    """``ArrayOps`` on numpy whose conv and linear steps are the fused numba kernels."""
-
-    conv_step, linear_step = NumbaConv, NumbaLinear
-
-    def __init__(self):
-        super().__init__("numba", np, None)
-
-    def csr(self, values, col_indices, row_pointers, shape) -> CSR:
-        return CSR(values, col_indices, row_pointers, shape)
-
-    def csr_arrays(self, matrix: CSR) -> tuple:
-        return matrix.values, matrix.col_indices, matrix.row_pointers
-
-
-# ----------------------------------------------------------------------------- kernels
+# ----------------------------------------------------------------------------- inference
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def conv_pool(x, values, col_indices, row_pointers, bias, kernel_h, kernel_w, pad_h, pad_w, pool_h, pool_w,
@@ -227,3 +127,37 @@ def linear(x, values, col_indices, row_pointers, bias, relu, out):  # pragma: no
         if relu:
             for n in range(np.uint64(row * batch), np.uint64((row + 1) * batch)):
                 flat_out[n] = max(flat_out[n], np.float32(0.0))
+
+
+# ----------------------------------------------------------------------------- training
+
+@numba.njit(fastmath=True, cache=True)
+def train_matmul(indptr, columns, weight, inputs, outputs):  # pragma: no cover - compiled
+    """``outputs (out, batch) = W @ inputs (in, batch)``."""
+    for row in range(len(indptr) - 1):
+        outputs[row, :] = 0.0
+        for k in range(indptr[row], indptr[row + 1]):
+            value, column = weight[k], columns[k]
+            for b in range(inputs.shape[1]):
+                outputs[row, b] += value * inputs[column, b]
+
+
+@numba.njit(fastmath=True, cache=True)
+def train_matmul_transposed(indptr, columns, weight, grad_outputs, grad_inputs):  # pragma: no cover
+    """``grad_inputs (in, batch) += W.T @ grad_outputs (out, batch)``; pass zeros."""
+    for row in range(len(indptr) - 1):
+        for k in range(indptr[row], indptr[row + 1]):
+            value, column = weight[k], columns[k]
+            for b in range(grad_outputs.shape[1]):
+                grad_inputs[column, b] += value * grad_outputs[row, b]
+
+
+@numba.njit(fastmath=True, cache=True)
+def train_sddmm(indptr, columns, left, right, out):  # pragma: no cover - compiled
+    """``out[k] = left[row_k] . right[col_k]`` for every entry ``k`` of the CSR pattern."""
+    for row in range(len(indptr) - 1):
+        for k in range(indptr[row], indptr[row + 1]):
+            column, total = columns[k], np.float32(0.0)
+            for b in range(left.shape[1]):
+                total += left[row, b] * right[column, b]
+            out[k] = total

@@ -1,34 +1,27 @@
 """Truly sparse inference: a MaskedNet converted to CSR matrices and run entirely in that format.
 
-Every masked Conv2d and Linear becomes a CSR matrix that holds exactly its active
-weights: the positions come from the MASK, so an active weight that happens to be
-0.0 (a freshly regrown connection) stays as an explicit zero. A conv is the
-``(out, in*kh*kw)`` matrix of its im2col product. Biases stay dense; no dense copy
-of any weight is kept.
-
-``SparseNet`` compiles the layer chain into steps (``dst.sparse_layers``) that keep
-activations batch-last and fold a max-pool right after a conv, and the ReLUs after a
-conv or linear, into that layer. It runs on one of four backends
-(``dst.sparse_backends``): ``scipy`` (numpy + scipy.sparse, CPU) and ``cupy`` (cupy +
-cupyx.scipy.sparse, GPU) are the same code written against an array module, so the
-CPU tests run the code the GPU runs; ``torch`` (torch.sparse_csr, CPU or CUDA) is a
-thin adapter with the same methods; ``numba`` (CPU, the fastest there) swaps in its own
-conv and linear steps (``dst.sparse_numba``): compiled loops straight on the CSR
-weights, with 16-bit column indices. The engine keeps per-input-shape work buffers, so
-a ``SparseNet`` must not be called from two threads at once.
+``SparseNet`` is built from the plain-data description of ``dst.csr.convert`` (or
+read from a file, ``dst.csr.npz``) and compiles the layer chain into steps
+(``dst.csr.steps``) that keep activations batch-last and fold a max-pool right after
+a conv, and the ReLUs after a conv or linear, into that layer. It runs on one of four
+backends (``dst.csr.backends``): ``scipy`` (numpy + scipy.sparse, CPU) and ``cupy``
+(cupy + cupyx.scipy.sparse, GPU) are the same code written against an array module,
+so the CPU tests run the code the GPU runs; ``torch`` (torch.sparse_csr, CPU or CUDA)
+is a thin adapter with the same methods; ``numba`` (CPU, the fastest there) swaps in
+its own conv and linear steps (``dst.csr.numba_backend``): compiled loops straight on
+the CSR weights, with 16-bit column indices. The engine keeps per-input-shape work
+buffers, so a ``SparseNet`` must not be called from two threads at once.
 """
 
 import numpy as np
 import torch
-from torch import nn
 
-from dst.masked import MaskedConv2d, MaskedLayer, MaskedLinear, MaskedNet
-from dst.sparse_backends import get_ops
-from dst.sparse_file import check_model, read_npz, write_npz
-from dst.sparse_layers import Flatten, MaxPool, ReLU, SparseConv, SparseLinear
-
-SUPPORTED_LAYERS = ("MaskedConv2d", "MaskedLinear", "ReLU", "MaxPool2d", "Flatten", "Dropout", "Identity")
-
+from dst.csr.backends import get_backend
+from dst.csr.convert import describe
+from dst.csr.npz import check_model, read_npz, write_npz
+from dst.csr.steps import ConvStep, Flatten, LinearStep, MaxPool, ReLU
+from dst.masked import MaskedNet
+from dst.masked_layers import MaskedLayer
 
 # ----------------------------------------------------------------------------- the model
 
@@ -41,15 +34,15 @@ class SparseNet:
     backend's own array of floats, normalised like the training data; it is
     converted to float32 on the backend's device), and returns the ``(N, classes)``
     output as the backend's array. The architecture and weights are checked
-    (``dst.sparse_file.check_model``) before any matrix is built.
+    (``dst.csr.npz.check_model``) before any matrix is built.
     """
 
     def __init__(self, architecture: list[dict], weights: dict[str, dict], backend: str = "scipy",
                  device=None):
         check_model(architecture, weights)
         self.backend, self.architecture = backend, architecture
-        self.ops = get_ops(backend, device)
-        self.layers: dict[str, SparseConv | SparseLinear] = {}
+        self.ops = get_backend(backend, device)
+        self.layers: dict[str, ConvStep | LinearStep] = {}
         self.steps = self._compile(architecture, weights)
         self._buffers: dict[tuple, list] = {}
 
@@ -169,7 +162,7 @@ class SparseNet:
     def save(self, path, compress: bool = True) -> int:
         """Write the model to one ``.npz`` file (zip-deflated unless ``compress=False``); returns its size in bytes.
 
-        See ``dst.sparse_file``: flat arrays shared by all layers and a JSON header; column
+        See ``dst.csr.npz``: flat arrays shared by all layers and a JSON header; column
         indices and row pointers in the narrowest unsigned type that holds them.
         """
         return write_npz(path, self.architecture, self.host_weights(), compress)
@@ -184,80 +177,6 @@ class SparseNet:
         """
         architecture, weights = read_npz(path)
         return cls(architecture, weights, backend, device)
-
-
-# ----------------------------------------------------------------------------- conversion
-
-def describe(masked_net: MaskedNet) -> tuple[list[dict], dict[str, dict]]:
-    """The layer chain of ``masked_net`` as (architecture, host CSR weights), both plain data.
-
-    The architecture is a JSON-able list of steps; the weights map each masked
-    layer's name to numpy arrays ``values`` (float32), ``col_indices``,
-    ``row_pointers``, ``bias`` and its 2-D ``shape``, with the structure taken from
-    the mask (explicit zeros kept).
-    """
-    if not isinstance(masked_net, MaskedNet):
-        raise TypeError(f"expected a dst.masked.MaskedNet, got {type(masked_net).__name__}")
-    architecture, weights = [], {}
-    for name, module in _layer_chain(masked_net.net, ""):
-        label = f"layer {name or '(the wrapped net)'!r} ({type(module).__name__})"
-        if isinstance(module, MaskedConv2d):
-            if (module.groups != 1 or tuple(module.stride) != (1, 1) or tuple(module.dilation) != (1, 1)
-                    or module.padding_mode != "zeros" or isinstance(module.padding, str)):
-                raise ValueError(f"{label}: the sparse conv supports groups=1, stride 1, dilation 1 and "
-                                 f"numeric zero padding, got groups={module.groups}, stride={module.stride}, "
-                                 f"dilation={module.dilation}, padding={module.padding!r} "
-                                 f"({module.padding_mode})")
-            architecture.append({"type": "conv", "name": name, "in_channels": module.in_channels,
-                                 "kernel_size": list(module.kernel_size), "padding": list(module.padding)})
-            weights[name] = _host_csr(module)
-        elif isinstance(module, MaskedLinear):
-            architecture.append({"type": "linear", "name": name})
-            weights[name] = _host_csr(module)
-        elif isinstance(module, nn.ReLU):
-            architecture.append({"type": "relu", "name": name})
-        elif isinstance(module, nn.MaxPool2d):
-            kernel, stride = _pair(module.kernel_size), _pair(module.stride)
-            if kernel != stride or _pair(module.padding) != (0, 0) or _pair(module.dilation) != (1, 1) \
-                    or module.ceil_mode:
-                raise ValueError(f"{label}: the sparse max-pool supports stride == kernel_size, no padding, "
-                                 f"dilation 1, floor mode; got kernel_size={module.kernel_size}, "
-                                 f"stride={module.stride}, padding={module.padding}")
-            architecture.append({"type": "maxpool", "name": name, "kernel_size": list(kernel)})
-        elif isinstance(module, nn.Flatten):
-            if module.start_dim != 1 or module.end_dim != -1:
-                raise ValueError(f"{label}: only Flatten(start_dim=1, end_dim=-1) is supported")
-            architecture.append({"type": "flatten", "name": name})
-        elif isinstance(module, (nn.Dropout, nn.Identity)):
-            continue  # no-ops at inference
-        else:
-            raise TypeError(f"cannot convert {label} to the truly sparse format; supported layers are "
-                            f"{', '.join(SUPPORTED_LAYERS)}, chained in nn.Sequential containers")
-    return architecture, weights
-
-
-def _layer_chain(module: nn.Module, prefix: str):
-    """Leaf layers in forward order: nn.Sequential containers (with their own forward) are walked."""
-    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-        for child_name, child in module.named_children():
-            yield from _layer_chain(child, f"{prefix}.{child_name}" if prefix else child_name)
-    else:
-        yield prefix, module
-
-
-def _host_csr(layer: MaskedConv2d | MaskedLinear) -> dict:
-    """A masked layer's active weights as numpy CSR arrays, rows = output units."""
-    mask = layer.mask_2d()  # (out, in) or (out, in*kh*kw)
-    weight = layer.weight.detach().reshape(mask.shape).to(device="cpu", dtype=torch.float32).numpy()
-    row_pointers = np.zeros(mask.shape[0] + 1, dtype=np.int64)
-    np.cumsum(mask.sum(axis=1), out=row_pointers[1:])
-    bias = None if layer.bias is None else layer.bias.detach().to(device="cpu", dtype=torch.float32).numpy()
-    return {"shape": mask.shape, "values": weight[mask], "col_indices": np.nonzero(mask)[1],
-            "row_pointers": row_pointers, "bias": bias}
-
-
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 # ----------------------------------------------------------------------------- memory

@@ -1,0 +1,54 @@
+"""Argument checks shared across the package, so every function words the same mistake the same way.
+
+Positive integers (sizes, counts), and the widths and labelled data both MLP trainers take.
+"""
+
+import numbers
+
+import numpy as np
+import torch
+
+
+def is_positive_int(value) -> bool:
+    """Whether ``value`` is an integer >= 1 (numpy integers included, bools excluded)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def check_positive_int(**values) -> None:
+    """Raise ValueError naming the first of ``name=value`` that is not a positive int."""
+    for name, value in values.items():
+        if not is_positive_int(value):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def class_labels(y, count: int, num_classes: int) -> np.ndarray:
+    """``count`` integer class labels in [0, ``num_classes``) as int64, or a clear error (float labels refused)."""
+    labels = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype} (a float label "
+                        "such as 3.7 would be truncated to 3); convert whole-number labels with .astype(int)")
+    labels = labels.astype(np.int64).reshape(-1)
+    if len(labels) != count:
+        raise ValueError(f"x and y differ in length: {count} vs {len(labels)}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+    return labels
+
+
+def check_hidden(hidden) -> tuple[int, ...]:
+    """``hidden`` as a tuple of widths, or a clear error for a bare width or anything else."""
+    if isinstance(hidden, (numbers.Number, str)) or not hasattr(hidden, "__iter__"):
+        raise ValueError(f"hidden must be a tuple of widths, e.g. ({hidden!r}, {hidden!r}), got {hidden!r}")
+    hidden = tuple(hidden)
+    if not all(is_positive_int(width) for width in hidden):
+        raise ValueError(f"hidden widths must be positive ints, got {hidden}")
+    return tuple(int(width) for width in hidden)
+
+
+def check_data(x, y, split: str, num_classes: int) -> np.ndarray:
+    """The labels of (x, y) as int64, after checking both hold the same, non-zero number of samples."""
+    if len(x) == 0:
+        raise ValueError(f"the {split} data is empty (0 samples)")
+    if len(x) != len(y):
+        raise ValueError(f"x and y of the {split} data differ in length: {len(x)} vs {len(y)}")
+    return class_labels(y, len(x), num_classes)

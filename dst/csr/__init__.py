@@ -1,0 +1,25 @@
+"""The truly sparse (CSR) engine: whole CNNs at inference, MLPs in training, on one set of array backends.
+
+Modules, one concept each:
+    backends       the one backend registry (scipy, numba, cupy, torch) and the Protocol callers use
+    numba_backend  the numba backend: its conv and linear steps and its training products
+    numba_kernels  the compiled kernels behind it
+    torch_backend  the torch.sparse backend (inference only)
+    steps          inference steps on any backend: im2col conv with max-pool folded in, linear, ReLU, ...
+    convert        a MaskedNet's layer chain as plain data (architecture + CSR arrays)
+    model          SparseNet: that chain run in CSR; save/load; memory report
+    npz            its .npz file, read as untrusted input
+    linear         SparseLinear: a CSR weight trained without ever being dense
+    optimizers     SGD and Adam on arrays of active weights; their torch twins
+    mlp            SparseMLP: the truly sparse trainer, and sparse_dst_step for DSTScheduler
+    comparison     the same MLP run trained truly sparse and masked, with comparable metrics
+"""
+
+from dst.csr.backends import BACKENDS, default_cpu_backend, get_backend
+from dst.csr.comparison import MLPRun, train_masked_mlp, train_sparse_mlp
+from dst.csr.mlp import SparseMLP, sparse_dst_step
+from dst.csr.model import SparseNet, memory_report
+from dst.csr.optimizers import OptimizerConfig
+
+__all__ = ["BACKENDS", "MLPRun", "OptimizerConfig", "SparseMLP", "SparseNet", "default_cpu_backend", "get_backend",
+           "memory_report", "sparse_dst_step", "train_masked_mlp", "train_sparse_mlp"]

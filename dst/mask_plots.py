@@ -1,0 +1,156 @@
+"""Figures of the mask topology over training: which connections each DST step pruned and regrew.
+
+Each function takes plain data (mask snapshots as 2-D boolean arrays, as
+``MaskedNet.get_masks_as_2d`` returns them; sparsities as fractions) and returns
+the Figure, drawn like every figure of ``dst.plots``; ``save_path`` additionally
+writes it to disk. The numbers drawn are ``dst.topology.mask_changes``'s.
+"""
+
+import math
+from itertools import pairwise
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Patch
+
+from dst.plots import check_lengths, finish, lecture_style
+from dst.topology import as_2d_masks, mask_changes, turnover_percent
+
+# Codes ordered by display priority, so a block of pixels takes the maximum code:
+# one regrown connection must stay visible among thousands of kept ones.
+EMPTY, KEPT, PRUNED, REGROWN = 0, 1, 2, 3
+TRANSITION_COLORS = np.array([[0, 0, 0], [255, 255, 255], [214, 39, 40], [44, 160, 44]], dtype=np.uint8)
+TRANSITION_NAMES = ("empty (off in both)", "kept (on in both)", "pruned (on -> off)", "regrown (off -> on)")
+# Past ~128 pixels a side a subplot has fewer screen pixels than the image, and
+# the few changed connections of a DST step would be lost to aliasing.
+MAX_IMAGE_SIDE = 128
+
+
+def mask_transition_image(previous, current, block=(1, 1)):
+    """Colour a 2-D mask against its previous version: pruned red, regrown green, kept white, empty black.
+
+    ``block=(rows, cols)`` reduces the image by blocks of that size; a block shows its
+    highest-priority transition (regrown > pruned > kept > empty). Returns (H', W', 3) uint8.
+    """
+    previous, current = np.asarray(previous, dtype=bool), np.asarray(current, dtype=bool)
+    if previous.shape != current.shape or previous.ndim != 2:
+        raise ValueError(f"masks must be 2-D and the same shape, got {previous.shape} and {current.shape}")
+    codes = np.where(current, np.where(previous, KEPT, REGROWN), np.where(previous, PRUNED, EMPTY))
+    block_rows, block_cols = block
+    if (block_rows, block_cols) != (1, 1):
+        height, width = codes.shape
+        padded = np.zeros((-(-height // block_rows) * block_rows, -(-width // block_cols) * block_cols), int)
+        padded[:height, :width] = codes
+        codes = padded.reshape(padded.shape[0] // block_rows, block_rows, -1, block_cols).max(axis=(1, 3))
+    return TRANSITION_COLORS[codes]
+
+
+@lecture_style
+def plot_mask_evolution_per_epoch(sparsity_per_epoch, masks_per_epoch=None, save_path=None):
+    """Plot per-layer sparsity (%) per epoch and, given masks, the topology turnover (%) between epochs.
+
+    Layers whose values are the same at every epoch share one line (labelled with all their
+    names), so no line hides another. The turnover is ``topology.mask_changes`` of the masks.
+    """
+    if not sparsity_per_epoch:
+        raise ValueError("sparsity_per_epoch is empty: record one {layer: sparsity} dict per epoch")
+    names = list(sparsity_per_epoch[0])
+    epochs = np.arange(1, len(sparsity_per_epoch) + 1)
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    if masks_per_epoch is None:
+        fig, sparsity_ax = plt.subplots(figsize=(8, 5))
+    else:
+        check_lengths(sparsity_per_epoch=sparsity_per_epoch, masks_per_epoch=masks_per_epoch)
+        changes = mask_changes(masks_per_epoch)
+        fig, (sparsity_ax, turnover_ax) = plt.subplots(1, 2, figsize=(15, 5.5))
+        turnover = {name: [turnover_percent(change[name]) for change in changes]
+                    for name in (changes[0] if changes else ())}
+        for series, group in _same_series(turnover).items():
+            turnover_ax.plot(epochs[1:], series, "o-", color=colors.get(group[0]), label=", ".join(group))
+        turnover_ax.set(xlabel="epoch", ylabel="active connections replaced (%)", xticks=epochs,
+                        title="Topology turnover since the previous epoch")
+        turnover_ax.set_ylim(bottom=0)
+        turnover_ax.grid(alpha=0.3)
+        if changes:
+            turnover_ax.legend()
+    sparsity = {name: [100 * epoch.get(name, np.nan) for epoch in sparsity_per_epoch] for name in names}
+    for series, group in _same_series(sparsity).items():
+        sparsity_ax.plot(epochs, series, "o-", color=colors[group[0]], label=", ".join(group))
+    sparsity_ax.set(xlabel="epoch", ylabel="sparsity (%)", xticks=epochs, title="Sparsity per layer")
+    sparsity_ax.ticklabel_format(axis="y", useOffset=False)  # flat DST lines otherwise read "1e-14 + 95"
+    sparsity_ax.grid(alpha=0.3)
+    sparsity_ax.legend()
+    fig.tight_layout()
+    return finish(fig, save_path)
+
+
+@lecture_style
+def plot_mask_2d_evolution(masks_per_epoch, save_path=None):
+    """Show each layer's mask (rows) at the first epoch and at every epoch whose mask changed (columns).
+
+    Each image is coloured by change since the previous epoch (pruned red, regrown green); epochs
+    whose masks equal the previous epoch's are named in the title instead of drawn, so the
+    columns stay wide enough to read on a projector.
+    """
+    masks_per_epoch = as_2d_masks(masks_per_epoch)
+    changes = mask_changes(masks_per_epoch)
+    names = list(masks_per_epoch[0])
+    changed = [index + 1 for index, change in enumerate(changes)
+               if any(layer["pruned"] or layer["regrown"] for layer in change.values())]
+    columns = [0, *changed]
+    unchanged = [index + 1 for index in range(1, len(masks_per_epoch)) if index not in changed]
+    n_layers, n_columns = len(names), len(columns)
+    fig, axes = plt.subplots(n_layers, n_columns, squeeze=False,
+                             figsize=(max(2.6 * n_columns + 1.0, 7.5), 1.9 * n_layers + 1.6))
+    for row, name in enumerate(names):
+        height, width = masks_per_epoch[0][name].shape
+        block = (math.ceil(height / MAX_IMAGE_SIDE), math.ceil(width / MAX_IMAGE_SIDE))
+        for column, index in enumerate(columns):
+            ax = axes[row, column]
+            previous = masks_per_epoch[max(index - 1, 0)][name]
+            ax.imshow(mask_transition_image(previous, masks_per_epoch[index][name], block),
+                      aspect="auto", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if index > 0:
+                change = changes[index - 1][name]
+                moved = change["pruned"] or change["regrown"]
+                ax.set_xlabel(f"-{change['pruned']:,} / +{change['regrown']:,}" if moved else "unchanged")
+        title = f"{name} {height}x{width}, {100 * masks_per_epoch[0][name].mean():.3g}% on"
+        if block != (1, 1):
+            title += f" ({block[0]}x{block[1]} blocks)"
+        axes[row, 0].set_title(title, loc="left")
+    for column, index in enumerate(columns):
+        axes[0, column].text(0.5, 1.4, f"epoch {index + 1}", ha="center", fontweight="bold",
+                             transform=axes[0, column].transAxes)
+    fig.tight_layout(h_pad=1.8)  # before the legend and title, which sit above the figure's top edge
+    handles = [Patch(facecolor=color / 255, edgecolor="gray", label=label)
+               for color, label in zip(TRANSITION_COLORS[::-1], TRANSITION_NAMES[::-1], strict=True)]
+    fig.legend(handles=handles, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 1.0))
+    subtitle = "x-label: connections pruned / regrown since the previous epoch"
+    if not changed:
+        subtitle = f"no mask changed in {len(masks_per_epoch)} epoch(s): no DST step happened"
+    elif unchanged:
+        subtitle += f"; epochs {_ranges(unchanged)} unchanged, not drawn"
+    fig.suptitle(f"Mask topology per epoch\n({subtitle})", y=1.0 + 0.75 / fig.get_figheight() + 0.08)
+    return finish(fig, save_path)
+
+
+def _same_series(series_by_name):
+    """Group names whose series are equal (to 1e-6), so coinciding lines are drawn once with all names."""
+    groups: dict[tuple, list[str]] = {}
+    for name, series in series_by_name.items():
+        groups.setdefault(tuple(round(value, 6) for value in series), []).append(name)
+    return groups
+
+
+def _ranges(numbers):
+    """'2, 4-6, 9' for [2, 4, 5, 6, 9]."""
+    spans, start = [], None
+    for previous, current in pairwise([None, *numbers, None]):
+        if start is None:
+            start = current
+        elif current is None or current != previous + 1:
+            spans.append(f"{start}" if start == previous else f"{start}-{previous}")
+            start = current
+    return ", ".join(spans)

@@ -1,0 +1,188 @@
+"""The DST update rule, one for both engines: how many connections move, which are pruned, where they regrow.
+
+A layer is described by the sorted flat positions of its active weights
+(``row * in + col``; a conv's weight flattened the same way), their magnitudes and
+its size ``numel``. ``choose_moves`` picks the ``count`` active weights of smallest
+magnitude to prune and asks a regrow criterion for ``count`` positions that were inactive
+*before* the step (a weight pruned now is not regrown now, so the step really moves
+``count`` connections). The simulated engine (``dst.prune_regrow``, boolean masks
+over torch weights) and the truly sparse one (``dst.csr.linear``, CSR arrays) both
+call it, so they make the same choices on the same layer and random stream.
+
+Regrow criteria (``REGROW``) declare what they need:
+
+- ``"random"`` (SET, Mocanu et al. 2018): uniformly random inactive positions. Needs a
+  random source, no gradient, and never lists the inactive positions of a large layer
+  (``sample_inactive``), so a 65536 x 65536 layer regrows in memory proportional to
+  its active weights.
+- ``"gradient"`` (RigL, Evci et al. 2020): the inactive positions whose dense loss
+  gradient is largest in magnitude. Needs that dense gradient, which only the
+  simulated engine forms.
+
+The random source is a ``torch.Generator`` (the simulated engine's, shared by every
+rank under ``dst.distributed``), a ``numpy.random.Generator`` (the CSR trainer's), or
+None for torch's global generator. Everything here works on host numpy arrays.
+"""
+
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+RandomSource = torch.Generator | np.random.Generator | None
+# Up to this many positions, random regrowth lists a layer's inactive positions outright
+# (9 bytes each: a bool and an int64, so 9 MiB here) and draws from the list, which is
+# simple and exact; every SimpleNet layer is below it. Beyond, it samples by rejection.
+LIST_INACTIVE_UP_TO = 1 << 20
+
+
+@dataclass(frozen=True)
+class LayerUpdate:
+    """What one DST step did to one layer (counts of weights)."""
+
+    active: int
+    pruned: int
+    regrown: int
+
+
+@dataclass(frozen=True)
+class RegrowCriterion:
+    """How a DST step picks the positions to regrow, and what that needs."""
+
+    name: str
+    description: str
+    needs_gradient: bool  # the dense loss gradient of the layer's weight, inactive positions included
+    uses_random: bool  # draws from the random source (every rank must then share its state)
+    # (active positions, numel, count, flat dense gradient or None, random source) -> sorted positions
+    choose: Callable[[np.ndarray, int, int, np.ndarray | None, RandomSource], np.ndarray]
+
+
+def regrow_random(active: np.ndarray, numel: int, count: int, gradient: np.ndarray | None,
+                  random: RandomSource) -> np.ndarray:
+    """``count`` positions drawn uniformly from the inactive ones (SET)."""
+    return sample_inactive(active, numel, count, random)
+
+
+def regrow_gradient(active: np.ndarray, numel: int, count: int, gradient: np.ndarray | None,
+                    random: RandomSource) -> np.ndarray:
+    """The ``count`` inactive positions with the largest gradient magnitude (RigL)."""
+    if gradient is None or gradient.size != numel:
+        raise ValueError(f"regrow='gradient' needs the layer's dense gradient of {numel} entries, "
+                         f"got {None if gradient is None else gradient.size}")
+    scores = np.abs(gradient)  # a copy: the caller's gradient is left as it was
+    scores[active] = -1.0  # below every inactive score, which is >= 0
+    return np.sort(np.argpartition(scores, numel - count)[numel - count:])
+
+
+REGROW = {
+    "random": RegrowCriterion("random", "uniformly random inactive positions (SET)", needs_gradient=False,
+                              uses_random=True, choose=regrow_random),
+    "gradient": RegrowCriterion("gradient", "the largest |dense gradient| among inactive positions (RigL)",
+                                needs_gradient=True, uses_random=False, choose=regrow_gradient),
+}
+
+
+def get_regrow(name: str) -> RegrowCriterion:
+    """The regrow criterion called ``name``, or a ValueError listing the choices."""
+    if name not in REGROW:
+        raise ValueError(f"unknown regrow method {name!r}; choose one of {sorted(REGROW)}")
+    return REGROW[name]
+
+
+def check_prune_ratio(prune_ratio: float) -> None:
+    """Raise unless ``prune_ratio`` is a number in [0, 1]."""
+    if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, numbers.Real):
+        raise TypeError(f"prune_ratio must be a float in [0, 1], got {type(prune_ratio).__name__}")
+    if not 0.0 <= prune_ratio <= 1.0:
+        raise ValueError(f"prune_ratio must be in [0, 1] (fraction of active weights moved), got {prune_ratio}")
+
+
+def moved_count(active: int, numel: int, prune_ratio: float) -> int:
+    """Connections one step moves: ``round(prune_ratio * active)``, fewer only if fewer positions are inactive."""
+    return min(round(prune_ratio * active), numel - active)
+
+
+def choose_moves(active: np.ndarray, magnitudes: np.ndarray, numel: int, count: int, criterion: RegrowCriterion,
+                 gradient: np.ndarray | None = None, random: RandomSource = None) -> tuple[np.ndarray, np.ndarray]:
+    """Which active weights to prune and where to regrow them, in one layer.
+
+    Args:
+        active: (active,) sorted int64 flat positions of the active weights.
+        magnitudes: (active,) their absolute values, in the same order.
+        count: how many move (``moved_count``); at most the active and the inactive positions.
+        gradient: (numel,) the flat dense gradient, for criteria that need it.
+
+    Returns:
+        ``(pruned, regrown)``: ``pruned`` indexes ``active`` (the ``count`` smallest magnitudes, in
+        no particular order; ``active[pruned]`` are their positions), since both engines hold their
+        weights in position order; ``regrown`` holds ``count`` sorted positions that were inactive.
+    """
+    if not 0 <= count <= min(len(active), numel - len(active)):
+        raise ValueError(f"cannot move {count} of {len(active)} active weights among {numel} positions")
+    if criterion.needs_gradient and gradient is None:
+        raise ValueError(f"regrow={criterion.name!r} needs the layer's dense gradient")
+    if count == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    pruned = np.argpartition(magnitudes, count - 1)[:count]
+    regrown = criterion.choose(active, numel, count, gradient, random)
+    return pruned, regrown.astype(np.int64, copy=False)
+
+
+# ----------------------------------------------------------------------------- random regrowth
+
+def sample_inactive(active: np.ndarray, numel: int, count: int, random: RandomSource) -> np.ndarray:
+    """``count`` distinct flat positions drawn uniformly from [0, numel) minus ``active`` (sorted int64).
+
+    A layer of at most ``LIST_INACTIVE_UP_TO`` positions, or one where the result would
+    leave fewer than half the positions free, lists its free positions and draws from
+    the list: then either the list is small or ``numel < 2 * (len(active) + count)``, so
+    it still scales with the number of active weights. Otherwise positions are drawn by
+    rejection, and nothing of size ``numel`` is made.
+    """
+    if count > numel - len(active):
+        raise ValueError(f"cannot draw {count} inactive positions out of {numel - len(active)}")
+    if numel <= LIST_INACTIVE_UP_TO or 2 * (len(active) + count) > numel:
+        taken = np.zeros(numel, dtype=bool)
+        taken[active] = True
+        free = np.flatnonzero(~taken)
+        return np.sort(free[_permutation(random, len(free))[:count]])
+    chosen = np.empty(0, dtype=np.int64)
+    while len(chosen) < count:
+        need = count - len(chosen)
+        free = numel - len(active) - len(chosen)  # at least half of numel, so few rounds
+        draws = np.sort(_integers(random, numel, int(need * numel / free * 1.1) + 16))
+        first = np.concatenate([[True], draws[1:] != draws[:-1]])  # np.unique, minus its slower hashing
+        new = draws[first & ~_contains(active, draws) & ~_contains(chosen, draws)]
+        chosen = np.sort(np.concatenate([chosen, new[_permutation(random, len(new))[:need]]]))  # disjoint
+    return chosen
+
+
+def _contains(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Whether each query is in ``sorted_values``."""
+    if len(sorted_values) == 0:
+        return np.zeros(len(queries), dtype=bool)
+    where = np.minimum(np.searchsorted(sorted_values, queries), len(sorted_values) - 1)
+    return sorted_values[where] == queries
+
+
+def _permutation(random: RandomSource, n: int) -> np.ndarray:
+    """A random permutation of range(n) from either library's generator."""
+    if isinstance(random, np.random.Generator):
+        return random.permutation(n)
+    return torch.randperm(n, generator=_torch_generator(random)).numpy()
+
+
+def _integers(random: RandomSource, high: int, size: int) -> np.ndarray:
+    """``size`` uniform int64 draws from [0, high) from either library's generator."""
+    if isinstance(random, np.random.Generator):
+        return random.integers(0, high, size=size)
+    return torch.randint(high, (size,), generator=_torch_generator(random)).numpy()
+
+
+def _torch_generator(random) -> torch.Generator | None:
+    if random is not None and not isinstance(random, torch.Generator):
+        raise TypeError(f"the random source must be a torch.Generator, a numpy.random.Generator or None, "
+                        f"got {type(random).__name__}")
+    return random
