@@ -216,3 +216,40 @@ def check_prune_ratio(prune_ratio: float) -> None:
         raise TypeError(f"prune_ratio must be a float in [0, 1], got {type(prune_ratio).__name__}")
     if not 0.0 <= prune_ratio <= 1.0:
         raise ValueError(f"prune_ratio must be in [0, 1] (fraction of active weights moved), got {prune_ratio}")
+
+
+def update_layer_counts(layer: MaskedLayer, prune_count: int, regrow_count: int,
+                        scores: torch.Tensor | None = None, optimizer: torch.optim.Optimizer | None = None,
+                        generator: torch.Generator | None = None) -> LayerUpdate:
+    """Prune and regrow one layer with counts the caller chose, which may differ.
+
+    The same rule as a DST step (magnitude pruning among active weights, regrowth among
+    positions inactive before the step, moved weights and their optimizer state zeroed),
+    for the methods whose per-layer counts are not "regrow what was pruned": sparse
+    momentum moves regrowth between layers, gradual pruning regrows nothing. Regrowth
+    takes the largest ``|scores|`` (momentum, gradient; shaped like the weight), or
+    uniformly random positions when ``scores`` is None.
+    """
+    mask = layer.mask.view(-1)
+    active_positions = mask.nonzero().squeeze(1)
+    active, inactive = active_positions.numel(), mask.numel() - active_positions.numel()
+    if not 0 <= prune_count <= active:
+        raise ValueError(f"prune_count must be in [0, {active}] (the layer's active weights), got {prune_count}")
+    if not 0 <= regrow_count <= inactive:
+        raise ValueError(f"regrow_count must be in [0, {inactive}] (the layer's inactive positions), "
+                         f"got {regrow_count}")
+    weight = layer.weight.detach().view(-1)
+    smallest = torch.topk(weight[active_positions].abs(), prune_count, largest=False, sorted=False).indices
+    pruned = active_positions[smallest]
+    if scores is None:
+        regrown = regrow_random(~mask, regrow_count, None, generator)
+    else:
+        regrown = regrow_gradient(~mask, regrow_count, scores.reshape(-1), generator)
+    with torch.no_grad():
+        mask[pruned] = False
+        mask[regrown] = True
+        changed = torch.cat([pruned, regrown])
+        weight[changed] = 0.0
+    optimizers = optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set())
+    reset_optimizer_state(optimizers, layer.weight, changed)
+    return LayerUpdate(active=int(mask.sum()), pruned=prune_count, regrown=regrow_count)
