@@ -24,7 +24,7 @@ def plot_method_sweep(rows, references=None, title=None, save_path=None):
     """Accuracy (%) and training FLOPs (fraction of dense) vs sparsity per method; ``references`` as hollow marks.
 
     ``references``: optional rows ``{"model", "method", "sparsity", "test_acc"}`` (published numbers)
-    drawn as hollow markers in the method's colour.
+    drawn as hollow markers in the method's colour (dense as a dotted line).
     """
     _check_rows(rows, ["model", "method", "sparsity", "test_acc", "train_flops_vs_dense", "dense_training"])
     summary = summarize(rows)
@@ -51,6 +51,10 @@ def plot_method_sweep(rows, references=None, title=None, save_path=None):
             flops_ax.plot(density, [row["train_flops_vs_dense"] for row in line], color=color, marker=marker,
                           label=METHOD_LABEL.get(method, method))
         for reference in (r for r in references or () if r["model"] == model):
+            if reference["method"] == "dense":
+                accuracy_ax.axhline(reference["test_acc"], color="black", linestyle=":", linewidth=1.5,
+                                    label=f"dense, published {reference['test_acc']:.2f} %")
+                continue
             color, marker = METHOD_STYLE.get(reference["method"], ("black", "*"))
             accuracy_ax.plot([1.0 - reference["sparsity"]], [reference["test_acc"]], marker=marker,
                              markerfacecolor="none", markeredgecolor=color, markersize=11, linestyle="none")
