@@ -24,13 +24,14 @@ Data: MNIST in ./data (``make data``). Run from the repository root:
 import argparse
 import datetime
 import json
+import os
+import platform
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from dst.benchmark import benchmark_environment
 from dst.data import TensorLoader, load_mnist_tensors
 from dst.methods import METHODS
 from dst.sweep import MODELS, Recipe, accuracy_table, run_sweep, summarize
@@ -92,8 +93,12 @@ def main() -> None:
     train_x, train_y = load_mnist_tensors("./data", train=True)
     test_loader = TensorLoader(*load_mnist_tensors("./data", train=False), batch_size=1000)
     started, rows = time.perf_counter(), list(previous)
-    record = {"date": datetime.date.today().isoformat(), "mode": args.mode, "environment": benchmark_environment(
-        "cpu"), "allocation": args.allocation, "keep_dense": args.keep_dense,
+    # Not dst.benchmark.benchmark_environment: asking numba for its thread count starts an OpenMP pool that
+    # then ran beside torch's single thread (a second busy core) and changed the floats of every run.
+    environment = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                   "torch_threads": torch.get_num_threads(), "processor": platform.processor()}
+    record = {"date": datetime.date.today().isoformat(), "mode": args.mode, "environment": environment,
+        "allocation": args.allocation, "keep_dense": args.keep_dense,
         "seeds": sorted(set(earlier.get("seeds", [])) | set(seeds)),
         "recipes": {**earlier.get("recipes", {}), **{model: asdict(recipe) for model, recipe in recipes.items()}},
         "methods": {method.name: {**asdict(method), "summary": method.summary} for method in methods},
