@@ -146,19 +146,31 @@ def train_run(model_name: str, method: str | Method, target: Target, recipe: Rec
 def run_sweep(models: Iterable[str], methods: Iterable[str | Method], sparsities: Iterable[float],
               seeds: Iterable[int], recipe: Recipe, train_data: tuple[torch.Tensor, torch.Tensor],
               test_loader: Iterable, allocation: str = "erk", keep_dense: tuple[str, ...] = (),
-              device: torch.device | str = "cpu", on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """Every model x method x sparsity x seed (dense once per model and seed); ``on_row`` sees each row as it lands."""
+              device: torch.device | str = "cpu", on_row: Callable[[dict], None] | None = None,
+              threads: int | None = None) -> list[dict]:
+    """Every model x method x sparsity x seed (dense once per model and seed); ``on_row`` sees each row as it lands.
+
+    ``threads``: torch's CPU threads during the sweep (restored after). One is as fast for these
+    small nets and, on a machine shared with other jobs, avoids threads waiting for each other.
+    """
     methods = [get_method(method) for method in methods]
     sparsities = list(sparsities)
     rows = []
-    for model_name in models:
-        for seed in seeds:
-            for method in methods:
-                for sparsity in [0.0] if method.name == "dense" else sparsities:
-                    target = Target(sparsity, allocation, keep_dense)
-                    rows.append(train_run(model_name, method, target, recipe, train_data, test_loader, seed, device))
-                    if on_row is not None:
-                        on_row(rows[-1])
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for model_name in models:
+            for seed in seeds:
+                for method in methods:
+                    for sparsity in [0.0] if method.name == "dense" else sparsities:
+                        target = Target(sparsity, allocation, keep_dense)
+                        rows.append(train_run(model_name, method, target, recipe, train_data, test_loader, seed,
+                                              device))
+                        if on_row is not None:
+                            on_row(rows[-1])
+    finally:
+        torch.set_num_threads(previous_threads)
     return rows
 
 
@@ -199,6 +211,19 @@ def accuracy_table(summary: list[dict], model: str) -> str:
         lines.append(f"| {name} | " + " | ".join(
             _accuracy(cell[(method, s)]) if (method, s) in cell else "–" for s in sparsities)
             + f" | {min(flops):.2f}–{max(flops):.2f} |")
+    return "\n".join(lines)
+
+
+def comparison_table(summary: list[dict], published: list[dict]) -> str:
+    """Markdown: measured test accuracy (%) next to the published number for each (model, method, sparsity)."""
+    measured = {(row["model"], row["method"], row["sparsity"]): row for row in summary}
+    lines = ["| model | method | sparsity | measured | published | difference (points) |", "|---|---|---|---|---|---|"]
+    for reference in published:
+        row = measured.get((reference["model"], reference["method"], reference["sparsity"]))
+        if row is None:
+            continue
+        lines.append(f"| {row['model']} | {row['method']} | {100 * row['sparsity']:g} % | {_accuracy(row)} | "
+                     f"{reference['test_acc']:.2f} | {row['test_acc'] - reference['test_acc']:+.2f} |")
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ import torch
 from dst.masked import MaskedNet
 from dst.methods import METHODS, Target
 from dst.models import SimpleNet, lenet_300_100
-from dst.sweep import FlopCounter, Recipe, accuracy_table, run_sweep, summarize, train_run
+from dst.sweep import FlopCounter, Recipe, accuracy_table, comparison_table, run_sweep, summarize, train_run
 from dst.sweep_figure import plot_method_sweep
 from tests.conftest import synthetic_mnist
 
@@ -98,3 +98,16 @@ def test_unknown_model_is_named(data):
     train, test = data
     with pytest.raises(ValueError, match=r"'lenet5'.*\['lenet300-100', 'simplenet'\]"):
         train_run("lenet5", "dense", Target(0.9), RECIPE, train, test)
+
+
+def test_comparison_table_puts_measured_next_to_published_and_run_sweep_restores_threads(data):
+    train, test = data
+    threads = torch.get_num_threads()
+    rows = run_sweep(["lenet300-100"], ["static"], [0.95], [0], RECIPE, train, test, threads=1)
+    assert torch.get_num_threads() == threads
+    published = [{"model": "lenet300-100", "method": "static", "sparsity": 0.95, "test_acc": 50.0},
+                 {"model": "lenet300-100", "method": "set", "sparsity": 0.95, "test_acc": 98.14}]  # not measured
+    table = comparison_table(summarize(rows), published).splitlines()
+    assert len(table) == 3
+    assert table[2] == (f"| lenet300-100 | static | 95 % | {rows[0]['test_acc']:.2f} | 50.00 | "
+                        f"{rows[0]['test_acc'] - 50:+.2f} |")
