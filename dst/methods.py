@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from dst.allocation import check_sparsity, dense_layer_names, layer_densities
+from dst.allocation import check_sparsity, layer_densities
 from dst.gradual_pruning import GradualPruning
 from dst.masked import MaskedNet
 from dst.schedule import DSTConfig, DSTScheduler
@@ -43,7 +43,6 @@ class Target:
     def densities(self, masked_net: MaskedNet) -> dict[str, float]:
         """Per-layer densities of this target for ``masked_net``'s layers."""
         shapes = {name: tuple(layer.weight.shape) for name, layer in masked_net.masked_layers().items()}
-        dense_layer_names(list(shapes), self.keep_dense)  # a clear error for an unknown name
         return layer_densities(shapes, self.sparsity, self.allocation, self.keep_dense)
 
 

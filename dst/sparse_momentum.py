@@ -80,8 +80,10 @@ def redistribute(total: int, shares: Mapping[str, float], capacity: Mapping[str,
         open_layers = [name for name in capacity if counts[name] < capacity[name]]
         weights = {name: shares[name] if math.isfinite(shares[name]) and shares[name] > 0 else 0.0
                    for name in open_layers}
-        if sum(weights.values()) == 0:
-            weights = dict.fromkeys(open_layers, 1.0)
+        largest = max(weights.values())
+        # Divided by the largest share first: a tiny (subnormal) total would make the scale overflow.
+        weights = {name: weight / largest for name, weight in weights.items()} if largest > 0 else dict.fromkeys(
+            open_layers, 1.0)
         scale = remaining / sum(weights.values())
         ideal = {name: weight * scale for name, weight in weights.items()}
         share = {name: math.floor(value) for name, value in ideal.items()}
