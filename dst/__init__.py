@@ -1,12 +1,17 @@
 """Dynamic Sparse Training, simulated and truly sparse: the tutorial's package.
 
 Modules, one concept each:
-    models         the tutorial's SimpleNet CNN and a plain MLP
-    allocation     how a global sparsity is split across layers (uniform, ERK)
+    models         the tutorial's SimpleNet CNN, a plain MLP and LeNet-300-100
+    allocation     how a global sparsity is split across layers (uniform, ERK, dense ends); cut-off inputs and outputs
     masked         masked layers and MaskedNet (simulated sparsity)
     optimizer_state  optimizer state that follows the masks (reset at DST steps, checked before every step)
     prune_regrow   one DST update: magnitude prune, random (SET) or gradient (RigL) regrow
     schedule       DSTConfig and the scheduler that decides when updates happen
+    methods        dense, static, SET, RigL, sparse momentum and gradual pruning by name
+    sparse_momentum  sparse momentum's dense-gradient momentum and cross-layer redistribution
+    gradual_pruning  gradual magnitude pruning on Zhu & Gupta's cubic schedule
+    sweep          methods x sparsities trained alike: rows, summary over seeds, training FLOPs
+    sweep_figure   the decade in one figure: accuracy and training FLOPs vs sparsity per method
     training       train_epoch / evaluate for dense and masked nets alike
     data           MNIST download (with a verified fallback) and fast in-memory loaders
     truly_sparse   the CSR inference model: conversion, save/load, memory report
