@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
-from dst.allocation import active_count, check_sparsity, layer_densities
+from dst.allocation import active_count, check_sparsity, layer_densities, warn_if_disconnected
 from dst.masked_layers import MASKED_TYPES, MaskedLayer, masked_type
 
 # MultiheadAttention passes out_proj.weight to its functional form instead of calling
@@ -67,13 +67,18 @@ class MaskedNet(nn.Module):
             sparse nets then train slowly; this is the sparse fan-in init.
         generator: random source for the masks (default: torch's global one).
         masking: "gradient" (default) or "forward", see ``MASKING``; both compute the same network.
+        keep_dense: "first" and/or "last" masked layer, or layer names, kept dense; the others share the
+            rest of the budget (see ``dst.allocation.layer_densities``).
 
     Layers that are frozen (``requires_grad=False`` weight) stay dense and out of
     DST; any other weight left unmasked is listed in a warning and by ``skipped_weights()``.
+    A ``DisconnectedWarning`` says when the masks leave an output unit of the last masked
+    layer, or an input feature of the first, without any connection.
     """
 
     def __init__(self, base_net: nn.Module, sparsity: float = 0.95, allocation: str = "uniform",
-                 scale_init: bool = True, generator: torch.Generator | None = None, masking: str = "gradient"):
+                 scale_init: bool = True, generator: torch.Generator | None = None, masking: str = "gradient",
+                 keep_dense: str | tuple[str, ...] = ()):
         super().__init__()
         check_sparsity(sparsity)
         if masking not in MASKING:
@@ -93,7 +98,7 @@ class MaskedNet(nn.Module):
                              "masks trainable Conv1d/2d/3d and Linear layers, subclasses that keep their forward "
                              f"included); weights found: {_describe(_skipped(net, set()))}")
         densities = layer_densities({name: tuple(m.weight.shape) for name, m in targets.items()},
-                                    sparsity, allocation)
+                                    sparsity, allocation, keep_dense)
         read_elsewhere = _weights_read_outside_forward(net, targets)
         replacements = {}
         for name, module in targets.items():
@@ -108,6 +113,7 @@ class MaskedNet(nn.Module):
         self.net = _replace_modules(net, replacements)
         # On the wrapped net, so that loading it directly (a dense checkpoint of the base model) runs it too.
         self.net.register_load_state_dict_post_hook(_after_load)
+        warn_if_disconnected(self.masked_layers(), stacklevel=3)
         skipped = self.skipped_weights()
         if skipped:
             warnings.warn(f"MaskedNet leaves {sum(s['numel'] for s in skipped.values()):,} weights dense: "

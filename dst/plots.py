@@ -97,7 +97,7 @@ def plot_benchmark(timings, memory=None, save_path=None):
 @lecture_style
 def plot_sparsity_sweep(rows, save_path=None):
     """Plot sparse speedup over dense+mask and memory (MiB) vs sparsity, a line per backend and batch size."""
-    _check_rows(rows, ["sparsity", "batch_size", "backend", "speedup", "dense_bytes", "sparse_bytes"])
+    check_rows(rows, ["sparsity", "batch_size", "backend", "speedup", "dense_bytes", "sparse_bytes"])
     fig, (speed_ax, memory_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
     for backend, batch_size in sorted({(row["backend"], row["batch_size"]) for row in rows}):
         line = sorted((row["sparsity"], row["speedup"]) for row in rows
@@ -127,7 +127,7 @@ def plot_sparsity_sweep(rows, save_path=None):
 @lecture_style
 def plot_runs_comparison(runs, save_path=None):
     """Compare runs at several sparsities: final test accuracy (%), CSR speedup and memory ratio."""
-    _check_rows(runs, ["sparsity", "label", "dense_test_acc", "masked_test_acc", "speedup", "memory_ratio"])
+    check_rows(runs, ["sparsity", "label", "dense_test_acc", "masked_test_acc", "speedup", "memory_ratio"])
     runs = sorted(runs, key=lambda run: run["sparsity"])
     sparsity = [100 * run["sparsity"] for run in runs]
     fig, (accuracy_ax, ratio_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -204,7 +204,7 @@ def check_lengths(**series):
         raise ValueError(f"{', '.join(lengths)} are empty")
 
 
-def _check_rows(rows, keys):
+def check_rows(rows, keys):
     if not rows:
         raise ValueError("no rows to plot")
     for index, row in enumerate(rows):

@@ -86,18 +86,25 @@ def update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str = "random",
     ``gradient`` is the layer's dense loss gradient (criteria that need one);
     ``optimizers`` are those whose state at the moved positions is reset.
     """
-    criterion = get_regrow(regrow)
+    mask = layer.mask.view(-1)
+    active = int(mask.sum())
+    count = moved_count(active, mask.numel(), prune_ratio)
+    return _move(layer, count, count, get_regrow(regrow), gradient, optimizers, generator)
+
+
+def _move(layer: MaskedLayer, prune_count: int, regrow_count: int, criterion, scores: torch.Tensor | None,
+          optimizers, generator: torch.Generator | None) -> LayerUpdate:
+    """Apply ``choose_moves`` to one masked layer: flip its mask, zero the moved weights and their optimizer state."""
     mask = layer.mask.view(-1)
     active = mask.nonzero().squeeze(1)
-    count = moved_count(active.numel(), mask.numel(), prune_ratio)
-    if count == 0:
+    if prune_count == 0 and regrow_count == 0:
         return LayerUpdate(active=active.numel(), pruned=0, regrown=0)
     weight = layer.weight.detach().view(-1)
     # The rule runs on the host: the active positions and their magnitudes (and RigL's gradient) come over.
     magnitudes = weight[active].abs().float().cpu().numpy()
-    flat_gradient = None if gradient is None else gradient.detach().reshape(-1).float().cpu().numpy()
-    pruned, regrown = choose_moves(active.cpu().numpy(), magnitudes, mask.numel(), count, criterion,
-                                   gradient=flat_gradient, random=generator)
+    flat_scores = None if scores is None else scores.detach().reshape(-1).float().cpu().numpy()
+    pruned, regrown = choose_moves(active.cpu().numpy(), magnitudes, mask.numel(), prune_count, criterion,
+                                   gradient=flat_scores, random=generator, regrow_count=regrow_count)
     pruned = active[torch.from_numpy(pruned).to(active.device)]
     regrown = torch.from_numpy(regrown).to(mask.device)
     changed = torch.cat([pruned, regrown])
@@ -106,7 +113,7 @@ def update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str = "random",
         mask[regrown] = True
         weight[changed] = 0.0
     reset_optimizer_state(optimizers, layer.weight, changed)
-    return LayerUpdate(active=int(mask.sum()), pruned=count, regrown=count)
+    return LayerUpdate(active=int(mask.sum()), pruned=prune_count, regrown=regrow_count)
 
 
 def _check_finite(name: str, values: torch.Tensor, what: str) -> None:
@@ -195,3 +202,20 @@ def _check_gradients(masked_net: MaskedNet, gradients: dict[str, torch.Tensor]) 
         if gradients[name].shape != layer.weight.shape:
             raise ValueError(f"gradients[{name!r}] has shape {tuple(gradients[name].shape)}, "
                              f"the layer's weight {tuple(layer.weight.shape)}")
+
+
+def update_layer_counts(layer: MaskedLayer, prune_count: int, regrow_count: int,
+                        scores: torch.Tensor | None = None, optimizer: torch.optim.Optimizer | None = None,
+                        generator: torch.Generator | None = None) -> LayerUpdate:
+    """Prune and regrow one layer with counts the caller chose, which may differ.
+
+    The same rule as a DST step (``dst.update_rule``'s choices: magnitude pruning among active
+    weights, regrowth among positions inactive before the step; moved weights and their
+    optimizer state zeroed), for the methods whose per-layer counts are not "regrow what was
+    pruned": sparse momentum moves regrowth between layers, gradual pruning regrows nothing.
+    Regrowth takes the largest ``|scores|`` (momentum, gradient; shaped like the weight), or
+    uniformly random positions when ``scores`` is None.
+    """
+    optimizers = optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set())
+    return _move(layer, prune_count, regrow_count, get_regrow("random" if scores is None else "gradient"),
+                 scores, optimizers, generator)

@@ -105,28 +105,32 @@ def moved_count(active: int, numel: int, prune_ratio: float) -> int:
 
 
 def choose_moves(active: np.ndarray, magnitudes: np.ndarray, numel: int, count: int, criterion: RegrowCriterion,
-                 gradient: np.ndarray | None = None, random: RandomSource = None) -> tuple[np.ndarray, np.ndarray]:
+                 gradient: np.ndarray | None = None, random: RandomSource = None,
+                 regrow_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Which active weights to prune and where to regrow them, in one layer.
 
     Args:
         active: (active,) sorted int64 flat positions of the active weights.
         magnitudes: (active,) their absolute values, in the same order.
-        count: how many move (``moved_count``); at most the active and the inactive positions.
-        gradient: (numel,) the flat dense gradient, for criteria that need it.
+        count: how many are pruned (``moved_count``); at most the active positions.
+        gradient: (numel,) the flat dense gradient (or another dense score), for criteria that need it.
+        regrow_count: how many regrow, if not ``count`` (sparse momentum moves regrowth between layers,
+            gradual pruning regrows none); at most the inactive positions.
 
     Returns:
         ``(pruned, regrown)``: ``pruned`` indexes ``active`` (the ``count`` smallest magnitudes, in
         no particular order; ``active[pruned]`` are their positions), since both engines hold their
-        weights in position order; ``regrown`` holds ``count`` sorted positions that were inactive.
+        weights in position order; ``regrown`` holds sorted positions that were inactive.
     """
-    if not 0 <= count <= min(len(active), numel - len(active)):
-        raise ValueError(f"cannot move {count} of {len(active)} active weights among {numel} positions")
-    if criterion.needs_gradient and gradient is None:
+    regrow_count = count if regrow_count is None else regrow_count
+    if not (0 <= count <= len(active) and 0 <= regrow_count <= numel - len(active)):
+        raise ValueError(f"cannot prune {count} of {len(active)} active weights and regrow {regrow_count} "
+                         f"of the {numel - len(active)} inactive positions")
+    if criterion.needs_gradient and gradient is None and regrow_count:
         raise ValueError(f"regrow={criterion.name!r} needs the layer's dense gradient")
-    if count == 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    pruned = np.argpartition(magnitudes, count - 1)[:count]
-    regrown = criterion.choose(active, numel, count, gradient, random)
+    empty = np.empty(0, dtype=np.int64)
+    pruned = np.argpartition(magnitudes, count - 1)[:count] if count else empty
+    regrown = criterion.choose(active, numel, regrow_count, gradient, random) if regrow_count else empty
     return pruned, regrown.astype(np.int64, copy=False)
 
 

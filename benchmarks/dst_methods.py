@@ -1,0 +1,137 @@
+"""A decade of DST in one figure: every method at every sparsity, trained the same way, on MNIST.
+
+Methods (``dst.methods``): dense, static, set, rigl, snfs, gmp. Models: LeNet-300-100
+(784-300-100-10, the MLP of the DST papers' MNIST tables) and the tutorial's SimpleNet.
+Writes benchmarks/results/dst_methods_<mode>.json (every run's row, the summary over
+seeds, the recipes, the published numbers) and .png (the figure), and prints the
+accuracy tables. Rows are saved as they finish; ``--resume`` skips those already saved.
+
+Modes (any setting can be overridden on the command line):
+- ``quick`` (about 5 minutes on one core): both models, 7 sparsities, 1 seed, 3 epochs of 100
+  batches for LeNet, 2 for SimpleNet; RigL and GMP update every 25 steps instead of 100 so
+  that such short runs still see several updates. A smoke test: SimpleNet is far from trained.
+- ``medium`` (what the development machine could afford): the paper's recipe cut to 20 epochs
+  for LeNet and 2 for SimpleNet (the lr decays at the same fractions of training), 2 seeds.
+- ``full``: the paper's recipe (sparse_learning's MNIST recipe: SGD momentum 0.9 Nesterov,
+  lr 0.1 decayed x0.1 twice, weight decay 5e-4, batch 100, 100 epochs), 3 seeds, both models.
+  About 3 minutes per LeNet run and 25 per SimpleNet run on one core of the development machine.
+
+Data: MNIST in ./data (``make data``). Run from the repository root:
+    nice -n 10 python -m benchmarks.dst_methods --mode quick
+    python -m benchmarks.dst_methods --mode full --models lenet300-100 --sparsities 0.95 0.99 --epochs 20
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from dst.data import TensorLoader, load_mnist_tensors
+from dst.methods import METHODS
+from dst.sweep import MODELS, Recipe, accuracy_table, run_sweep, summarize
+from dst.sweep_figure import plot_method_sweep
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
+# Dettmers & Zettlemoyer 2019, sparse_learning's results/MNIST_sparse_summary.csv: LeNet-300-100,
+# 100 epochs, uniform density per layer, mean of several seeds. DSR is not among our methods.
+PUBLISHED = [{"model": "lenet300-100", "method": "dense", "sparsity": 0.0, "test_acc": 98.69}] + [
+    {"model": "lenet300-100", "method": method, "sparsity": sparsity, "test_acc": accuracy}
+    for method, numbers in {"snfs": {0.9: 98.67, 0.95: 98.53, 0.98: 98.20, 0.99: 97.53},
+                            "set": {0.9: 98.39, 0.95: 98.14, 0.98: 97.74, 0.99: 95.80}}.items()
+    for sparsity, accuracy in numbers.items()]
+MODES = {
+    "quick": {"recipes": {"lenet300-100": Recipe(epochs=3, max_batches_per_epoch=100),
+                          "simplenet": Recipe(epochs=2, max_batches_per_epoch=100)},
+              "seeds": [0], "every": 25},
+    "medium": {"recipes": {"lenet300-100": Recipe(epochs=20), "simplenet": Recipe(epochs=2)},
+               "seeds": [0, 1], "every": None},
+    "full": {"recipes": {"lenet300-100": Recipe(), "simplenet": Recipe()}, "seeds": [0, 1, 2], "every": None},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=list(MODES), default="quick")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: the mode's")
+    parser.add_argument("--epochs", type=int, help="override the mode's epochs (lr decays at the same fractions)")
+    parser.add_argument("--max-batches", type=int, help="cap on batches per epoch")
+    parser.add_argument("--every", type=int, help="steps between RigL updates and GMP prunings (default 100)")
+    parser.add_argument("--allocation", choices=["erk", "uniform"], default="erk")
+    parser.add_argument("--keep-dense", nargs="*", default=[], help="'first', 'last' or layer names")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves the other core free)")
+    parser.add_argument("--name", help="results file stem (default dst_methods_<mode>[_<allocation>])")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in the results file")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    mode = MODES[args.mode]
+    seeds = args.seeds or mode["seeds"]
+    every = args.every or mode["every"]
+    methods = [replace(METHODS[name], every=every) if every and name in ("rigl", "gmp") else METHODS[name]
+               for name in args.methods]
+    recipes = {model: replace(mode["recipes"][model], **({"epochs": args.epochs} if args.epochs else {}),
+                              **({"max_batches_per_epoch": args.max_batches} if args.max_batches else {}))
+               for model in args.models}
+    stem = args.name or f"dst_methods_{args.mode}" + ("" if args.allocation == "erk" else f"_{args.allocation}")
+    json_path = RESULTS / f"{stem}.json"
+    earlier = json.loads(json_path.read_text()) if args.resume and json_path.exists() else {}
+    previous = earlier.get("rows", [])
+    done = {(row["model"], row["method"], row["sparsity"], row["seed"]) for row in previous}
+    train_x, train_y = load_mnist_tensors("./data", train=True)
+    test_loader = TensorLoader(*load_mnist_tensors("./data", train=False), batch_size=1000)
+    started, rows = time.perf_counter(), list(previous)
+    # Not dst.benchmark.benchmark_environment: asking numba for its thread count starts an OpenMP pool that
+    # then ran beside torch's single thread (a second busy core) and changed the floats of every run.
+    environment = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                   "torch_threads": torch.get_num_threads(), "processor": platform.processor()}
+    record = {"date": datetime.date.today().isoformat(), "mode": args.mode, "environment": environment,
+        "allocation": args.allocation, "keep_dense": args.keep_dense,
+        "seeds": sorted(set(earlier.get("seeds", [])) | set(seeds)),
+        "recipes": {**earlier.get("recipes", {}), **{model: asdict(recipe) for model, recipe in recipes.items()}},
+        "methods": {method.name: {**asdict(method), "summary": method.summary} for method in methods},
+        "published": PUBLISHED}
+
+    def save(row: dict) -> None:
+        rows.append(row)
+        print(f"{row['model']:13} {row['method']:6} {row['sparsity']:6.3f} seed {row['seed']}: "
+              f"{row['test_acc']:6.2f} %  {row['updates']:4d} updates  FLOPs {row['train_flops_vs_dense']:.3f} "
+              f"x dense  {row['train_seconds']:6.1f} s", flush=True)
+        record.update(rows=rows, wall_seconds=time.perf_counter() - started)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(record, indent=1) + "\n")
+
+    for model in args.models:
+        for seed in seeds:
+            for method in methods:
+                for sparsity in [0.0] if method.name == "dense" else args.sparsities:
+                    if (model, method.name, sparsity, seed) in done:
+                        continue
+                    run_sweep([model], [method], [sparsity], [seed], recipes[model], (train_x, train_y), test_loader,
+                              allocation=args.allocation, keep_dense=tuple(args.keep_dense), on_row=save)
+    summary = summarize(rows)
+    record.update(rows=rows, summary=summary)
+    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    budget = {model: f"{recipe.epochs} epochs x {recipe.max_batches_per_epoch or 'all'} batches"
+              for model, recipe in recipes.items()}
+    plot_method_sweep(rows, references=PUBLISHED, save_path=json_path.with_suffix(".png"),
+                      title=f"{args.mode} mode, {args.allocation}, {len(seeds)} seed(s): {budget}")
+    for model in dict.fromkeys(row["model"] for row in rows):
+        print(f"\n{model} ({budget.get(model, 'see JSON')}), test accuracy %:\n" + accuracy_table(summary, model))
+    print(f"\nwrote {json_path} and {json_path.with_suffix('.png').name} ({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

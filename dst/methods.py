@@ -1,0 +1,173 @@
+"""A decade of sparse training by name: dense, static, SET, RigL, sparse momentum and gradual pruning.
+
+Each method is a small frozen dataclass (its hyperparameters, with their papers'
+defaults) that says two things: how the net starts (``build``: dense, or a random
+sparse mask) and what changes it during training (``scheduler``: nothing, the
+shared DST update on a schedule, or gradual pruning). ``METHODS`` maps the names
+to their defaults; ``dataclasses.replace(METHODS["rigl"], every=20)`` tunes one.
+
+Every sparse method ends with exactly the active counts ``MaskedNet`` gives the
+same ``Target``: the DST methods keep them throughout (sparse momentum per net,
+the others per layer), gradual pruning reaches them at its last pruning step.
+"""
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from dst.allocation import check_sparsity, layer_densities
+from dst.gradual_pruning import GradualPruning
+from dst.masked import MaskedNet
+from dst.schedule import DSTConfig, DSTScheduler
+from dst.sparse_momentum import SparseMomentumStep
+
+
+@dataclass(frozen=True)
+class Target:
+    """The sparse net every method is compared at: same sparsity, same split over layers."""
+
+    sparsity: float
+    # ERK: uniform starves the small layers (at 99 % LeNet-300-100's output layer keeps 10 weights).
+    allocation: str = "erk"
+    # "first" and/or "last" (or layer names) kept dense, the others sparser to keep the same total.
+    keep_dense: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        check_sparsity(self.sparsity)
+        object.__setattr__(self, "keep_dense", (self.keep_dense,) if isinstance(self.keep_dense, str)
+                           else tuple(self.keep_dense))
+
+    def densities(self, masked_net: MaskedNet) -> dict[str, float]:
+        """Per-layer densities of this target for ``masked_net``'s layers."""
+        shapes = {name: tuple(layer.weight.shape) for name, layer in masked_net.masked_layers().items()}
+        return layer_densities(shapes, self.sparsity, self.allocation, self.keep_dense)
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base: a method builds the net it trains and, if it changes the mask, a scheduler."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    # True where training holds every weight densely (memory is the dense net's, whatever the final sparsity).
+    dense_training: ClassVar[bool] = False
+    # True where every step computes the gradient of every weight, active or not (training FLOPs).
+    dense_weight_gradient: ClassVar[bool] = False
+    # True where each topology update computes one extra dense gradient on a batch (training FLOPs).
+    gradient_per_update: ClassVar[bool] = False
+
+    def build(self, base_net: nn.Module, target: Target, generator: torch.Generator | None = None) -> nn.Module:
+        """A random sparse mask at ``target`` over a copy of ``base_net``."""
+        return MaskedNet(base_net, target.sparsity, target.allocation, generator=generator,
+                         keep_dense=target.keep_dense)
+
+    def scheduler(self, model: nn.Module, target: Target, optimizer: torch.optim.Optimizer, total_steps: int,
+                  steps_per_epoch: int, generator: torch.Generator | None = None):
+        """What changes the mask during training (``after_step(batch)`` after each step), or None."""
+        return None
+
+    def close(self, scheduler) -> None:
+        """Release what the scheduler holds once training is over."""
+
+
+@dataclass(frozen=True)
+class Dense(Method):
+    name: ClassVar[str] = "dense"
+    summary: ClassVar[str] = "Every weight, trained as usual: the accuracy every sparse method aims for."
+    dense_training: ClassVar[bool] = True
+
+    def build(self, base_net, target, generator=None):
+        return copy.deepcopy(base_net)
+
+
+@dataclass(frozen=True)
+class Static(Method):
+    name: ClassVar[str] = "static"
+    summary: ClassVar[str] = ("A random sparse mask that never changes: the control every DST paper needs "
+                              "(same weights, no topology search).")
+
+
+@dataclass(frozen=True)
+class SET(Method):
+    name: ClassVar[str] = "set"
+    summary: ClassVar[str] = ("SET (Mocanu et al. 2018): once an epoch, prune the smallest 30 % of each layer's "
+                              "weights and regrow as many at random positions.")
+    prune_ratio: float = 0.3  # zeta in the SET paper
+    updates_per_epoch: int = 1  # SET updates at the end of each epoch
+
+    def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
+        # end one step before the last: an update after the last step would only remove trained weights.
+        config = DSTConfig(prune_ratio=self.prune_ratio, regrow="random", every=max(
+            1, steps_per_epoch // self.updates_per_epoch), unit="step", end=max(1, total_steps - 1))
+        return DSTScheduler(model, config, optimizer=optimizer, generator=generator)
+
+
+@dataclass(frozen=True)
+class RigL(Method):
+    name: ClassVar[str] = "rigl"
+    summary: ClassVar[str] = ("RigL (Evci et al. 2020): every 100 steps, regrow where the dense gradient is "
+                              "largest; the fraction moved decays (cosine) and updates stop at 75 % of training.")
+    gradient_per_update: ClassVar[bool] = True
+    prune_ratio: float = 0.3  # alpha, the initial fraction moved
+    every: int = 100  # Delta T, steps between updates
+    end_fraction: float = 0.75  # no updates in the last quarter: the final mask is fine-tuned
+
+    def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
+        config = DSTConfig(prune_ratio=self.prune_ratio, regrow="gradient", schedule="cosine", every=self.every,
+                           unit="step", end=max(1, int(self.end_fraction * total_steps)))
+        return DSTScheduler(model, config, optimizer=optimizer, generator=generator)
+
+
+@dataclass(frozen=True)
+class SNFS(Method):
+    name: ClassVar[str] = "snfs"
+    summary: ClassVar[str] = ("Sparse momentum (Dettmers & Zettlemoyer 2019): regrow where the gradient's momentum "
+                              "is largest, and give layers whose momentum is larger more of the regrown weights.")
+    dense_weight_gradient: ClassVar[bool] = True
+    prune_ratio: float = 0.5  # sparse_learning's death rate, cosine-decayed over training
+    momentum: float = 0.9  # the decay of the gradient average (SGD's momentum in the paper)
+
+    def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
+        # regrow="random" only tells the scheduler not to draw a gradient batch: the step regrows by momentum.
+        config = DSTConfig(prune_ratio=self.prune_ratio, regrow="random", schedule="cosine",
+                           every=steps_per_epoch, unit="step", end=total_steps)
+        return DSTScheduler(model, config, optimizer=optimizer, dst_step=SparseMomentumStep(model, self.momentum))
+
+    def close(self, scheduler) -> None:
+        scheduler.dst_step.close()
+
+
+@dataclass(frozen=True)
+class GMP(Method):
+    name: ClassVar[str] = "gmp"
+    summary: ClassVar[str] = ("Gradual magnitude pruning (Zhu & Gupta 2017): start dense, prune the smallest "
+                              "weights on a cubic schedule to the target; dense memory during training.")
+    dense_training: ClassVar[bool] = True
+    every: int = 100  # steps between prunings
+    start_fraction: float = 0.1  # dense first, so magnitudes mean something when pruning starts
+    end_fraction: float = 0.75  # target reached where RigL stops: both fine-tune the last quarter
+
+    def build(self, base_net, target, generator=None):
+        # Every weight active: no sparse fan-in scaling, the dense net's own init.
+        return MaskedNet(base_net, 0.0, target.allocation, generator=generator)
+
+    def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
+        start = int(self.start_fraction * total_steps)
+        end = max(start + 1, int(self.end_fraction * total_steps))
+        return GradualPruning(model, target.densities(model), start=start, end=end, every=self.every,
+                              optimizer=optimizer)
+
+
+METHODS: dict[str, Method] = {method.name: method for method in (Dense(), Static(), SET(), RigL(), SNFS(), GMP())}
+
+
+def get_method(method: str | Method) -> Method:
+    """The method of that name with its defaults (a ``Method`` passes through)."""
+    if isinstance(method, Method):
+        return method
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    return METHODS[method]

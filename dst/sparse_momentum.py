@@ -1,0 +1,143 @@
+"""Sparse momentum (SNFS, Dettmers & Zettlemoyer 2019): regrow where the gradient's momentum is largest.
+
+Each update, every layer prunes ``round(ratio * active)`` of its smallest active
+weights, as in any DST step. The regrowth differs twice:
+
+- *where*: at the inactive positions whose momentum (an exponential average of
+  the dense gradient) is largest in magnitude, a smoothed RigL;
+- *how many*: the total pruned over the whole net is shared out again across
+  layers in proportion to each layer's mean momentum magnitude over its active
+  weights, so layers whose weights are still moving get more of them. The
+  global active count stays exactly constant; a layer's count may change.
+
+The momentum of an *inactive* weight needs the loss gradient at a position whose
+weight does not exist. ``MomentumTracker`` gets it the way sparse_learning does,
+by letting the dense gradient reach the weights (their forward skips the mask:
+the same outputs, since inactive weights are zero), and then zeroes the gradient
+at inactive positions before the optimizer sees it, so inactive weights and
+their optimizer state stay exactly zero. The tracker keeps
+``m = beta * m + gradient`` (SGD's momentum buffer without the weight-decay term,
+which is zero at inactive positions anyway). It costs a dense weight gradient
+every step: training FLOPs count it (``dst.sweep``).
+"""
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from dst.masked import MaskedLayer, MaskedNet
+from dst.prune_regrow import LayerUpdate, update_layer_counts
+
+
+class MomentumTracker:
+    """Exponential average of each trainable masked layer's dense gradient, by layer name.
+
+    While it is open the layers' forwards skip the mask multiply and a hook on each
+    weight records the dense gradient, then masks it. ``close()`` restores both.
+    """
+
+    def __init__(self, masked_net: MaskedNet, beta: float = 0.9):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1) (the momentum's decay), got {beta}")
+        self.beta = beta
+        self.layers = {name: layer for name, layer in masked_net.masked_layers().items()
+                       if layer.weight.requires_grad}
+        self.momentum = {name: torch.zeros_like(layer.weight, memory_format=torch.contiguous_format)
+                         for name, layer in self.layers.items()}
+        self._handles = []
+        for name, layer in self.layers.items():
+            layer.apply_mask = False
+            self._handles.append(layer.weight.register_hook(self._recorder(name, layer)))
+
+    def _recorder(self, name: str, layer: MaskedLayer):
+        def record(gradient: torch.Tensor) -> torch.Tensor:
+            self.momentum[name].mul_(self.beta).add_(gradient)
+            return torch.where(layer.mask, gradient, 0.0)
+        return record
+
+    def close(self) -> None:
+        """Remove the hooks and mask the forwards again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for layer in self.layers.values():
+            layer.apply_mask = True
+
+
+def redistribute(total: int, shares: Mapping[str, float], capacity: Mapping[str, int]) -> dict[str, int]:
+    """Split ``total`` over layers in proportion to ``shares``, none above its ``capacity``; sums to ``total``.
+
+    Rounding gives the leftover units to the largest remainders; a layer that would
+    exceed its capacity is capped and its excess shared over the others again. Layers
+    whose shares are all zero (or not finite) share equally.
+    """
+    if total > sum(capacity.values()):
+        raise ValueError(f"cannot place {total} regrown weights in {sum(capacity.values())} free positions")
+    counts = dict.fromkeys(capacity, 0)
+    remaining = total
+    while remaining > 0:
+        open_layers = [name for name in capacity if counts[name] < capacity[name]]
+        weights = {name: shares[name] if math.isfinite(shares[name]) and shares[name] > 0 else 0.0
+                   for name in open_layers}
+        largest = max(weights.values())
+        # Divided by the largest share first: a tiny (subnormal) total would make the scale overflow.
+        weights = {name: weight / largest for name, weight in weights.items()} if largest > 0 else dict.fromkeys(
+            open_layers, 1.0)
+        scale = remaining / sum(weights.values())
+        ideal = {name: weight * scale for name, weight in weights.items()}
+        share = {name: math.floor(value) for name, value in ideal.items()}
+        by_remainder = sorted(open_layers, key=lambda name: share[name] - ideal[name])
+        for name in by_remainder[:remaining - sum(share.values())]:
+            share[name] += 1
+        for name in open_layers:
+            counts[name] += min(share[name], capacity[name] - counts[name])
+        remaining = total - sum(counts.values())
+    return counts
+
+
+def sparse_momentum_step(masked_net: MaskedNet, tracker: MomentumTracker, prune_ratio: float,
+                         optimizer: torch.optim.Optimizer | None = None) -> dict[str, LayerUpdate]:
+    """One sparse momentum update: magnitude pruning per layer, momentum regrowth redistributed across layers.
+
+    A layer prunes ``min(round(prune_ratio * active), inactive, active - 1)`` (it never
+    empties, and never prunes more than the whole net could regrow among the positions
+    inactive before the step). Frozen layers are left alone.
+    """
+    layers = tracker.layers
+    for name, layer in layers.items():
+        for what, values in (("weights", layer.weight.detach()), ("momentum", tracker.momentum[name])):
+            if not torch.isfinite(values).all():
+                raise ValueError(f"layer {name!r} has non-finite {what} (NaN or inf): training has probably "
+                                 "diverged; nothing was changed")
+    active = {name: layer.active_count for name, layer in layers.items()}
+    inactive = {name: layer.mask.numel() - active[name] for name, layer in layers.items()}
+    prune = {name: max(0, min(round(prune_ratio * active[name]), inactive[name], active[name] - 1))
+             for name in layers}
+    # Mean |momentum| over the weights active before the step, as sparse_learning gathers it.
+    shares = {name: float(tracker.momentum[name][layer.mask].abs().mean()) if active[name] else 0.0
+              for name, layer in layers.items()}
+    regrow = redistribute(sum(prune.values()), shares, inactive)
+    report = {name: LayerUpdate(active=layer.active_count, pruned=0, regrown=0)
+              for name, layer in masked_net.masked_layers().items()}
+    for name, layer in layers.items():
+        report[name] = update_layer_counts(layer, prune[name], regrow[name], scores=tracker.momentum[name],
+                                           optimizer=optimizer)
+    return report
+
+
+class SparseMomentumStep:
+    """``sparse_momentum_step`` as a ``DSTScheduler.dst_step``: the scheduler decides when and how much."""
+
+    def __init__(self, masked_net: MaskedNet, beta: float = 0.9):
+        self.tracker = MomentumTracker(masked_net, beta)
+
+    def __call__(self, masked_net: MaskedNet, prune_ratio: float, optimizer: torch.optim.Optimizer | None = None,
+                 **_scheduler_arguments) -> dict[str, LayerUpdate]:
+        # regrow, batch, loss_fn and generator are the scheduler's arguments for SET and RigL; the
+        # momentum, not a batch's gradient or chance, decides regrowth here.
+        return sparse_momentum_step(masked_net, self.tracker, prune_ratio, optimizer)
+
+    def close(self) -> None:
+        """Stop tracking (see ``MomentumTracker.close``)."""
+        self.tracker.close()

@@ -1,0 +1,241 @@
+"""Methods x sparsities, trained the same way: the data behind "a decade of DST in one figure".
+
+``train_run`` trains one method at one target with one recipe and returns a row of
+measurements; ``run_sweep`` runs the grid; ``summarize`` averages rows over seeds.
+
+Training FLOPs are what a sparse implementation would spend (the convention of the
+DST papers): a step costs a forward, a backward to the inputs and a backward to the
+weights, each ``2 x active weights x output positions`` per example, with the weight
+gradient dense for sparse momentum (it ranks every position by momentum) and one
+extra dense gradient per RigL update. This tutorial's masked nets compute densely
+whatever the mask, so these are not this machine's FLOPs: they are what the method
+needs. They are reported as a fraction of dense training on the same samples.
+"""
+
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dst.allocation import DisconnectedWarning, connectivity
+from dst.data import TensorLoader
+from dst.masked import MaskedLayer, MaskedNet
+from dst.methods import Method, Target, get_method
+from dst.models import SimpleNet, lenet_300_100
+from dst.training import evaluate, seed_everything
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"lenet300-100": lenet_300_100, "simplenet": SimpleNet}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How every method is trained; the defaults are sparse_learning's MNIST recipe (Dettmers & Zettlemoyer 2019)."""
+
+    epochs: int = 100
+    batch_size: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True  # sparse_learning's SGD is Nesterov's
+    weight_decay: float = 5e-4
+    # x lr_decay at these fractions of training: sparse_learning's StepLR every 25,000 of its 54,000 steps.
+    lr_decay_at: tuple[float, ...] = (0.463, 0.926)
+    lr_decay: float = 0.1
+    # Cap on batches per epoch (quick runs); None = the whole training set every epoch.
+    max_batches_per_epoch: int | None = None
+
+
+class FlopCounter:
+    """Multiply-adds of one forward pass per example, at the model's current masks and dense."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor):
+        positions: dict[nn.Module, int] = {}
+
+        def record(module, inputs, output):
+            positions[module] = output[0].numel() // module.weight.shape[0]  # 1 for linear, H*W for conv
+
+        weighted = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        handles = [module.register_forward_hook(record) for module in weighted]
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()(example[:1])
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
+        self.positions = positions
+        self.dense = sum(module.weight.numel() * count for module, count in positions.items())
+
+    def current(self) -> int:
+        """Forward multiply-adds per example with only the active weights."""
+        return sum((module.active_count if isinstance(module, MaskedLayer) else module.weight.numel()) * count
+                   for module, count in self.positions.items())
+
+
+def train_run(model_name: str, method: str | Method, target: Target, recipe: Recipe,
+              train_data: tuple[torch.Tensor, torch.Tensor], test_loader: Iterable, seed: int = 0,
+              device: torch.device | str = "cpu") -> dict:
+    """Train one method at one target; returns the row of what was measured (accuracy in %)."""
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; choose one of {list(MODELS)}")
+    method = get_method(method)
+    seed_everything(seed)
+    base_net = MODELS[model_name]()
+    generator = torch.Generator().manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DisconnectedWarning)  # recorded in the row instead
+        model = method.build(base_net, target, generator).to(device)
+    loader = TensorLoader(*train_data, recipe.batch_size, shuffle=True, seed=seed,
+                          max_batches=recipe.max_batches_per_epoch, device=device)
+    total_steps = recipe.epochs * len(loader)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
+    milestones = sorted({max(1, int(fraction * total_steps)) for fraction in recipe.lr_decay_at})
+    lr_schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=recipe.lr_decay)
+    scheduler = method.scheduler(model, target, optimizer, total_steps, len(loader), generator)
+    counter = FlopCounter(model, train_data[0][:1].to(device))
+    start_connectivity = connectivity(model.masked_layers()) if isinstance(model, MaskedNet) else None
+    macs, examples, events = 0, 0, 0
+    forward = counter.current()
+    start = time.perf_counter()
+    try:
+        for _ in range(recipe.epochs):
+            model.train()
+            for inputs, labels in loader:
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(inputs), labels).backward()
+                optimizer.step()
+                lr_schedule.step()
+                weight_gradient = counter.dense if method.dense_weight_gradient else forward
+                macs += len(labels) * (2 * forward + weight_gradient)
+                examples += len(labels)
+                if scheduler is not None:
+                    scheduler.after_step((inputs, labels))
+                    if len(scheduler.history) > events:
+                        events = len(scheduler.history)
+                        if method.gradient_per_update:  # the update's dense gradient, on this batch
+                            macs += len(labels) * (2 * forward + counter.dense)
+                        forward = counter.current()
+    finally:
+        if scheduler is not None:
+            method.close(scheduler)
+    seconds = time.perf_counter() - start
+    row = {"model": model_name, "method": method.name, "sparsity": target.sparsity if method.name != "dense" else 0.0,
+           "allocation": target.allocation, "keep_dense": list(target.keep_dense), "seed": seed,
+           "recipe": asdict(recipe), "steps": total_steps, "test_acc": evaluate(model, test_loader, device),
+           "train_seconds": seconds, "updates": events, "dense_training": method.dense_training,
+           "train_flops": 2 * macs, "train_flops_vs_dense": macs / (3 * counter.dense * examples),
+           "inference_flops_vs_dense": counter.current() / counter.dense}
+    if isinstance(model, MaskedNet):
+        end_connectivity = connectivity(model.masked_layers())
+        row.update(final_sparsity=model.global_sparsity(),
+                   layer_active={name: layer.active_count for name, layer in model.masked_layers().items()},
+                   unconnected_outputs_start=start_connectivity["unconnected_outputs"],
+                   unconnected_outputs_end=end_connectivity["unconnected_outputs"],
+                   unconnected_inputs_start=start_connectivity["unconnected_inputs"],
+                   unconnected_inputs_end=end_connectivity["unconnected_inputs"])
+    return row
+
+
+def run_sweep(models: Iterable[str], methods: Iterable[str | Method], sparsities: Iterable[float],
+              seeds: Iterable[int], recipe: Recipe, train_data: tuple[torch.Tensor, torch.Tensor],
+              test_loader: Iterable, allocation: str = "erk", keep_dense: tuple[str, ...] = (),
+              device: torch.device | str = "cpu", on_row: Callable[[dict], None] | None = None,
+              threads: int | None = None) -> list[dict]:
+    """Every model x method x sparsity x seed (dense once per model and seed); ``on_row`` sees each row as it lands.
+
+    ``threads``: torch's CPU threads during the sweep (restored after). One is as fast for these
+    small nets and, on a machine shared with other jobs, avoids threads waiting for each other.
+    """
+    methods = [get_method(method) for method in methods]
+    sparsities = list(sparsities)
+    rows = []
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for model_name in models:
+            for seed in seeds:
+                for method in methods:
+                    for sparsity in [0.0] if method.name == "dense" else sparsities:
+                        target = Target(sparsity, allocation, keep_dense)
+                        rows.append(train_run(model_name, method, target, recipe, train_data, test_loader, seed,
+                                              device))
+                        if on_row is not None:
+                            on_row(rows[-1])
+    finally:
+        torch.set_num_threads(previous_threads)
+    return rows
+
+
+def summarize(rows: Iterable[dict]) -> list[dict]:
+    """One row per (model, method, sparsity): test accuracy mean and standard deviation over seeds, FLOPs."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["method"], row["sparsity"]), []).append(row)
+    summary = []
+    for (model, method, sparsity), group in groups.items():
+        accuracies = [row["test_acc"] for row in group]
+        summary.append({
+            "model": model, "method": method, "sparsity": sparsity, "seeds": len(group),
+            "test_acc": statistics.fmean(accuracies),
+            "test_acc_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "train_flops_vs_dense": statistics.fmean(row["train_flops_vs_dense"] for row in group),
+            "dense_training": group[0]["dense_training"],
+            "unconnected_outputs_end": max(row.get("unconnected_outputs_end", 0) for row in group)})
+    return summary
+
+
+def accuracy_table(summary: list[dict], model: str) -> str:
+    """Markdown: test accuracy (%) of each method (rows) at each sparsity (columns), one model."""
+    rows = [row for row in summary if row["model"] == model]
+    sparsities = sorted({row["sparsity"] for row in rows if row["method"] != "dense"})
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    cell = {(row["method"], row["sparsity"]): row for row in rows}
+    lines = ["| method | " + " | ".join(f"{100 * s:g} %" for s in sparsities) + " | training FLOPs vs dense |",
+             "|---|" + "---|" * (len(sparsities) + 1)]
+    for method in methods:
+        if method == "dense":
+            row = cell[("dense", 0.0)]
+            lines.append(f"| dense | {_accuracy(row)} (every sparsity) " + "| " * (len(sparsities) - 1) + "| 1 |")
+            continue
+        flops = [cell[(method, s)]["train_flops_vs_dense"] for s in sparsities if (method, s) in cell]
+        name = method + (" (dense memory while training)" if rows and cell.get(
+            (method, sparsities[0]), {}).get("dense_training") else "")
+        lines.append(f"| {name} | " + " | ".join(
+            _accuracy(cell[(method, s)]) if (method, s) in cell else "–" for s in sparsities)
+            + f" | {min(flops):.2f}–{max(flops):.2f} |")
+    return "\n".join(lines)
+
+
+def comparison_table(summary: list[dict], published: list[dict]) -> str:
+    """Markdown: measured test accuracy (%) next to the published number for each (model, method, sparsity)."""
+    measured = {(row["model"], row["method"], row["sparsity"]): row for row in summary}
+    lines = ["| model | method | sparsity | measured | published | difference (points) |", "|---|---|---|---|---|---|"]
+    for reference in published:
+        row = measured.get((reference["model"], reference["method"], reference["sparsity"]))
+        if row is None:
+            continue
+        lines.append(f"| {row['model']} | {row['method']} | {100 * row['sparsity']:g} % | {_accuracy(row)} | "
+                     f"{reference['test_acc']:.2f} | {row['test_acc'] - reference['test_acc']:+.2f} |")
+    return "\n".join(lines)
+
+
+def _accuracy(row: dict) -> str:
+    text = f"{row['test_acc']:.2f}"
+    if row["seeds"] > 1:
+        text += f" ± {row['test_acc_std']:.2f}"
+    if row.get("unconnected_outputs_end"):
+        text += f" ({row['unconnected_outputs_end']} classes cut off)"
+    return text
+
+
+def density_ticks(sparsities: Iterable[float]) -> list[tuple[float, str]]:
+    """(density, label) ticks for a log density axis labelled by sparsity ("99 %")."""
+    return [(1.0 - s, f"{100 * s:g} %") for s in sorted(set(sparsities)) if not math.isclose(s, 0.0)]

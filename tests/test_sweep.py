@@ -1,0 +1,113 @@
+"""The methods sweep: FLOPs against their formulas, rows, the summary over seeds, the figure."""
+
+from dataclasses import replace
+
+import matplotlib
+import pytest
+import torch
+
+from dst.masked import MaskedNet
+from dst.methods import METHODS, Target
+from dst.models import SimpleNet, lenet_300_100
+from dst.sweep import FlopCounter, Recipe, accuracy_table, comparison_table, run_sweep, summarize, train_run
+from dst.sweep_figure import plot_method_sweep
+from tests.conftest import synthetic_mnist
+
+RECIPE = Recipe(epochs=2, batch_size=16, lr=0.05, max_batches_per_epoch=4)
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, test = synthetic_mnist(64, seed=0), synthetic_mnist(32, seed=1)
+    return train.tensors, [test.tensors]
+
+
+def test_flop_counter_matches_the_layer_formulas():
+    # Multiply-adds per example: conv = weights x output pixels, linear = weights.
+    simplenet = 16 * 9 * 28 * 28 + 32 * 16 * 9 * 14 * 14 + 1568 * 128 + 128 * 1000 + 1000 * 1000 + 1000 * 10
+    assert FlopCounter(SimpleNet(), torch.zeros(1, 1, 28, 28)).dense == simplenet
+    masked = MaskedNet(SimpleNet(), 0.9, "erk", generator=torch.Generator().manual_seed(0))
+    counter = FlopCounter(masked, torch.zeros(2, 1, 28, 28))
+    pixels = {"conv1": 28 * 28, "conv2": 14 * 14}
+    assert counter.current() == sum(layer.active_count * pixels.get(name, 1)
+                                    for name, layer in masked.masked_layers().items())
+    assert counter.dense == simplenet
+
+
+def test_training_flops_follow_each_methods_formula(data):
+    train, test = data
+    rows = {name: train_run("lenet300-100", method, Target(0.9), RECIPE, train, test)
+            for name, method in [("dense", "dense"), ("static", "static"), ("snfs", "snfs"),
+                                 ("rigl", replace(METHODS["rigl"], every=2))]}
+    dense = 266_200  # LeNet-300-100's weights: its forward multiply-adds per example
+    sparse = sum(rows["static"]["layer_active"].values())
+    assert rows["dense"]["train_flops_vs_dense"] == 1.0
+    assert rows["dense"]["train_flops"] == 2 * 3 * dense * 8 * 16
+    assert rows["static"]["train_flops_vs_dense"] == pytest.approx(sparse / dense, rel=1e-12)
+    # Sparse momentum: a dense weight gradient every step (LeNet's counts may move between layers,
+    # but every layer of an MLP costs one multiply-add per weight, so the total is what matters).
+    assert rows["snfs"]["train_flops_vs_dense"] == pytest.approx((2 * sparse + dense) / (3 * dense), rel=1e-12)
+    # RigL: one extra forward + dense backward on a batch per update.
+    updates = rows["rigl"]["updates"]
+    assert updates == 2  # steps 2 and 4 of 8; the cosine reaches 0 at step 6
+    expected = (8 * 3 * sparse + updates * (2 * sparse + dense)) / (8 * 3 * dense)
+    assert rows["rigl"]["train_flops_vs_dense"] == pytest.approx(expected, rel=1e-12)
+    for row in rows.values():
+        assert 0.0 <= row["test_acc"] <= 100.0 and row["steps"] == 8
+
+
+def test_gmp_row_reaches_the_target_and_counts_its_dense_phase(data):
+    train, test = data
+    method = replace(METHODS["gmp"], every=1, start_fraction=0.25, end_fraction=0.75)
+    row = train_run("lenet300-100", method, Target(0.95, "erk"), RECIPE, train, test)
+    expected = MaskedNet(lenet_300_100(), 0.95, "erk")
+    assert row["layer_active"] == {name: layer.active_count for name, layer in expected.masked_layers().items()}
+    assert row["final_sparsity"] == pytest.approx(expected.global_sparsity(), rel=1e-12)
+    assert row["dense_training"] and row["inference_flops_vs_dense"] == pytest.approx(0.05, rel=1e-3)
+    assert 0.05 < row["train_flops_vs_dense"] < 1.0  # dense for the first steps, sparse from step 6 on
+
+
+def test_run_sweep_trains_dense_once_per_model_and_seed_and_summarize_averages_seeds(data):
+    train, test = data
+    seen = []
+    rows = run_sweep(["lenet300-100"], ["dense", "static", "set"], [0.8, 0.99], [0, 1], RECIPE, train, test,
+                     on_row=seen.append)
+    assert seen == rows
+    assert sorted((row["method"], row["sparsity"], row["seed"]) for row in rows) == sorted(
+        [("dense", 0.0, s) for s in (0, 1)] + [(m, p, s) for m in ("static", "set") for p in (0.8, 0.99)
+                                             for s in (0, 1)])
+    summary = {(row["method"], row["sparsity"]): row for row in summarize(rows)}
+    static = [row["test_acc"] for row in rows if (row["method"], row["sparsity"]) == ("static", 0.8)]
+    assert summary[("static", 0.8)]["seeds"] == 2
+    assert summary[("static", 0.8)]["test_acc"] == pytest.approx(sum(static) / 2, rel=1e-12)
+    assert summary[("static", 0.8)]["test_acc_std"] == pytest.approx(abs(static[0] - static[1]) / 2 ** 0.5,
+                                                                     rel=1e-9)
+    table = accuracy_table(summarize(rows), "lenet300-100")
+    assert table.splitlines()[0] == "| method | 80 % | 99 % | training FLOPs vs dense |"
+    assert f"{summary[('static', 0.8)]['test_acc']:.2f} ± " in table
+
+    fig = plot_method_sweep(rows, references=[{"model": "lenet300-100", "method": "set", "sparsity": 0.99,
+                                               "test_acc": 95.8}])
+    assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 2
+    accuracy_ax = fig.axes[0]
+    assert accuracy_ax.get_xscale() == "log" and accuracy_ax.xaxis_inverted()
+    assert {text.get_text() for text in accuracy_ax.get_legend().get_texts()} >= {"static mask", "SET"}
+
+
+def test_unknown_model_is_named(data):
+    train, test = data
+    with pytest.raises(ValueError, match=r"'lenet5'.*\['lenet300-100', 'simplenet'\]"):
+        train_run("lenet5", "dense", Target(0.9), RECIPE, train, test)
+
+
+def test_comparison_table_puts_measured_next_to_published_and_run_sweep_restores_threads(data):
+    train, test = data
+    threads = torch.get_num_threads()
+    rows = run_sweep(["lenet300-100"], ["static"], [0.95], [0], RECIPE, train, test, threads=1)
+    assert torch.get_num_threads() == threads
+    published = [{"model": "lenet300-100", "method": "static", "sparsity": 0.95, "test_acc": 50.0},
+                 {"model": "lenet300-100", "method": "set", "sparsity": 0.95, "test_acc": 98.14}]  # not measured
+    table = comparison_table(summarize(rows), published).splitlines()
+    assert len(table) == 3
+    assert table[2] == (f"| lenet300-100 | static | 95 % | {rows[0]['test_acc']:.2f} | 50.00 | "
+                        f"{rows[0]['test_acc'] - 50:+.2f} |")
