@@ -137,11 +137,15 @@ def plot_mask_2d_evolution(masks_per_epoch, save_path=None):
 
 
 def _same_series(series_by_name):
-    """Group names whose series are equal (to 1e-6), so coinciding lines are drawn once with all names."""
+    """Group names whose series (in percent) agree to 0.05 points, so lines that would coincide on the figure
+    are drawn once, labelled with all their names (with the first name's values: no figure resolves less)."""
     groups: dict[tuple, list[str]] = {}
+    series_of: dict[tuple, list[float]] = {}
     for name, series in series_by_name.items():
-        groups.setdefault(tuple(round(value, 6) for value in series), []).append(name)
-    return groups
+        key = tuple(round(value, 1) for value in series)
+        groups.setdefault(key, []).append(name)
+        series_of.setdefault(key, series)
+    return {tuple(series_of[key]): names for key, names in groups.items()}
 
 
 def _ranges(numbers):
