@@ -203,7 +203,7 @@ def accuracy_table(summary: list[dict], model: str) -> str:
     for method in methods:
         if method == "dense":
             row = cell[("dense", 0.0)]
-            lines.append(f"| dense | {_accuracy(row)} (every sparsity) " + "| " * (len(sparsities) - 1) + "| 1 |")
+            lines.append("| dense | " + " | ".join([_accuracy(row)] * len(sparsities)) + " | 1 |")
             continue
         flops = [cell[(method, s)]["train_flops_vs_dense"] for s in sparsities if (method, s) in cell]
         name = method + (" (dense memory while training)" if rows and cell.get(
