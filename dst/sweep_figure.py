@@ -28,7 +28,8 @@ def plot_method_sweep(rows, references=None, reference_label="published", title=
     """Accuracy (%) and training FLOPs (fraction of dense) vs sparsity per method; ``references`` as hollow marks.
 
     ``references``: optional rows ``{"model", "method", "sparsity", "test_acc"}`` (published numbers)
-    drawn as hollow markers in the method's colour (dense as a dotted line), named ``reference_label``.
+    drawn as hollow markers in the method's colour (dense as a dotted line), named ``reference_label``,
+    at the sparsities the rows measured.
     One legend, under the figure, names what the first model's panel draws.
     """
     _check_rows(rows, ["model", "method", "sparsity", "test_acc", "train_flops_vs_dense", "dense_training"])
@@ -39,7 +40,10 @@ def plot_method_sweep(rows, references=None, reference_label="published", title=
     for column, model in enumerate(models):
         accuracy_ax, flops_ax = axes[0, column], axes[1, column]
         points = [row for row in summary if row["model"] == model]
-        references_here = [r for r in references or () if r["model"] == model]
+        measured = {row["sparsity"] for row in points}
+        # Only at sparsities this sweep measured: a published point between them would read as one of ours.
+        references_here = [r for r in references or () if r["model"] == model
+                           and (r["method"] == "dense" or r["sparsity"] in measured)]
         _draw_accuracy(accuracy_ax, points, references_here, reference_label)
         for method in dict.fromkeys(row["method"] for row in points if row["method"] != "dense"):
             line = sorted((row for row in points if row["method"] == method), key=lambda row: row["sparsity"])
