@@ -4,7 +4,8 @@ Methods (``dst.methods``): dense, static, set, rigl, snfs, gmp. Models: LeNet-30
 (784-300-100-10, the MLP of the DST papers' MNIST tables) and the tutorial's SimpleNet.
 Writes benchmarks/results/dst_methods_<mode>.json (every run's row, the summary over
 seeds, the recipes, the published numbers) and .png (the figure), and prints the
-accuracy tables. Rows are saved as they finish; ``--resume`` skips those already saved.
+accuracy tables. Rows are saved as they finish; ``--resume`` skips those already saved (with nothing left to
+run it only redraws the figure and prints the tables).
 
 Modes (any setting can be overridden on the command line):
 - ``quick`` (about 5 minutes on one core): both models, 7 sparsities, 1 seed, 3 epochs of 100
@@ -24,6 +25,7 @@ Data: MNIST in ./data (``make data``). Run from the repository root:
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import time
@@ -34,7 +36,7 @@ import torch
 
 from dst.data import TensorLoader, load_mnist_tensors
 from dst.methods import METHODS
-from dst.sweep import MODELS, Recipe, accuracy_table, run_sweep, summarize
+from dst.sweep import MODELS, Recipe, accuracy_table, comparison_table, run_sweep, summarize
 from dst.sweep_figure import plot_method_sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,6 +48,7 @@ PUBLISHED = [{"model": "lenet300-100", "method": "dense", "sparsity": 0.0, "test
     for method, numbers in {"snfs": {0.9: 98.67, 0.95: 98.53, 0.98: 98.20, 0.99: 97.53},
                             "set": {0.9: 98.39, 0.95: 98.14, 0.98: 97.74, 0.99: 95.80}}.items()
     for sparsity, accuracy in numbers.items()]
+PUBLISHED_LABEL = "published: Dettmers & Zettlemoyer 2019 (uniform, 100 epochs)"
 MODES = {
     "quick": {"recipes": {"lenet300-100": Recipe(epochs=3, max_batches_per_epoch=100),
                           "simplenet": Recipe(epochs=2, max_batches_per_epoch=100)},
@@ -109,7 +112,8 @@ def main() -> None:
         print(f"{row['model']:13} {row['method']:6} {row['sparsity']:6.3f} seed {row['seed']}: "
               f"{row['test_acc']:6.2f} %  {row['updates']:4d} updates  FLOPs {row['train_flops_vs_dense']:.3f} "
               f"x dense  {row['train_seconds']:6.1f} s", flush=True)
-        record.update(rows=rows, wall_seconds=time.perf_counter() - started)
+        # Wall time of every invocation that added rows, resumed ones included.
+        record.update(rows=rows, wall_seconds=earlier.get("wall_seconds", 0.0) + time.perf_counter() - started)
         RESULTS.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(record, indent=1) + "\n")
 
@@ -124,12 +128,20 @@ def main() -> None:
     summary = summarize(rows)
     record.update(rows=rows, summary=summary)
     json_path.write_text(json.dumps(record, indent=1) + "\n")
-    budget = {model: f"{recipe.epochs} epochs x {recipe.max_batches_per_epoch or 'all'} batches"
-              for model, recipe in recipes.items()}
-    plot_method_sweep(rows, references=PUBLISHED, save_path=json_path.with_suffix(".png"),
-                      title=f"{args.mode} mode, {args.allocation}, {len(seeds)} seed(s): {budget}")
+    budget = {}
+    for model, recipe in record["recipes"].items():
+        batches = recipe["max_batches_per_epoch"] or math.ceil(len(train_x) / recipe["batch_size"])
+        budget[model] = f"{recipe['epochs']} epochs of {batches} batches of {recipe['batch_size']}"
+    seeds_done = sorted({row["seed"] for row in rows})
+    plot_method_sweep(rows, references=PUBLISHED, reference_label=PUBLISHED_LABEL,
+                      save_path=json_path.with_suffix(".png"),
+                      title=f"{record['date']}, {args.mode} mode, {args.allocation} allocation, seeds {seeds_done}: "
+                      + "; ".join(f"{model} {text}" for model, text in budget.items()))
     for model in dict.fromkeys(row["model"] for row in rows):
-        print(f"\n{model} ({budget.get(model, 'see JSON')}), test accuracy %:\n" + accuracy_table(summary, model))
+        print(f"\n{model} ({budget[model]}), test accuracy %:\n" + accuracy_table(summary, model))
+    if any(row["model"] == "lenet300-100" for row in rows):
+        print("\nAgainst the published numbers (uniform allocation, 100 epochs):\n"
+              + comparison_table(summary, PUBLISHED))
     print(f"\nwrote {json_path} and {json_path.with_suffix('.png').name} ({time.perf_counter() - started:.0f} s)")
 
 

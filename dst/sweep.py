@@ -101,27 +101,10 @@ def train_run(model_name: str, method: str | Method, target: Target, recipe: Rec
     scheduler = method.scheduler(model, target, optimizer, total_steps, len(loader), generator)
     counter = FlopCounter(model, train_data[0][:1].to(device))
     start_connectivity = connectivity(model.masked_layers()) if isinstance(model, MaskedNet) else None
-    macs, examples, events = 0, 0, 0
-    forward = counter.current()
     start = time.perf_counter()
     try:
-        for _ in range(recipe.epochs):
-            model.train()
-            for inputs, labels in loader:
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(inputs), labels).backward()
-                optimizer.step()
-                lr_schedule.step()
-                weight_gradient = counter.dense if method.dense_weight_gradient else forward
-                macs += len(labels) * (2 * forward + weight_gradient)
-                examples += len(labels)
-                if scheduler is not None:
-                    scheduler.after_step((inputs, labels))
-                    if len(scheduler.history) > events:
-                        events = len(scheduler.history)
-                        if method.gradient_per_update:  # the update's dense gradient, on this batch
-                            macs += len(labels) * (2 * forward + counter.dense)
-                        forward = counter.current()
+        macs, examples, events = _train(model, method, scheduler, loader, optimizer, lr_schedule, recipe.epochs,
+                                        counter)
     finally:
         if scheduler is not None:
             method.close(scheduler)
@@ -141,6 +124,31 @@ def train_run(model_name: str, method: str | Method, target: Target, recipe: Rec
                    unconnected_inputs_start=start_connectivity["unconnected_inputs"],
                    unconnected_inputs_end=end_connectivity["unconnected_inputs"])
     return row
+
+
+def _train(model, method: Method, scheduler, loader, optimizer, lr_schedule, epochs: int,
+           counter: FlopCounter) -> tuple[int, int, int]:
+    """The training loop; returns (multiply-adds a sparse implementation needs, examples seen, topology updates)."""
+    macs, examples, events = 0, 0, 0
+    forward = counter.current()
+    for _ in range(epochs):
+        model.train()
+        for inputs, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(inputs), labels).backward()
+            optimizer.step()
+            lr_schedule.step()
+            weight_gradient = counter.dense if method.dense_weight_gradient else forward
+            macs += len(labels) * (2 * forward + weight_gradient)
+            examples += len(labels)
+            if scheduler is not None:
+                scheduler.after_step((inputs, labels))
+                if len(scheduler.history) > events:
+                    events = len(scheduler.history)
+                    if method.gradient_per_update:  # the update's dense gradient, on this batch
+                        macs += len(labels) * (2 * forward + counter.dense)
+                    forward = counter.current()
+    return macs, examples, events
 
 
 def run_sweep(models: Iterable[str], methods: Iterable[str | Method], sparsities: Iterable[float],
@@ -203,7 +211,7 @@ def accuracy_table(summary: list[dict], model: str) -> str:
     for method in methods:
         if method == "dense":
             row = cell[("dense", 0.0)]
-            lines.append(f"| dense | {_accuracy(row)} (every sparsity) " + "| " * (len(sparsities) - 1) + "| 1 |")
+            lines.append("| dense | " + " | ".join([_accuracy(row)] * len(sparsities)) + " | 1 |")
             continue
         flops = [cell[(method, s)]["train_flops_vs_dense"] for s in sparsities if (method, s) in cell]
         name = method + (" (dense memory while training)" if rows and cell.get(

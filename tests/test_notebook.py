@@ -22,7 +22,7 @@ def execute(tmp_path, **overrides) -> tuple[dict, str]:
     """Run the notebook in quick mode into ``tmp_path``; returns its parameters and the printed text."""
     parameters = {"GLOBAL_SPARSITY": 0.9, "num_epochs": 2, "dst_frequency": 1, "max_batches_per_epoch": 5,
                   "sparse_mlp_hidden": 256, "sparse_mlp_batches": 5, "results_dir": str(tmp_path / "results"),
-                  "plots_dir": str(tmp_path / "plots"), **overrides}
+                  "plots_dir": str(tmp_path / "plots"), "decade_steps": 30, **overrides}
     executed = tmp_path / f"executed_{len(list(tmp_path.glob('executed_*')))}.ipynb"
     papermill.execute_notebook(str(NOTEBOOK), str(executed), parameters=parameters,
                                cwd=str(ROOT), kernel_name="python3", progress_bar=False)
@@ -64,6 +64,7 @@ def test_notebook_runs_in_quick_mode_and_writes_plots_and_results(tmp_path):
         assert change[name]["pruned"] == change[name]["regrown"] == moved
 
     assert "MNIST:" in text and "same prediction for 100.0%" in text
+    assert "16 runs of 30 steps in" in text  # "A decade in one figure": 5 sparse methods x 3 sparsities + dense
     assert "DST steps will run after epoch(s) 1" in text
     assert f"Connections moved between consecutive epochs (as drawn): {sum(event['moved'].values()):,}" in text
 

@@ -91,7 +91,11 @@ def test_run_sweep_trains_dense_once_per_model_and_seed_and_summarize_averages_s
     assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 2
     accuracy_ax = fig.axes[0]
     assert accuracy_ax.get_xscale() == "log" and accuracy_ax.xaxis_inverted()
-    assert {text.get_text() for text in accuracy_ax.get_legend().get_texts()} >= {"static mask", "SET"}
+    assert accuracy_ax.get_yscale() == "log" and accuracy_ax.yaxis_inverted()  # error, small at the top
+    assert {text.get_text() for text in fig.legends[0].get_texts()} >= {"static mask", "SET"}
+    # The accuracy axis is labelled in accuracy: a tick at 99 % sits at an error of 1 %.
+    labels = {tick.get_text(): value for tick, value in zip(accuracy_ax.get_yticklabels(), accuracy_ax.get_yticks())}
+    assert all(value == pytest.approx(100 - float(text), rel=1e-9) for text, value in labels.items() if text)
 
 
 def test_unknown_model_is_named(data):
