@@ -5,7 +5,8 @@ Methods (``dst.methods``): dense, static, set, rigl, snfs, gmp. Models: LeNet-30
 Writes benchmarks/results/dst_methods_<mode>.json (every run's row, the summary over
 seeds, the recipes, the published numbers) and .png (the figure), and prints the
 accuracy tables. Rows are saved as they finish; ``--resume`` skips those already saved (with nothing left to
-run it only redraws the figure and prints the tables).
+run it only redraws the figure and prints the tables). ``--merge`` adds the rows of other results files, so that
+parallel invocations (one per core) end in one file; both refuse rows trained with other settings.
 
 Modes (any setting can be overridden on the command line):
 - ``quick`` (about 5 minutes on one core): both models, 7 sparsities, 1 seed, 3 epochs of 100
@@ -20,6 +21,11 @@ Modes (any setting can be overridden on the command line):
 Data: MNIST in ./data (``make data``). Run from the repository root:
     nice -n 10 python -m benchmarks.dst_methods --mode quick
     python -m benchmarks.dst_methods --mode full --models lenet300-100 --sparsities 0.95 0.99 --epochs 20
+Two cores, two processes, one file (the final call runs what is missing and draws the figure):
+    python -m benchmarks.dst_methods --mode full --sparsities 0.95 --name part95 &
+    python -m benchmarks.dst_methods --mode full --sparsities 0.99 --methods static set rigl snfs gmp --name part99
+    python -m benchmarks.dst_methods --mode full --sparsities 0.95 0.99 \
+        --merge benchmarks/results/part95.json benchmarks/results/part99.json
 """
 
 import argparse
@@ -74,7 +80,51 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves the other core free)")
     parser.add_argument("--name", help="results file stem (default dst_methods_<mode>[_<allocation>])")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the results file")
+    parser.add_argument("--merge", nargs="+", default=[], type=Path, metavar="JSON",
+                        help="add the rows of these results files (parallel invocations of the same settings)")
     return parser.parse_args()
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a run in a results file."""
+    return row["model"], row["method"], row["sparsity"], row["seed"]
+
+
+def new_record(mode: str, allocation: str, keep_dense: list[str], recipes: dict[str, Recipe],
+               methods: list) -> dict:
+    """A results file's settings, as JSON will read them back (tuples as lists), and no rows yet."""
+    return json.loads(json.dumps({
+        "mode": mode, "allocation": allocation, "keep_dense": keep_dense,
+        "recipes": {model: asdict(recipe) for model, recipe in recipes.items()},
+        "methods": {method.name: {**asdict(method), "summary": method.summary} for method in methods},
+        "published": PUBLISHED, "wall_seconds": 0.0}))
+
+
+def combine_rows(record: dict, sources: list[tuple[Path, dict]]) -> list[dict]:
+    """The rows of earlier results files (resumed or merged), folding their settings into ``record``.
+
+    Refuses (naming the file and the setting) a file whose mode, allocation, recipe or method settings differ from
+    ``record``'s, and a run present twice: a table must not average runs trained differently.
+    """
+    rows, seen = [], {}
+    for path, source in sources:
+        for field in ("mode", "allocation", "keep_dense"):
+            if source.get(field) != record[field]:
+                raise SystemExit(f"{path}: {field} is {source.get(field)!r}, this invocation's is {record[field]!r}; "
+                                 "rerun with the same settings or write to another --name")
+        for key, kind in (("recipes", "recipe"), ("methods", "method settings")):
+            for name, settings in source.get(key, {}).items():
+                if record[key].setdefault(name, settings) != settings:
+                    raise SystemExit(f"{path}: {name}'s {kind} {settings} differ from this invocation's "
+                                     f"{record[key][name]}; rerun with the same settings or write to another --name")
+        for row in source.get("rows", []):
+            if row_key(row) in seen:
+                raise SystemExit(f"{path}: the run {row_key(row)} is also in {seen[row_key(row)]}")
+            seen[row_key(row)] = path
+            rows.append(row)
+        # Seconds of every invocation that added rows (parallel ones add up).
+        record["wall_seconds"] += source.get("wall_seconds", 0.0)
+    return rows
 
 
 def main() -> None:
@@ -90,30 +140,28 @@ def main() -> None:
                for model in args.models}
     stem = args.name or f"dst_methods_{args.mode}" + ("" if args.allocation == "erk" else f"_{args.allocation}")
     json_path = RESULTS / f"{stem}.json"
-    earlier = json.loads(json_path.read_text()) if args.resume and json_path.exists() else {}
-    previous = earlier.get("rows", [])
-    done = {(row["model"], row["method"], row["sparsity"], row["seed"]) for row in previous}
+    sources = [(path, json.loads(path.read_text())) for path in
+               ([json_path] if args.resume and json_path.exists() else []) + args.merge]
     train_x, train_y = load_mnist_tensors("./data", train=True)
     test_loader = TensorLoader(*load_mnist_tensors("./data", train=False), batch_size=1000)
-    started, rows = time.perf_counter(), list(previous)
+    started = time.perf_counter()
     # Not dst.benchmark.benchmark_environment: asking numba for its thread count starts an OpenMP pool that
     # then ran beside torch's single thread (a second busy core) and changed the floats of every run.
     environment = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
                    "torch_threads": torch.get_num_threads(), "processor": platform.processor()}
-    record = {"date": datetime.date.today().isoformat(), "mode": args.mode, "environment": environment,
-        "allocation": args.allocation, "keep_dense": args.keep_dense,
-        "seeds": sorted(set(earlier.get("seeds", [])) | set(seeds)),
-        "recipes": {**earlier.get("recipes", {}), **{model: asdict(recipe) for model, recipe in recipes.items()}},
-        "methods": {method.name: {**asdict(method), "summary": method.summary} for method in methods},
-        "published": PUBLISHED}
+    record = new_record(args.mode, args.allocation, args.keep_dense, recipes, methods)
+    record.update(date=datetime.date.today().isoformat(), environment=environment)
+    rows = combine_rows(record, sources)
+    done = {row_key(row) for row in rows}
+    earlier_seconds = record["wall_seconds"]
 
     def save(row: dict) -> None:
         rows.append(row)
         print(f"{row['model']:13} {row['method']:6} {row['sparsity']:6.3f} seed {row['seed']}: "
               f"{row['test_acc']:6.2f} %  {row['updates']:4d} updates  FLOPs {row['train_flops_vs_dense']:.3f} "
               f"x dense  {row['train_seconds']:6.1f} s", flush=True)
-        # Wall time of every invocation that added rows, resumed ones included.
-        record.update(rows=rows, wall_seconds=earlier.get("wall_seconds", 0.0) + time.perf_counter() - started)
+        record.update(rows=rows, seeds=sorted({row["seed"] for row in rows}),
+                      wall_seconds=earlier_seconds + time.perf_counter() - started)
         RESULTS.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(record, indent=1) + "\n")
 
@@ -126,16 +174,16 @@ def main() -> None:
                     run_sweep([model], [method], [sparsity], [seed], recipes[model], (train_x, train_y), test_loader,
                               allocation=args.allocation, keep_dense=tuple(args.keep_dense), on_row=save)
     summary = summarize(rows)
-    record.update(rows=rows, summary=summary)
+    record.update(rows=rows, summary=summary, seeds=sorted({row["seed"] for row in rows}))
     json_path.write_text(json.dumps(record, indent=1) + "\n")
     budget = {}
     for model, recipe in record["recipes"].items():
         batches = recipe["max_batches_per_epoch"] or math.ceil(len(train_x) / recipe["batch_size"])
         budget[model] = f"{recipe['epochs']} epochs of {batches} batches of {recipe['batch_size']}"
-    seeds_done = sorted({row["seed"] for row in rows})
     plot_method_sweep(rows, references=PUBLISHED, reference_label=PUBLISHED_LABEL,
                       save_path=json_path.with_suffix(".png"),
-                      title=f"{record['date']}, {args.mode} mode, {args.allocation} allocation, seeds {seeds_done}: "
+                      title=f"{record['date']}, {args.mode} mode, {args.allocation} allocation, "
+                      f"seeds {record['seeds']}: "
                       + "; ".join(f"{model} {text}" for model, text in budget.items()))
     for model in dict.fromkeys(row["model"] for row in rows):
         print(f"\n{model} ({budget[model]}), test accuracy %:\n" + accuracy_table(summary, model))

@@ -1,11 +1,13 @@
 """The methods sweep: FLOPs against their formulas, rows, the summary over seeds, the figure."""
 
+import json
 from dataclasses import replace
 
 import matplotlib
 import pytest
 import torch
 
+from benchmarks.dst_methods import combine_rows, new_record, row_key
 from dst.masked import MaskedNet
 from dst.methods import METHODS, Target
 from dst.models import SimpleNet, lenet_300_100
@@ -115,3 +117,38 @@ def test_comparison_table_puts_measured_next_to_published_and_run_sweep_restores
     assert len(table) == 3
     assert table[2] == (f"| lenet300-100 | static | 95 % | {rows[0]['test_acc']:.2f} | 50.00 | "
                         f"{rows[0]['test_acc'] - 50:+.2f} |")
+
+
+def _results_file(tmp_path, name, recipe, methods, runs, seconds):
+    """A benchmark results file as the benchmark writes it: its settings, rows for ``runs``, read back from JSON."""
+    record = new_record("full", "uniform", [], {"lenet300-100": recipe}, [METHODS[name] for name in methods])
+    record.update(wall_seconds=seconds, rows=[{"model": "lenet300-100", "method": method, "sparsity": sparsity,
+                                               "seed": seed, "test_acc": 90.0} for method, sparsity, seed in runs])
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(record))
+    return path, json.loads(path.read_text())
+
+
+def test_results_of_parallel_invocations_merge_only_when_trained_alike(tmp_path):
+    recipe = Recipe(epochs=3)
+    first = _results_file(tmp_path, "part95", recipe, ["dense", "set"], [("dense", 0.0, 0), ("set", 0.95, 0)], 60.0)
+    second = _results_file(tmp_path, "part99", recipe, ["rigl"], [("rigl", 0.99, 0), ("rigl", 0.99, 1)], 40.0)
+    # This invocation asks for SET only, with the same recipe; the files' other methods come along.
+    record = new_record("full", "uniform", [], {"lenet300-100": recipe}, [METHODS["set"]])
+    rows = combine_rows(record, [first, second])
+    assert [row_key(row) for row in rows] == [("lenet300-100", "dense", 0.0, 0), ("lenet300-100", "set", 0.95, 0),
+                                              ("lenet300-100", "rigl", 0.99, 0), ("lenet300-100", "rigl", 0.99, 1)]
+    assert set(record["methods"]) == {"dense", "set", "rigl"} and record["wall_seconds"] == 100.0
+
+    def refused(record, sources, *names):
+        with pytest.raises(SystemExit) as stop:
+            combine_rows(record, sources)
+        assert all(name in str(stop.value) for name in names), stop.value
+
+    other_epochs = new_record("full", "uniform", [], {"lenet300-100": replace(recipe, epochs=4)}, [])
+    refused(other_epochs, [first], "part95.json", "lenet300-100", "'epochs': 3", "'epochs': 4")
+    refused(new_record("full", "erk", [], {}, []), [second], "part99.json", "allocation", "'uniform'", "'erk'")
+    refused(new_record("full", "uniform", [], {}, [replace(METHODS["rigl"], every=25)]), [second],
+            "part99.json", "rigl", "'every': 25")
+    twice = _results_file(tmp_path, "again", recipe, ["set"], [("set", 0.95, 0)], 1.0)
+    refused(new_record("full", "uniform", [], {}, []), [first, twice], "again.json", "part95.json", "'set', 0.95, 0")
