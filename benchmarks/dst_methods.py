@@ -21,6 +21,9 @@ Modes (any setting can be overridden on the command line):
 Data: MNIST in ./data (``make data``). Run from the repository root:
     nice -n 10 python -m benchmarks.dst_methods --mode quick
     python -m benchmarks.dst_methods --mode full --models lenet300-100 --sparsities 0.95 0.99 --epochs 20
+sparse_learning's SET (prune 50 %, cosine-decayed), the variant behind the published MNIST numbers:
+    python -m benchmarks.dst_methods --mode full --methods set --set set.prune_ratio=0.5 set.schedule=cosine \
+        --name dst_methods_set_cosine
 Two cores, two processes, one file (the final call runs what is missing and draws the figure):
     python -m benchmarks.dst_methods --mode full --sparsities 0.95 --name part95 &
     python -m benchmarks.dst_methods --mode full --sparsities 0.99 --methods static set rigl snfs gmp --name part99
@@ -35,13 +38,13 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 
 from dst.data import TensorLoader, load_mnist_tensors
-from dst.methods import METHODS
+from dst.methods import METHODS, Method
 from dst.sweep import MODELS, Recipe, accuracy_table, comparison_table, run_sweep, summarize
 from dst.sweep_figure import plot_method_sweep
 
@@ -75,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="override the mode's epochs (lr decays at the same fractions)")
     parser.add_argument("--max-batches", type=int, help="cap on batches per epoch")
     parser.add_argument("--every", type=int, help="steps between RigL updates and GMP prunings (default 100)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="METHOD.FIELD=VALUE", dest="settings",
+                        help="change a method's setting, e.g. set.prune_ratio=0.5 set.schedule=cosine")
     parser.add_argument("--allocation", choices=["erk", "uniform"], default="erk")
     parser.add_argument("--keep-dense", nargs="*", default=[], help="'first', 'last' or layer names")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves the other core free)")
@@ -83,6 +88,27 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--merge", nargs="+", default=[], type=Path, metavar="JSON",
                         help="add the rows of these results files (parallel invocations of the same settings)")
     return parser.parse_args()
+
+
+def with_settings(methods: list[Method], settings: list[str]) -> list[Method]:
+    """``methods`` with ``METHOD.FIELD=VALUE`` settings applied, each value read as that field's type."""
+    methods = {method.name: method for method in methods}
+    for text in settings:
+        target, equals, value = text.partition("=")
+        name, dot, field = target.partition(".")
+        if not (equals and dot):
+            raise SystemExit(f"--set {text!r}: write METHOD.FIELD=VALUE, e.g. set.prune_ratio=0.5")
+        if name not in methods:
+            raise SystemExit(f"--set {text!r}: {name!r} is not among this run's methods {list(methods)}")
+        names = [known.name for known in fields(methods[name])]
+        if field not in names:
+            raise SystemExit(f"--set {text!r}: {name} has no setting {field!r}; its settings are {names}")
+        kind = type(getattr(methods[name], field))
+        try:
+            methods[name] = replace(methods[name], **{field: kind(value)})
+        except ValueError as error:
+            raise SystemExit(f"--set {text!r}: {field} takes a {kind.__name__}: {error}") from None
+    return list(methods.values())
 
 
 def row_key(row: dict) -> tuple:
@@ -135,6 +161,7 @@ def main() -> None:
     every = args.every or mode["every"]
     methods = [replace(METHODS[name], every=every) if every and name in ("rigl", "gmp") else METHODS[name]
                for name in args.methods]
+    methods = with_settings(methods, args.settings)
     recipes = {model: replace(mode["recipes"][model], **({"epochs": args.epochs} if args.epochs else {}),
                               **({"max_batches_per_epoch": args.max_batches} if args.max_batches else {}))
                for model in args.models}

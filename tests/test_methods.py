@@ -114,6 +114,15 @@ def test_set_updates_once_an_epoch_but_not_after_the_last_step():
                for update in event.layers.values())
 
 
+def test_set_with_sparse_learnings_schedule_decays_its_fraction_to_the_last_update():
+    _, scheduler = train(replace(METHODS["set"], prune_ratio=0.5, schedule="cosine"), Target(0.8))
+    end = STEPS - 1
+    assert [event.t for event in scheduler.history] == list(range(STEPS_PER_EPOCH, STEPS, STEPS_PER_EPOCH))
+    for event in scheduler.history:
+        assert event.prune_ratio == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * event.t / end)), rel=1e-12)
+    assert scheduler.history[0].prune_ratio > scheduler.history[-1].prune_ratio > 0
+
+
 def test_rigl_decays_its_update_fraction_and_stops_at_three_quarters_of_training():
     method = replace(METHODS["rigl"], every=4)
     snapshots = {}

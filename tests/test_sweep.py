@@ -7,7 +7,7 @@ import matplotlib
 import pytest
 import torch
 
-from benchmarks.dst_methods import combine_rows, new_record, row_key
+from benchmarks.dst_methods import combine_rows, new_record, row_key, with_settings
 from dst.masked import MaskedNet
 from dst.methods import METHODS, Target
 from dst.models import SimpleNet, lenet_300_100
@@ -152,3 +152,16 @@ def test_results_of_parallel_invocations_merge_only_when_trained_alike(tmp_path)
             "part99.json", "rigl", "'every': 25")
     twice = _results_file(tmp_path, "again", recipe, ["set"], [("set", 0.95, 0)], 1.0)
     refused(new_record("full", "uniform", [], {}, []), [first, twice], "again.json", "part95.json", "'set', 0.95, 0")
+
+
+def test_method_settings_from_the_command_line_are_typed_and_checked():
+    set_method, rigl = with_settings([METHODS["set"], METHODS["rigl"]],
+                                     ["set.prune_ratio=0.5", "set.schedule=cosine", "rigl.every=25"])
+    assert set_method == replace(METHODS["set"], prune_ratio=0.5, schedule="cosine")
+    assert rigl == replace(METHODS["rigl"], every=25) and isinstance(rigl.every, int)
+    for text, names in [("set.prune=0.5", ["'prune'", "prune_ratio", "schedule"]),
+                        ("gmp.every=3", ["'gmp'", "['set']"]), ("set.prune_ratio=half", ["float", "'half'"]),
+                        ("set=0.5", ["METHOD.FIELD=VALUE"])]:
+        with pytest.raises(SystemExit) as stop:
+            with_settings([METHODS["set"]], [text])
+        assert all(name in str(stop.value) for name in names), stop.value
