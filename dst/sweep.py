@@ -235,12 +235,36 @@ def comparison_table(summary: list[dict], published: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def layer_table(rows: Iterable[dict], model: str, sparsity: float) -> str:
+    """Markdown: where each method's weights are at the end of training, and the classes left without a connection.
+
+    Active weights per layer and test accuracy are means over seeds; classes cut off are "at the start -> at the
+    end" of training, the largest over seeds. Dense rows have no mask and are left out.
+    """
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["model"] == model and row["sparsity"] == sparsity and "layer_active" in row:
+            groups.setdefault(row["method"], []).append(row)
+    if not groups:
+        raise ValueError(f"no masked {model} rows at sparsity {sparsity}")
+    layers = list(next(iter(groups.values()))[0]["layer_active"])
+    lines = ["| method | test accuracy % | " + " | ".join(f"{layer} weights" for layer in layers)
+             + " | classes cut off (start -> end) |", "|---|---|" + "---|" * (len(layers) + 1)]
+    for method, group in groups.items():
+        counts = [statistics.fmean(row["layer_active"][layer] for row in group) for layer in layers]
+        start, end = (max(row[f"unconnected_outputs_{when}"] for row in group) for when in ("start", "end"))
+        lines.append(f"| {method} | {statistics.fmean(row['test_acc'] for row in group):.2f} | "
+                     + " | ".join(f"{count:,.0f}" for count in counts) + f" | {start} -> {end} |")
+    return "\n".join(lines)
+
+
 def _accuracy(row: dict) -> str:
     text = f"{row['test_acc']:.2f}"
     if row["seeds"] > 1:
         text += f" ± {row['test_acc_std']:.2f}"
     if row.get("unconnected_outputs_end"):
-        text += f" ({row['unconnected_outputs_end']} classes cut off)"
+        cut_off = row["unconnected_outputs_end"]
+        text += f" ({cut_off} {'class' if cut_off == 1 else 'classes'} cut off)"
     return text
 
 

@@ -11,7 +11,16 @@ from benchmarks.dst_methods import combine_rows, new_record, row_key, with_setti
 from dst.masked import MaskedNet
 from dst.methods import METHODS, Target
 from dst.models import SimpleNet, lenet_300_100
-from dst.sweep import FlopCounter, Recipe, accuracy_table, comparison_table, run_sweep, summarize, train_run
+from dst.sweep import (
+    FlopCounter,
+    Recipe,
+    accuracy_table,
+    comparison_table,
+    layer_table,
+    run_sweep,
+    summarize,
+    train_run,
+)
 from dst.sweep_figure import plot_method_sweep
 from tests.conftest import synthetic_mnist
 
@@ -165,3 +174,28 @@ def test_method_settings_from_the_command_line_are_typed_and_checked():
         with pytest.raises(SystemExit) as stop:
             with_settings([METHODS["set"]], [text])
         assert all(name in str(stop.value) for name in names), stop.value
+
+
+def test_layer_table_averages_counts_over_seeds_and_reports_the_worst_cut_off():
+    def masked_row(method, seed, fc3, accuracy, start, end, sparsity=0.99):
+        return {"model": "lenet300-100", "method": method, "sparsity": sparsity, "seed": seed, "test_acc": accuracy,
+                "layer_active": {"fc1": 2352, "fc2": 300, "fc3": fc3},
+                "unconnected_outputs_start": start, "unconnected_outputs_end": end}
+
+    rows = [{"model": "lenet300-100", "method": "dense", "sparsity": 0.0, "seed": 0, "test_acc": 98.7},
+            masked_row("set", 0, 10, 76.0, 5, 1), masked_row("set", 1, 10, 80.0, 4, 0),
+            masked_row("snfs", 0, 976, 97.5, 5, 0), masked_row("snfs", 1, 1001, 97.4, 4, 0),
+            masked_row("set", 0, 50, 98.3, 0, 0, sparsity=0.95)]
+    assert layer_table(rows, "lenet300-100", 0.99).splitlines() == [
+        "| method | test accuracy % | fc1 weights | fc2 weights | fc3 weights | classes cut off (start -> end) |",
+        "|---|---|---|---|---|---|",
+        "| set | 78.00 | 2,352 | 300 | 10 | 5 -> 1 |",
+        "| snfs | 97.45 | 2,352 | 300 | 988 | 5 -> 0 |"]
+    with pytest.raises(ValueError, match="no masked lenet300-100 rows at sparsity 0.9"):
+        layer_table(rows, "lenet300-100", 0.9)
+    summary = summarize(row | {"train_flops_vs_dense": 0.01, "dense_training": False}
+                        for row in [masked_row("set", 0, 10, 76.0, 5, 1), masked_row("rigl", 0, 10, 85.0, 5, 2)])
+    published = [{"model": "lenet300-100", "method": method, "sparsity": 0.99, "test_acc": 95.8}
+                 for method in ("set", "rigl")]
+    assert [line.split(" | ")[3] for line in comparison_table(summary, published).splitlines()[2:]] == [
+        "76.00 (1 class cut off)", "85.00 (2 classes cut off)"]

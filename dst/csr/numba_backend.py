@@ -20,7 +20,7 @@ import numpy as np
 
 from dst.csr.backends import ArrayOps, TrainingProducts
 from dst.csr.numba_kernels import conv_pool, linear, train_matmul, train_matmul_transposed, train_sddmm
-from dst.csr.steps import LinearStep, conv_output_shape
+from dst.csr.steps import LinearStep, MaskNumberedWeight, conv_output_shape
 
 NO_BIAS = np.zeros(0, dtype=np.float32)
 # Floats in one conv work item's accumulator: 16 KiB leaves most of a 32-48 KiB L1 cache to the input runs.
@@ -43,7 +43,7 @@ class CSR:
         self.row_pointers = np.ascontiguousarray(row_pointers, dtype=pointer_type)
 
 
-class NumbaConvStep:
+class NumbaConvStep(MaskNumberedWeight):
     """Conv2d (stride 1, zero padding) with the max-pool, bias and ReLU after it, in one ``conv_pool`` call."""
 
     kind = "conv"
@@ -72,21 +72,6 @@ class NumbaConvStep:
                   NO_BIAS if self.bias is None else self.bias, *self.kernel_size, *self.padding,
                   *self.pool_kernel, self.relu, rows_per_item, out)
         return out
-
-    @property
-    def in_features(self) -> int:  # columns of the mask's (out, in*kh*kw) matrix
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    def held_arrays(self) -> list:
-        return []
-
-    def host_csr(self, values: np.ndarray, col_indices: np.ndarray, row_pointers: np.ndarray) -> dict:
-        return {"shape": self.weight.shape, "values": values,
-                "col_indices": col_indices.astype(np.int64), "row_pointers": row_pointers.astype(np.int64)}
 
 
 class NumbaLinearStep(LinearStep):

@@ -163,7 +163,26 @@ class ConvStep:
                 "col_indices": col_indices[order], "row_pointers": np.concatenate([[0], np.cumsum(counts)])}
 
 
-class LinearStep:
+class MaskNumberedWeight:
+    """For a step whose CSR ``weight`` is the mask's own ``(out, in)`` matrix: nothing renumbered, nothing kept."""
+
+    @property
+    def in_features(self) -> int:  # columns of the mask's matrix (in*kh*kw for a conv)
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def held_arrays(self) -> list:
+        return []
+
+    def host_csr(self, values: np.ndarray, col_indices: np.ndarray, row_pointers: np.ndarray) -> dict:
+        return {"shape": tuple(int(s) for s in self.weight.shape), "values": values,
+                "col_indices": col_indices.astype(np.int64), "row_pointers": row_pointers.astype(np.int64)}
+
+
+class LinearStep(MaskNumberedWeight):
     """Linear as ``W (out, in) @ X (in, N)``, then the bias and a folded-in ReLU."""
 
     kind = "linear"
@@ -186,20 +205,6 @@ class LinearStep:
             y += self.bias
         return self.ops.relu_(y) if self.relu else y
 
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    def held_arrays(self) -> list:
-        return []
-
-    def host_csr(self, values: np.ndarray, col_indices: np.ndarray, row_pointers: np.ndarray) -> dict:
-        return {"shape": tuple(int(s) for s in self.weight.shape), "values": values,
-                "col_indices": col_indices.astype(np.int64), "row_pointers": row_pointers.astype(np.int64)}
 
 
 class ReLU:
