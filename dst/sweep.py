@@ -218,7 +218,7 @@ def accuracy_table(summary: list[dict], model: str) -> str:
             (method, sparsities[0]), {}).get("dense_training") else "")
         lines.append(f"| {name} | " + " | ".join(
             _accuracy(cell[(method, s)]) if (method, s) in cell else "–" for s in sparsities)
-            + f" | {min(flops):.2f}–{max(flops):.2f} |")
+            + f" | {_span(flops)} |")
     return "\n".join(lines)
 
 
@@ -256,6 +256,11 @@ def layer_table(rows: Iterable[dict], model: str, sparsity: float) -> str:
         lines.append(f"| {method} | {statistics.fmean(row['test_acc'] for row in group):.2f} | "
                      + " | ".join(f"{count:,.0f}" for count in counts) + f" | {start} -> {end} |")
     return "\n".join(lines)
+
+
+def _span(values: list[float]) -> str:
+    low, high = f"{min(values):.2f}", f"{max(values):.2f}"
+    return low if low == high else f"{low}–{high}"
 
 
 def _accuracy(row: dict) -> str:

@@ -96,6 +96,10 @@ def test_run_sweep_trains_dense_once_per_model_and_seed_and_summarize_averages_s
     table = accuracy_table(summarize(rows), "lenet300-100")
     assert table.splitlines()[0] == "| method | 80 % | 99 % | training FLOPs vs dense |"
     assert f"{summary[('static', 0.8)]['test_acc']:.2f} ± " in table
+    flops = [f"{summary[('static', sparsity)]['train_flops_vs_dense']:.2f}" for sparsity in (0.99, 0.8)]
+    assert table.splitlines()[3].endswith(f" | {flops[0]}–{flops[1]} |")  # the static mask's row
+    one_sparsity = accuracy_table(summarize(row for row in rows if row["sparsity"] in (0.0, 0.99)), "lenet300-100")
+    assert one_sparsity.splitlines()[3].endswith(f" | {flops[0]} |")
 
     fig = plot_method_sweep(rows, references=[{"model": "lenet300-100", "method": "set", "sparsity": 0.99,
                                                "test_acc": 95.8}])
