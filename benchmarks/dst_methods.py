@@ -122,8 +122,19 @@ def new_record(mode: str, allocation: str, keep_dense: list[str], recipes: dict[
     return json.loads(json.dumps({
         "mode": mode, "allocation": allocation, "keep_dense": keep_dense,
         "recipes": {model: asdict(recipe) for model, recipe in recipes.items()},
-        "methods": {method.name: {**asdict(method), "summary": method.summary} for method in methods},
+        "methods": {method.name: settings_of(method) for method in methods},
         "published": PUBLISHED, "wall_seconds": 0.0}))
+
+
+def settings_of(method: Method | None) -> dict:
+    """A method's settings and summary as a results file holds them (tuples as lists); {} for None."""
+    if method is None:
+        return {}
+    return json.loads(json.dumps({**asdict(method), "summary": method.summary}))
+
+
+def _settings(settings: dict) -> dict:
+    return {key: value for key, value in settings.items() if key != "summary"}  # the summary is prose
 
 
 def combine_rows(record: dict, sources: list[tuple[Path, dict]]) -> list[dict]:
@@ -140,9 +151,12 @@ def combine_rows(record: dict, sources: list[tuple[Path, dict]]) -> list[dict]:
                                  "rerun with the same settings or write to another --name")
         for key, kind in (("recipes", "recipe"), ("methods", "method settings")):
             for name, settings in source.get(key, {}).items():
-                if record[key].setdefault(name, settings) != settings:
-                    raise SystemExit(f"{path}: {name}'s {kind} {settings} differ from this invocation's "
-                                     f"{record[key][name]}; rerun with the same settings or write to another --name")
+                if key == "methods":  # a setting added since the file was written ran as its default
+                    settings = {**settings_of(METHODS.get(name)), **settings}
+                if _settings(record[key].setdefault(name, settings)) != _settings(settings):
+                    raise SystemExit(f"{path}: {name}'s {kind} {_settings(settings)} differ from this invocation's "
+                                     f"{_settings(record[key][name])}; rerun with the same settings or write to "
+                                     "another --name")
         for row in source.get("rows", []):
             if row_key(row) in seen:
                 raise SystemExit(f"{path}: the run {row_key(row)} is also in {seen[row_key(row)]}")

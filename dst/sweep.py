@@ -231,7 +231,7 @@ def comparison_table(summary: list[dict], published: list[dict]) -> str:
         if row is None:
             continue
         lines.append(f"| {row['model']} | {row['method']} | {100 * row['sparsity']:g} % | {_accuracy(row)} | "
-                     f"{reference['test_acc']:.2f} | {row['test_acc'] - reference['test_acc']:+.2f} |")
+                     f"{reference['test_acc']:.2f} | {_difference(row['test_acc'], reference['test_acc'])} |")
     return "\n".join(lines)
 
 
@@ -256,6 +256,10 @@ def layer_table(rows: Iterable[dict], model: str, sparsity: float) -> str:
         lines.append(f"| {method} | {statistics.fmean(row['test_acc'] for row in group):.2f} | "
                      + " | ".join(f"{count:,.0f}" for count in counts) + f" | {start} -> {end} |")
     return "\n".join(lines)
+
+
+def _difference(measured: float, published: float) -> str:
+    return f"{round(measured - published, 2) + 0.0:+.2f}"  # + 0.0: -0.003 reads +0.00, not -0.00
 
 
 def _span(values: list[float]) -> str:

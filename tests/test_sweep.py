@@ -163,6 +163,12 @@ def test_results_of_parallel_invocations_merge_only_when_trained_alike(tmp_path)
     refused(new_record("full", "erk", [], {}, []), [second], "part99.json", "allocation", "'uniform'", "'erk'")
     refused(new_record("full", "uniform", [], {}, [replace(METHODS["rigl"], every=25)]), [second],
             "part99.json", "rigl", "'every': 25")
+    # A file written before SET had a schedule setting ran with its default; reworded summaries do not matter.
+    older = json.loads(json.dumps(second[1]))
+    older["methods"]["set"] = {"prune_ratio": 0.3, "updates_per_epoch": 1, "summary": "older words"}
+    assert len(combine_rows(new_record("full", "uniform", [], {}, [METHODS["set"]]), [("older.json", older)])) == 2
+    cosine = replace(METHODS["set"], schedule="cosine")
+    refused(new_record("full", "uniform", [], {}, [cosine]), [("older.json", older)], "older.json", "'constant'")
     twice = _results_file(tmp_path, "again", recipe, ["set"], [("set", 0.95, 0)], 1.0)
     refused(new_record("full", "uniform", [], {}, []), [first, twice], "again.json", "part95.json", "'set', 0.95, 0")
 
@@ -203,3 +209,9 @@ def test_layer_table_averages_counts_over_seeds_and_reports_the_worst_cut_off():
                  for method in ("set", "rigl")]
     assert [line.split(" | ")[3] for line in comparison_table(summary, published).splitlines()[2:]] == [
         "76.00 (1 class cut off)", "85.00 (2 classes cut off)"]
+
+
+def test_comparison_table_never_prints_minus_zero():
+    summary = [{"model": "lenet300-100", "method": "dense", "sparsity": 0.0, "seeds": 1, "test_acc": 98.687}]
+    published = [{"model": "lenet300-100", "method": "dense", "sparsity": 0.0, "test_acc": 98.69}]
+    assert comparison_table(summary, published).splitlines()[2].endswith("| 98.69 | 98.69 | +0.00 |")
