@@ -65,6 +65,9 @@ def test_notebook_runs_in_quick_mode_and_writes_plots_and_results(tmp_path):
 
     assert "MNIST:" in text and "same prediction for 100.0%" in text
     assert "16 runs of 30 steps in" in text  # "A decade in one figure": 5 sparse methods x 3 sparsities + dense
+    # The committed full-recipe sweep: next to the published numbers, and where each method's weights went.
+    assert "against Dettmers & Zettlemoyer 2019" in text and "| lenet300-100 | snfs | 99 % |" in text
+    assert "| method | test accuracy % | fc1 weights | fc2 weights | fc3 weights |" in text
     assert "DST steps will run after epoch(s) 1" in text
     assert f"Connections moved between consecutive epochs (as drawn): {sum(event['moved'].values()):,}" in text
 
