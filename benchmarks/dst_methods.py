@@ -9,14 +9,15 @@ run it only redraws the figure and prints the tables). ``--merge`` adds the rows
 parallel invocations (one per core) end in one file; both refuse rows trained with other settings.
 
 Modes (any setting can be overridden on the command line):
-- ``quick`` (about 5 minutes on one core): both models, 7 sparsities, 1 seed, 3 epochs of 100
+- ``quick`` (about 7 minutes on one core): both models, 7 sparsities, 1 seed, 3 epochs of 100
   batches for LeNet, 2 for SimpleNet; RigL and GMP update every 25 steps instead of 100 so
   that such short runs still see several updates. A smoke test: SimpleNet is far from trained.
 - ``medium`` (what the development machine could afford): the paper's recipe cut to 20 epochs
   for LeNet and 2 for SimpleNet (the lr decays at the same fractions of training), 2 seeds.
 - ``full``: the paper's recipe (sparse_learning's MNIST recipe: SGD momentum 0.9 Nesterov,
   lr 0.1 decayed x0.1 twice, weight decay 5e-4, batch 100, 100 epochs), 3 seeds, both models.
-  About 3 minutes per LeNet run and 25 per SimpleNet run on one core of the development machine.
+  3.6 minutes per LeNet run on one core of the development machine (two runs at a time); SimpleNet's
+  epochs are about 12 times longer.
 
 Data: MNIST in ./data (``make data``). Run from the repository root:
     nice -n 10 python -m benchmarks.dst_methods --mode quick
