@@ -206,7 +206,6 @@ class LinearStep(MaskNumberedWeight):
         return self.ops.relu_(y) if self.relu else y
 
 
-
 class ReLU:
     """A ReLU not folded into a layer; out of place, as its input may be a kept buffer."""
 
