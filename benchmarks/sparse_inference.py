@@ -190,7 +190,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer sparsities and runs, uniform allocation only")
     parser.add_argument("--threads", type=int, help="torch and numba threads for the dense, torch.sparse "
                         "and numba rows (default: their own choice)")
+    parser.add_argument("--replot", action="store_true", help="redraw sparse_inference.png from the committed "
+                        "JSON without timing anything")
     args = parser.parse_args()
+    if args.replot:
+        plot_sparsity_sweep(json.loads((RESULTS / "sparse_inference.json").read_text())["rows"],
+                            save_path=RESULTS / "sparse_inference.png")
+        print(f"redrew {RESULTS / 'sparse_inference.png'} from sparse_inference.json")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
         _set_numba_threads(args.threads)

@@ -46,16 +46,18 @@ def mask_transition_image(previous, current, block=(1, 1)):
 
 
 @lecture_style
-def plot_mask_evolution_per_epoch(sparsity_per_epoch, masks_per_epoch=None, save_path=None):
-    """Plot per-layer sparsity (%) per epoch and, given masks, the topology turnover (%) between epochs.
+def plot_mask_evolution_per_epoch(sparsity_per_epoch, masks_per_epoch=None, save_path=None, epochs=None):
+    """Plot per-layer sparsity (%) per snapshot and, given masks, the topology turnover (%) between snapshots.
 
-    Layers whose values are the same at every epoch share one line (labelled with all their
-    names), so no line hides another. The turnover is ``topology.mask_changes`` of the masks.
+    ``epochs`` labels the snapshots (default 1, 2, ...; the notebook passes 0 for the masks before
+    training). Layers whose values agree at every snapshot share one line or bar (labelled with all
+    their names), so none hides another. Turnover happens at discrete DST steps, so it is drawn as bars
+    at the snapshots whose masks changed; the numbers are ``topology.mask_changes`` of the masks.
     """
     if not sparsity_per_epoch:
         raise ValueError("sparsity_per_epoch is empty: record one {layer: sparsity} dict per epoch")
     names = list(sparsity_per_epoch[0])
-    epochs = np.arange(1, len(sparsity_per_epoch) + 1)
+    epochs = _epoch_labels(epochs, len(sparsity_per_epoch))
     colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
     if masks_per_epoch is None:
         fig, sparsity_ax = plt.subplots(figsize=(8, 5))
@@ -65,14 +67,21 @@ def plot_mask_evolution_per_epoch(sparsity_per_epoch, masks_per_epoch=None, save
         fig, (sparsity_ax, turnover_ax) = plt.subplots(1, 2, figsize=(15, 5.5))
         turnover = {name: [turnover_percent(change[name]) for change in changes]
                     for name in (changes[0] if changes else ())}
-        for series, group in _same_series(turnover).items():
-            turnover_ax.plot(epochs[1:], series, "o-", color=colors.get(group[0]), label=", ".join(group))
+        groups = [(series, group) for series, group in _same_series(turnover).items() if any(series)]
+        width = 0.8 / max(len(groups), 1)
+        for index, (series, group) in enumerate(groups):
+            moved = [(epoch, value) for epoch, value in zip(epochs[1:], series, strict=True) if value > 0]
+            turnover_ax.bar([epoch - 0.4 + width * (index + 0.5) for epoch, _ in moved], [v for _, v in moved],
+                            width, color=colors.get(group[0]), label=", ".join(group))
         turnover_ax.set(xlabel="epoch", ylabel="active connections replaced (%)", xticks=epochs,
-                        title="Topology turnover since the previous epoch")
+                        xlim=(epochs[0] - 0.6, epochs[-1] + 0.6), title="Topology turnover at each DST step")
         turnover_ax.set_ylim(bottom=0)
-        turnover_ax.grid(alpha=0.3)
-        if changes:
+        turnover_ax.grid(alpha=0.3, axis="y")
+        if groups:
             turnover_ax.legend()
+        else:
+            turnover_ax.text(0.5, 0.5, "no mask changed: no DST step happened", ha="center",
+                             transform=turnover_ax.transAxes)
     sparsity = {name: [100 * epoch.get(name, np.nan) for epoch in sparsity_per_epoch] for name in names}
     for series, group in _same_series(sparsity).items():
         sparsity_ax.plot(epochs, series, "o-", color=colors[group[0]], label=", ".join(group))
@@ -85,20 +94,26 @@ def plot_mask_evolution_per_epoch(sparsity_per_epoch, masks_per_epoch=None, save
 
 
 @lecture_style
-def plot_mask_2d_evolution(masks_per_epoch, save_path=None):
-    """Show each layer's mask (rows) at the first epoch and at every epoch whose mask changed (columns).
+def plot_mask_2d_evolution(masks_per_epoch, save_path=None, epochs=None):
+    """Show each sparse layer's mask (rows) at the first snapshot and at every snapshot whose mask changed.
 
-    Each image is coloured by change since the previous epoch (pruned red, regrown green); epochs
-    whose masks equal the previous epoch's are named in the title instead of drawn, so the
-    columns stay wide enough to read on a projector.
+    Each image is coloured by change since the previous snapshot (pruned red, regrown green);
+    snapshots whose masks equal the previous one are named in the title instead of drawn, so the
+    columns stay wide enough to read on a projector. Layers dense in every snapshot (ERK keeps
+    small ones dense) have nothing to show: they are named in one line instead of drawn as white
+    boxes. ``epochs`` labels the snapshots as in ``plot_mask_evolution_per_epoch``.
     """
     masks_per_epoch = as_2d_masks(masks_per_epoch)
+    epochs = _epoch_labels(epochs, len(masks_per_epoch))
     changes = mask_changes(masks_per_epoch)
-    names = list(masks_per_epoch[0])
+    dense = [name for name in masks_per_epoch[0] if all(masks[name].all() for masks in masks_per_epoch)]
+    names = [name for name in masks_per_epoch[0] if name not in dense]
+    if not names:
+        raise ValueError(f"every layer is dense in every snapshot ({', '.join(dense)}): no mask to draw")
     changed = [index + 1 for index, change in enumerate(changes)
                if any(layer["pruned"] or layer["regrown"] for layer in change.values())]
     columns = [0, *changed]
-    unchanged = [index + 1 for index in range(1, len(masks_per_epoch)) if index not in changed]
+    unchanged = [epochs[index] for index in range(1, len(masks_per_epoch)) if index not in changed]
     n_layers, n_columns = len(names), len(columns)
     fig, axes = plt.subplots(n_layers, n_columns, squeeze=False,
                              figsize=(max(2.6 * n_columns + 1.0, 7.5), 1.9 * n_layers + 1.6))
@@ -121,19 +136,30 @@ def plot_mask_2d_evolution(masks_per_epoch, save_path=None):
             title += f" ({block[0]}x{block[1]} blocks)"
         axes[row, 0].set_title(title, loc="left")
     for column, index in enumerate(columns):
-        axes[0, column].text(0.5, 1.4, f"epoch {index + 1}", ha="center", fontweight="bold",
+        axes[0, column].text(0.5, 1.4, f"epoch {epochs[index]}", ha="center", fontweight="bold",
                              transform=axes[0, column].transAxes)
     fig.tight_layout(h_pad=1.8)  # before the legend and title, which sit above the figure's top edge
     handles = [Patch(facecolor=color / 255, edgecolor="gray", label=label)
                for color, label in zip(TRANSITION_COLORS[::-1], TRANSITION_NAMES[::-1], strict=True)]
     fig.legend(handles=handles, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 1.0))
-    subtitle = "x-label: connections pruned / regrown since the previous epoch"
+    subtitle = "x-label: connections pruned / regrown since the previous snapshot"
     if not changed:
-        subtitle = f"no mask changed in {len(masks_per_epoch)} epoch(s): no DST step happened"
+        subtitle = f"no mask changed in {len(masks_per_epoch)} snapshot(s): no DST step happened"
     elif unchanged:
         subtitle += f"; epochs {_ranges(unchanged)} unchanged, not drawn"
-    fig.suptitle(f"Mask topology per epoch\n({subtitle})", y=1.0 + 0.75 / fig.get_figheight() + 0.08)
+    if dense:
+        subtitle += f"\ndense in every snapshot, not drawn: {', '.join(dense)}"
+    fig.suptitle(f"Mask topology per epoch\n({subtitle})", y=1.0 + (0.75 + 0.25 * bool(dense)) / fig.get_figheight()
+                 + 0.08)
     return finish(fig, save_path)
+
+
+def _epoch_labels(epochs, count: int) -> list[int]:
+    """``epochs`` as a list of ``count`` increasing ints (default 1 to ``count``)."""
+    epochs = list(range(1, count + 1)) if epochs is None else [int(epoch) for epoch in epochs]
+    if len(epochs) != count or any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise ValueError(f"epochs must be {count} increasing numbers, one per snapshot, got {epochs}")
+    return epochs
 
 
 def _same_series(series_by_name):

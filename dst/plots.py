@@ -1,12 +1,15 @@
 """Figures for the tutorial: dense vs masked curves, benchmarks, runs; the mask figures are in ``dst.mask_plots``.
 
-Every function takes plain data, draws with ``plt.subplots`` (so Jupyter's
-inline backend shows the figure at the end of the cell) and returns the
-Figure; ``save_path`` additionally writes it to disk. Accuracies are in
-percent and sparsities are fractions in [0, 1], as the training code records them.
+Every function takes plain data and returns the Figure; ``save_path``
+additionally writes it to disk. ``show`` displays a figure once, as a PNG, and
+closes it: the notebook calls it for every figure, so what appears never depends
+on matplotlib's interactive mode, on the cell's last expression or on a rerun.
+Accuracies are in percent and sparsities are fractions in [0, 1], as the training
+code records them.
 """
 
 import functools
+import io
 import textwrap
 from pathlib import Path
 
@@ -25,12 +28,36 @@ LECTURE_STYLE = {"font.size": 13, "axes.titlesize": 13, "axes.labelsize": 13, "l
 
 
 def lecture_style(plot):
-    """Draw ``plot``'s figure with LECTURE_STYLE's text sizes."""
+    """Draw ``plot``'s figure with LECTURE_STYLE's text sizes, leaving matplotlib's interactive mode as it was."""
     @functools.wraps(plot)
     def wrapper(*args, **kwargs):
         with plt.rc_context(LECTURE_STYLE):
-            return plot(*args, **kwargs)
+            figure = plot(*args, **kwargs)
+            # The first figure of a Jupyter kernel activates the inline backend, which turns interactive
+            # mode on; leaving rc_context would restore the mode from before and switch it off for good.
+            interactive = plt.isinteractive()
+        plt.interactive(interactive)
+        return figure
     return wrapper
+
+
+def show(figure, dpi: int = 100):
+    """Display ``figure`` once as a PNG (a Figure, or the path of a saved image) and close it.
+
+    The notebook shows every figure through here, so each appears exactly once in its own
+    cell, in JupyterLab, VS Code, Colab and papermill alike, and on every rerun; closing it
+    keeps reruns from piling up open figures.
+    """
+    from IPython.display import Image, display  # only the notebook displays
+
+    if isinstance(figure, (str, Path)):
+        png = Path(figure).read_bytes()
+    else:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+        plt.close(figure)
+        png = buffer.getvalue()
+    display(Image(data=png, format="png"))
 
 
 @lecture_style
@@ -85,6 +112,7 @@ def plot_benchmark(timings, memory=None, save_path=None):
         time_ax.annotate(_bar_annotation(timings, label), (bar.get_x() + bar.get_width() / 2, median + std),
                          xytext=(0, 4), textcoords="offset points", ha="center", va="bottom")
     time_ax.margins(y=0.2)
+    time_ax.set_xlim(-0.8, len(labels) - 0.2)  # room for the outer bars' labels inside the axes
     time_ax.set_xticks(range(len(labels)), [textwrap.fill(label, 12) for label in labels])
     time_ax.set(ylabel="median time per batch (ms)",
                 title=f"Inference time (ratio vs {benchmark_rows.MASKED} on the same device)")
@@ -96,41 +124,71 @@ def plot_benchmark(timings, memory=None, save_path=None):
 
 @lecture_style
 def plot_sparsity_sweep(rows, save_path=None):
-    """Plot sparse speedup over dense+mask and memory (MiB) vs sparsity, a line per backend and batch size."""
+    """Speedup of each CSR backend over dense+mask vs sparsity (one panel per batch size), and memory (MiB).
+
+    Colour is the backend, a solid line uniform allocation and a dotted one ERK (a backend
+    label's " (erk)" suffix, as ``benchmarks/sparse_inference.py`` writes it, is read the same
+    way). Memory lines that coincide are drawn once, labelled with every backend they stand for.
+    """
     check_rows(rows, ["sparsity", "batch_size", "backend", "speedup", "dense_bytes", "sparse_bytes"])
-    fig, (speed_ax, memory_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for backend, batch_size in sorted({(row["backend"], row["batch_size"]) for row in rows}):
-        line = sorted((row["sparsity"], row["speedup"]) for row in rows
-                      if (row["backend"], row["batch_size"]) == (backend, batch_size))
-        speed_ax.plot([100 * s for s, _ in line], [speedup for _, speedup in line], "o-",
-                      label=f"{backend}, batch {batch_size}")
-    _ratio_axis(speed_ax)
-    speed_ax.set(xlabel="sparsity (%)", ylabel="speedup (dense+mask time / sparse time)",
-                 title="Where truly sparse starts to win (above the dashed line)")
-    speed_ax.legend()
-    sparsities = sorted({row["sparsity"] for row in rows})
-    dense = [np.mean([r["dense_bytes"] for r in rows if r["sparsity"] == s]) / 2**20 for s in sparsities]
-    memory_ax.plot([100 * s for s in sparsities], dense, "k-o", label="dense weights + mask")
-    for backend in sorted({row["backend"] for row in rows}):
-        points = sorted({(r["sparsity"], r["sparse_bytes"]) for r in rows if r["backend"] == backend})
-        memory_ax.plot([100 * s for s, _ in points], [size / 2**20 for _, size in points], "o--",
-                       label=f"CSR ({backend})")
+    rows = [{**row, "allocation": row.get("allocation", "erk" if row["backend"].endswith(" (erk)") else "uniform"),
+             "engine": row["backend"].removesuffix(" (erk)")} for row in rows]
+    engines = sorted({row["engine"] for row in rows})
+    colors = {engine: plt.cm.tab10(index % 10) for index, engine in enumerate(engines)}
+    styles = {"uniform": "-", "erk": ":"}
+    batch_sizes = sorted({row["batch_size"] for row in rows})
+    fig, axes = plt.subplots(1, len(batch_sizes) + 1, figsize=(6 * (len(batch_sizes) + 1), 5.2))
+    speed_axes, memory_ax = axes[:-1], axes[-1]
+    for ax, batch_size in zip(speed_axes, batch_sizes, strict=True):
+        for engine in engines:
+            for allocation in sorted({row["allocation"] for row in rows}):
+                line = sorted((row["sparsity"], row["speedup"]) for row in rows if row["engine"] == engine
+                              and row["allocation"] == allocation and row["batch_size"] == batch_size)
+                if line:
+                    ax.plot([100 * s for s, _ in line], [speedup for _, speedup in line], marker="o",
+                            linestyle=styles.get(allocation, "--"), color=colors[engine],
+                            label=f"{engine}, {allocation}")
+        _ratio_axis(ax)
+        ax.set(xlabel="sparsity (%)", title=f"batch {batch_size}: CSR time vs dense+mask")
+    speed_axes[0].set_ylabel("speedup (dense+mask time / CSR time)")
+    # Memory hardly depends on the allocation (the same active count); one line per engine, and
+    # engines whose bytes agree to 3 significant digits share a line rather than hide each other.
+    memory_series: dict[tuple, list[str]] = {}
+    for engine in engines:
+        sizes = {}
+        for row in rows:
+            if row["engine"] == engine:
+                sizes.setdefault(row["sparsity"], []).append(row["sparse_bytes"] / 2**20)
+        points = tuple((sparsity, float(f"{np.mean(values):.3g}")) for sparsity, values in sorted(sizes.items()))
+        memory_series.setdefault(points, []).append(engine)
+    dense = sorted({(row["sparsity"], row["dense_bytes"]) for row in rows})
+    memory_ax.plot([100 * s for s, _ in dense], [size / 2**20 for _, size in dense], "k-o",
+                   label="dense weights + mask")
+    for points, names in memory_series.items():
+        memory_ax.plot([100 * s for s, _ in points], [size for _, size in points], "o-", color=colors[names[0]],
+                       label=f"CSR ({', '.join(names)})")
     memory_ax.set(xlabel="sparsity (%)", ylabel="memory (MiB)", title="Weight memory")
     memory_ax.set_ylim(bottom=0)
-    memory_ax.legend()
-    for ax in (speed_ax, memory_ax):
+    memory_ax.legend(loc="lower left", fontsize="small")
+    for ax in axes:
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+    handles, labels = speed_axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.34, 0.0), ncol=4, fontsize="small")
     return finish(fig, save_path)
 
 
 @lecture_style
 def plot_runs_comparison(runs, save_path=None):
-    """Compare runs at several sparsities: final test accuracy (%), CSR speedup and memory ratio."""
+    """Compare runs at several sparsities: final test accuracy (%), CSR speedup and memory ratio.
+
+    With one run there is nothing to compare yet: its points are drawn and labelled in the titles,
+    without legends; from two runs on, each panel's legend sits under it, clear of the data and labels.
+    """
     check_rows(runs, ["sparsity", "label", "dense_test_acc", "masked_test_acc", "speedup", "memory_ratio"])
     runs = sorted(runs, key=lambda run: run["sparsity"])
     sparsity = [100 * run["sparsity"] for run in runs]
-    fig, (accuracy_ax, ratio_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (accuracy_ax, ratio_ax) = plt.subplots(1, 2, figsize=(13, 5.5))
     accuracy_ax.plot(sparsity, [run["dense_test_acc"] for run in runs], "o-", label="dense")
     accuracy_ax.plot(sparsity, [run["masked_test_acc"] for run in runs], "s--", label="dense+mask (sparse)")
     accuracy_ax.set(xlabel="sparsity (%)", ylabel="final test accuracy (%)", title="Accuracy vs sparsity")
@@ -143,7 +201,11 @@ def plot_runs_comparison(runs, save_path=None):
     for ax in (accuracy_ax, ratio_ax):
         ax.set_xticks(sparsity, [f"{x:g}\n{run['label']}" for x, run in zip(sparsity, runs, strict=True)])
         ax.grid(alpha=0.3, which="both")
-        ax.legend()
+        if len(runs) > 1:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=1)
+    if len(runs) == 1:
+        fig.suptitle("One run saved so far: rerun at another GLOBAL_SPARSITY to compare "
+                     "(dense o, dense+mask s; speedup o, memory ratio s)")
     fig.tight_layout()
     return finish(fig, save_path)
 

@@ -109,11 +109,19 @@ def test_mask_evolution_per_epoch_reports_turnover(tmp_path):
     masks[2] = {name: mask.copy() for name, mask in masks[1].items()}  # no change from epoch 2 to 3
     sparsity = [{name: 1 - mask.mean() for name, mask in epoch.items()} for epoch in masks]
     path = tmp_path / "a" / "evolution.png"
-    fig = mask_plots.plot_mask_evolution_per_epoch(sparsity, masks, save_path=path)
+    fig = mask_plots.plot_mask_evolution_per_epoch(sparsity, masks, save_path=path, epochs=[0, 1, 2])
     assert path.is_file()
-    turnover = fig.axes[1].lines[0].get_ydata()
-    assert len(turnover) == 2 and turnover[0] > 0 and turnover[1] == 0
+    # Bars only where masks changed (snapshot 1, between epochs 0 and 1), one per layer, at the
+    # turnover computed by hand: previously active connections that are gone, in percent.
+    bars = fig.axes[1].patches
+    expected = {name: 100 * (masks[0][name] & ~masks[1][name]).sum() / masks[0][name].sum() for name in masks[0]}
+    assert len(bars) == 2
+    assert sorted(bar.get_height() for bar in bars) == pytest.approx(sorted(expected.values()))
+    assert all(0.5 < bar.get_x() + bar.get_width() / 2 < 1.5 for bar in bars)
+    assert [label.get_text() for label in fig.axes[1].get_xticklabels()] == ["0", "1", "2"]
     assert isinstance(mask_plots.plot_mask_evolution_per_epoch(sparsity), Figure)
+    with pytest.raises(ValueError, match="increasing"):
+        mask_plots.plot_mask_evolution_per_epoch(sparsity, masks, epochs=[0, 0, 1])
 
 
 def test_mask_evolution_per_epoch_rejects_mismatched_epochs():
@@ -183,12 +191,29 @@ def sweep_rows():
             for backend in ("scipy", "torch") for batch_size in (1, 64) for sparsity in (0.5, 0.9, 0.99)]
 
 
-def test_sparsity_sweep_draws_a_line_per_backend_and_batch_size(tmp_path):
+def test_sparsity_sweep_draws_a_panel_per_batch_size_a_line_per_backend_and_each_memory_series_once(tmp_path):
     path = tmp_path / "sweep" / "sweep.png"
-    fig = plots.plot_sparsity_sweep(sweep_rows(), save_path=path)
+    rows = sweep_rows()
+    rows += [{**row, "backend": row["backend"] + " (erk)", "speedup": 2 * row["speedup"]} for row in sweep_rows()]
+    fig = plots.plot_sparsity_sweep(rows, save_path=path)
     assert path.is_file()
-    labels = {line.get_label() for line in fig.axes[0].lines}
-    assert {"scipy, batch 1", "scipy, batch 64", "torch, batch 1", "torch, batch 64", "break-even"} <= labels
+    batch_1, batch_64, memory = fig.axes
+    for ax, batch_size in ((batch_1, 1), (batch_64, 64)):
+        drawn = {line.get_label(): list(line.get_ydata()) for line in ax.lines if line.get_label() != "break-even"}
+        assert set(drawn) == {"scipy, uniform", "torch, uniform", "scipy, erk", "torch, erk"}
+        for label, values in drawn.items():
+            engine, allocation = label.split(", ")
+            backend = engine + (" (erk)" if allocation == "erk" else "")
+            assert values == [row["speedup"] for row in rows if row["backend"] == backend
+                              and row["batch_size"] == batch_size]
+        # a backend keeps its colour in every allocation; the allocation is the line style
+        colours = {label.split(", ")[0]: line.get_color() for line in ax.lines for label in [line.get_label()]
+                   if label != "break-even"}
+        assert len(set(colours.values())) == 2
+    # scipy and torch hold the same bytes here: one memory line says so instead of one hiding the other
+    assert [line.get_label() for line in memory.lines] == ["dense weights + mask", "CSR (scipy, torch)"]
+    assert list(memory.lines[1].get_ydata()) == pytest.approx([8_000_000 * (1 - s) / 2**20 for s in (0.5, 0.9, 0.99)],
+                                                              rel=5e-3)  # 3 digits
 
 
 def test_sparsity_sweep_rejects_rows_missing_keys():
