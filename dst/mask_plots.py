@@ -154,6 +154,41 @@ def plot_mask_2d_evolution(masks_per_epoch, save_path=None, epochs=None):
     return finish(fig, save_path)
 
 
+@lecture_style
+def plot_input_connections(maps, save_path=None):
+    """Each input pixel's active outgoing connections (``topology.input_connections``), one image per net.
+
+    ``maps``: ``{label: (H, W) counts}``, drawn on one colour scale so the panels compare; each
+    title gives the mean count in the image's central 12x12 pixels (where digits are drawn) and in
+    its four outer rows and columns (always blank in MNIST).
+    """
+    if not maps:
+        raise ValueError("maps is empty: expected {label: (H, W) connection counts}")
+    maps = {label: np.asarray(counts, dtype=float) for label, counts in maps.items()}
+    top = max(counts.max() for counts in maps.values())
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps) + 1.2, 4.8), squeeze=False)
+    for ax, (label, counts) in zip(axes[0], maps.items(), strict=True):
+        image = ax.imshow(counts, cmap="viridis", vmin=0, vmax=top)
+        centre, border = centre_and_border(counts)
+        ax.set_title(f"{label}\ncentre {centre:.1f}, border {border:.1f}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(image, ax=axes[0].tolist(), label="active connections per input pixel")
+    return finish(fig, save_path)
+
+
+def centre_and_border(counts) -> tuple[float, float]:
+    """Mean of an image's central 12x12 pixels and of its 4-pixel frame (MNIST's digits and its blank margin)."""
+    counts = np.asarray(counts, dtype=float)
+    height, width = counts.shape
+    if height < 12 or width < 12:
+        raise ValueError(f"expected an image of at least 12x12 pixels, got {height}x{width}")
+    top, left = (height - 12) // 2, (width - 12) // 2
+    frame = np.ones_like(counts, dtype=bool)
+    frame[4:-4, 4:-4] = False
+    return float(counts[top:top + 12, left:left + 12].mean()), float(counts[frame].mean())
+
+
 def _epoch_labels(epochs, count: int) -> list[int]:
     """``epochs`` as a list of ``count`` increasing ints (default 1 to ``count``)."""
     epochs = list(range(1, count + 1)) if epochs is None else [int(epoch) for epoch in epochs]

@@ -23,6 +23,7 @@ from dst.gradual_pruning import GradualPruning
 from dst.masked import MaskedNet
 from dst.schedule import DSTConfig, DSTScheduler
 from dst.sparse_momentum import SparseMomentumStep
+from dst.update_rule import RegrowCriterion, get_regrow
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,19 @@ class Method:
     dense_training: ClassVar[bool] = False
     # True where every step computes the gradient of every weight, active or not (training FLOPs).
     dense_weight_gradient: ClassVar[bool] = False
-    # True where each topology update computes one extra dense gradient on a batch (training FLOPs).
-    gradient_per_update: ClassVar[bool] = False
+
+    @property
+    def gradient_per_update(self) -> bool:
+        """True where each topology update computes one extra dense gradient on a batch (training FLOPs)."""
+        regrow = getattr(self, "regrow", None)
+        return regrow is not None and get_regrow(regrow).needs_gradient
+
+    @property
+    def label(self) -> str:
+        """The name its results carry: the method's, plus a regrow criterion that is not its own."""
+        regrow = getattr(self, "regrow", None)
+        own = type(self).__dataclass_fields__["regrow"].default if regrow is not None else None
+        return self.name if regrow == own else f"{self.name}+{get_regrow(regrow).name}"
 
     def build(self, base_net: nn.Module, target: Target, generator: torch.Generator | None = None) -> nn.Module:
         """A random sparse mask at ``target`` over a copy of ``base_net``."""
@@ -99,10 +111,16 @@ class SET(Method):
     updates_per_epoch: int = 1  # SET updates at the end of each epoch
     # SET's zeta is constant; sparse_learning's SET (the published MNIST numbers) decays 0.5 by a cosine.
     schedule: str = "constant"
+    # SET regrows at random; another criterion (a name of REGROW or a RegrowCriterion) makes a variant,
+    # whose rows carry the label "set+<criterion>".
+    regrow: str | RegrowCriterion = "random"
+
+    def __post_init__(self):
+        get_regrow(self.regrow)
 
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
         # end one step before the last: an update after the last step would only remove trained weights.
-        config = DSTConfig(prune_ratio=self.prune_ratio, regrow="random", schedule=self.schedule, every=max(
+        config = DSTConfig(prune_ratio=self.prune_ratio, regrow=self.regrow, schedule=self.schedule, every=max(
             1, steps_per_epoch // self.updates_per_epoch), unit="step", end=max(1, total_steps - 1))
         return DSTScheduler(model, config, optimizer=optimizer, generator=generator)
 
@@ -112,13 +130,17 @@ class RigL(Method):
     name: ClassVar[str] = "rigl"
     summary: ClassVar[str] = ("RigL (Evci et al. 2020): every 100 steps, regrow where the dense gradient is "
                               "largest; the fraction moved decays (cosine) and updates stop at 75 % of training.")
-    gradient_per_update: ClassVar[bool] = True
     prune_ratio: float = 0.3  # alpha, the initial fraction moved
     every: int = 100  # Delta T, steps between updates
     end_fraction: float = 0.75  # no updates in the last quarter: the final mask is fine-tuned
+    # RigL regrows by the dense gradient; another criterion makes a variant labelled "rigl+<criterion>".
+    regrow: str | RegrowCriterion = "gradient"
+
+    def __post_init__(self):
+        get_regrow(self.regrow)
 
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
-        config = DSTConfig(prune_ratio=self.prune_ratio, regrow="gradient", schedule="cosine", every=self.every,
+        config = DSTConfig(prune_ratio=self.prune_ratio, regrow=self.regrow, schedule="cosine", every=self.every,
                            unit="step", end=max(1, int(self.end_fraction * total_steps)))
         return DSTScheduler(model, config, optimizer=optimizer, generator=generator)
 

@@ -21,6 +21,9 @@ from dst.benchmark_rows import (
 )
 from dst.csr.model import memory_report
 from dst.results import (
+    describe_benchmark,
+    describe_crossovers,
+    describe_mask_overhead,
     describe_memory,
     describe_speedup,
     format_table,
@@ -42,5 +45,6 @@ __all__ = [
     # a run's label, its file, and every saved run (dst.results)
     "run_label", "run_path", "save_run", "load_runs",
     # the table across runs and the sentences computed from measurements (dst.results)
-    "runs_table", "format_table", "describe_speedup", "describe_memory", "speed_sentence",
+    "runs_table", "format_table", "describe_speedup", "describe_benchmark", "describe_crossovers", "describe_memory",
+    "describe_mask_overhead", "speed_sentence",
 ]

@@ -83,6 +83,8 @@ def save_run(record: dict, folder: str | Path = "results") -> Path:
     The file is written next to its final name and then renamed over it, so an interrupted
     save never leaves a truncated record behind. A rerun with identical settings has the
     same label and replaces its own file (check ``run_path(label).exists()`` first to say so).
+    The file gets the permissions a plain ``open`` would give it (the umask's, like the plots),
+    not the owner-only mode of a temporary file, so others on a shared server can read it.
     """
     if "label" not in record:
         raise ValueError("a run record needs a 'label' (see run_label) to name its file")
@@ -91,6 +93,9 @@ def save_run(record: dict, folder: str | Path = "results") -> Path:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
                                      delete=False) as handle:
         handle.write(json.dumps(_plain(record), indent=2))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(handle.name, 0o666 & ~umask)
     os.replace(handle.name, path)
     return path
 
@@ -199,10 +204,83 @@ def describe_speedup(timings: dict[str, dict], baseline: str, candidate: str) ->
                           f"medians of {timings[candidate]['runs']} runs")
 
 
+def describe_benchmark(timings: dict[str, dict]) -> list[str]:
+    """One sentence per row of ``benchmark_inference``'s timings, none left out, then the cross-device pairs.
+
+    Each row is compared with its device's masked net (the baseline), the masked net with the
+    plain dense net of its device, and ``COMPARISONS``'s pairs across devices follow, where both ran.
+    """
+    sentences = []
+    for row in timings:
+        device = benchmark_rows.device_of(row)
+        if benchmark_rows.is_baseline(row):
+            baseline = benchmark_rows.row(benchmark_rows.DENSE, device)
+            if baseline in timings:
+                sentences.append(describe_speedup(timings, baseline, row) + ": what the mask costs")
+            continue
+        baseline = benchmark_rows.row(benchmark_rows.MASKED, device)
+        if baseline in timings and not row.startswith(benchmark_rows.DENSE):
+            sentences.append(describe_speedup(timings, baseline, row))
+    for baseline, candidate in benchmark_rows.COMPARISONS:
+        if (baseline in timings and candidate in timings
+                and benchmark_rows.device_of(baseline) != benchmark_rows.device_of(candidate)):
+            sentences.append(describe_speedup(timings, baseline, candidate))
+    return sentences
+
+
 def describe_memory(memory: dict) -> str:
-    """A sentence comparing the CSR model's bytes with the masked dense model's."""
+    """A sentence comparing the CSR model's bytes with the masked dense model's (and the plain dense model's)."""
     dense, sparse = memory["dense_bytes"], memory["sparse_bytes"]
-    numbers = f"({sparse / 2**20:.2f} MiB vs {dense / 2**20:.2f} MiB for weights + masks)"
+    numbers = f"({sparse / 2**20:.2f} MiB vs {dense / 2**20:.2f} MiB for weights + masks"
+    plain = memory.get("plain_dense_bytes")
+    if plain:
+        numbers += f"; the plain dense model, without masks, holds {plain / 2**20:.2f} MiB"
+    numbers += ")"
     if sparse < dense:
         return f"The CSR model is {dense / sparse:.1f}x smaller than the masked dense model {numbers}"
     return f"The CSR model is {sparse / dense:.1f}x LARGER than the masked dense model {numbers}"
+
+
+def describe_mask_overhead(memory: dict) -> str:
+    """A sentence on what simulated sparsity holds against the plain dense model: weights, plus a mask."""
+    masked, plain = memory["dense_bytes"], memory["plain_dense_bytes"]
+    return (f"Simulated sparsity holds every weight plus a 1-byte mask per weight: {masked / 2**20:.2f} MiB, "
+            f"{masked / plain:.2f}x the plain dense model's {plain / 2**20:.2f} MiB")
+
+
+def describe_crossovers(rows: list[dict], allocation: str = "uniform") -> list[str]:
+    """Per CSR engine and batch size, from which measured sparsity on it beats dense+mask: one sentence each.
+
+    ``rows``: ``{'sparsity', 'batch_size', 'backend', 'speedup'}`` (speedup = dense+mask time / CSR
+    time), as ``benchmarks/sparse_inference.py`` writes them (its ERK rows' backends end in
+    " (erk)"; only ``allocation``'s rows are read). "From" means at that sparsity and every higher
+    one measured; a run of wins that a higher sparsity breaks is reported as no crossover.
+    """
+    rows = [row for row in rows
+            if ("erk" if row["backend"].endswith(" (erk)") else "uniform") == row.get("allocation", allocation)
+            == allocation]
+    if not rows:
+        raise ValueError(f"no rows with {allocation!r} allocation")
+    sentences = []
+    for engine, batch_size in sorted({(row["backend"], row["batch_size"]) for row in rows}):
+        line = sorted((row["sparsity"], row["speedup"]) for row in rows
+                      if (row["backend"], row["batch_size"]) == (engine, batch_size))
+        winning = [index for index in range(len(line)) if all(speedup > 1 for _, speedup in line[index:])]
+        where = f"{engine.removesuffix(' (erk)')}, batch {batch_size}"
+        measured = ", ".join(f"{100 * sparsity:g} %" for sparsity, _ in line)
+        if not winning:
+            best = max(line, key=lambda point: point[1])
+            sentences.append(f"{where}: slower than dense+mask at the highest sparsity measured "
+                             f"({100 * line[-1][0]:g} %: {line[-1][1]:.2f}x; best {best[1]:.2f}x at "
+                             f"{100 * best[0]:g} %); measured at {measured}")
+            continue
+        sparsity, speedup = line[winning[0]]
+        if winning[0] == 0:
+            sentences.append(f"{where}: faster than dense+mask at every sparsity measured, from "
+                             f"{100 * sparsity:g} % ({speedup:.2f}x) to {100 * line[-1][0]:g} % ({line[-1][1]:.2f}x)")
+        else:
+            below, below_speedup = line[winning[0] - 1]
+            sentences.append(f"{where}: faster than dense+mask from {100 * sparsity:g} % on ({speedup:.2f}x; "
+                             f"{below_speedup:.2f}x at {100 * below:g} %), {line[-1][1]:.2f}x at "
+                             f"{100 * line[-1][0]:g} %")
+    return sentences

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dst.checks import is_positive_int
 from dst.prune_regrow import Batch, apply_dst_step
-from dst.update_rule import LayerUpdate, check_prune_ratio, get_regrow
+from dst.update_rule import LayerUpdate, RegrowCriterion, check_prune_ratio, get_regrow
 
 SCHEDULES = ("constant", "cosine")
 UNITS = ("epoch", "step")
@@ -22,8 +22,9 @@ class DSTConfig:
     # Fraction of each layer's active weights moved per update. 0.1 is the seed's;
     # RigL uses 0.3 and lets the cosine schedule decay it.
     prune_ratio: float = 0.1
-    # A criterion of dst.update_rule.REGROW: "random" (SET) or "gradient" (RigL). Both keep the active count.
-    regrow: str = "random"
+    # A criterion of dst.update_rule.REGROW: "random" (SET) or "gradient" (RigL), or a RegrowCriterion of
+    # your own. Every criterion keeps the active count.
+    regrow: str | RegrowCriterion = "random"
     # "constant" (the seed) or "cosine": ratio * (1 + cos(pi * t / end)) / 2, zero from `end` on,
     # so the topology settles before training ends (RigL stops updating at 75% of training).
     schedule: str = "constant"

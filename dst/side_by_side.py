@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from dst.progress import Progress
 from dst.training import evaluate, train_epoch
 
 
@@ -68,11 +68,11 @@ def train_side_by_side(runs: Sequence[Run], test_loader, criterion, device: torc
             errors.append(error)
 
     started = time.perf_counter()
-    with tqdm(total=total, desc="train", leave=False, disable=not progress, mininterval=1.0) as bar:
+    with Progress(total, "training batches, all nets", enabled=progress) as bar:
         if not concurrent:
             for index, run in enumerate(runs):
                 work(index, run)
-                bar.update(sum(done) - bar.n)
+                bar.update(sum(done) - bar.done)
                 if errors:
                     raise errors[0]
             return _with_wall_time(results, started)
@@ -85,7 +85,7 @@ def train_side_by_side(runs: Sequence[Run], test_loader, criterion, device: torc
             for worker in workers:
                 while worker.is_alive():
                     worker.join(timeout=0.5)
-                    bar.update(sum(done) - bar.n)
+                    bar.update(sum(done) - bar.done)
         finally:
             torch.set_num_threads(threads)
     if errors:

@@ -28,6 +28,7 @@ from dst.data import TensorLoader
 from dst.masked import MaskedLayer, MaskedNet
 from dst.methods import Method, Target, get_method
 from dst.models import SimpleNet, lenet_300_100
+from dst.progress import Progress
 from dst.training import evaluate, seed_everything
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"lenet300-100": lenet_300_100, "simplenet": SimpleNet}
@@ -82,6 +83,13 @@ def train_run(model_name: str, method: str | Method, target: Target, recipe: Rec
               train_data: tuple[torch.Tensor, torch.Tensor], test_loader: Iterable, seed: int = 0,
               device: torch.device | str = "cpu") -> dict:
     """Train one method at one target; returns the row of what was measured (accuracy in %)."""
+    return train_model(model_name, method, target, recipe, train_data, test_loader, seed, device)[1]
+
+
+def train_model(model_name: str, method: str | Method, target: Target, recipe: Recipe,
+                train_data: tuple[torch.Tensor, torch.Tensor], test_loader: Iterable, seed: int = 0,
+                device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """``train_run``, returning the trained net too: ``(model, row)``."""
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose one of {list(MODELS)}")
     method = get_method(method)
@@ -109,7 +117,7 @@ def train_run(model_name: str, method: str | Method, target: Target, recipe: Rec
         if scheduler is not None:
             method.close(scheduler)
     seconds = time.perf_counter() - start
-    row = {"model": model_name, "method": method.name, "sparsity": target.sparsity if method.name != "dense" else 0.0,
+    row = {"model": model_name, "method": method.label, "sparsity": target.sparsity if method.name != "dense" else 0.0,
            "allocation": target.allocation, "keep_dense": list(target.keep_dense), "seed": seed,
            "recipe": asdict(recipe), "steps": total_steps, "test_acc": evaluate(model, test_loader, device),
            "train_seconds": seconds, "updates": events, "dense_training": method.dense_training,
@@ -123,7 +131,7 @@ def train_run(model_name: str, method: str | Method, target: Target, recipe: Rec
                    unconnected_outputs_end=end_connectivity["unconnected_outputs"],
                    unconnected_inputs_start=start_connectivity["unconnected_inputs"],
                    unconnected_inputs_end=end_connectivity["unconnected_inputs"])
-    return row
+    return model, row
 
 
 def _train(model, method: Method, scheduler, loader, optimizer, lr_schedule, epochs: int,
@@ -155,28 +163,31 @@ def run_sweep(models: Iterable[str], methods: Iterable[str | Method], sparsities
               seeds: Iterable[int], recipe: Recipe, train_data: tuple[torch.Tensor, torch.Tensor],
               test_loader: Iterable, allocation: str = "erk", keep_dense: tuple[str, ...] = (),
               device: torch.device | str = "cpu", on_row: Callable[[dict], None] | None = None,
-              threads: int | None = None) -> list[dict]:
+              threads: int | None = None, progress: bool = False) -> list[dict]:
     """Every model x method x sparsity x seed (dense once per model and seed); ``on_row`` sees each row as it lands.
 
     ``threads``: torch's CPU threads during the sweep (restored after). One is as fast for these
     small nets and, on a machine shared with other jobs, avoids threads waiting for each other.
+    ``progress``: one line counting the runs (``dst.progress``).
     """
     methods = [get_method(method) for method in methods]
     sparsities = list(sparsities)
+    models, seeds = list(models), list(seeds)
+    grid = [(model_name, seed, method, sparsity) for model_name in models for seed in seeds for method in methods
+            for sparsity in ([0.0] if method.name == "dense" else sparsities)]
     rows = []
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        for model_name in models:
-            for seed in seeds:
-                for method in methods:
-                    for sparsity in [0.0] if method.name == "dense" else sparsities:
-                        target = Target(sparsity, allocation, keep_dense)
-                        rows.append(train_run(model_name, method, target, recipe, train_data, test_loader, seed,
-                                              device))
-                        if on_row is not None:
-                            on_row(rows[-1])
+        with Progress(len(grid), "training runs", enabled=progress) as bar:
+            for model_name, seed, method, sparsity in grid:
+                bar.update(0, f"{model_name} {method.label} {100 * sparsity:g} % seed {seed}")
+                target = Target(sparsity, allocation, keep_dense)
+                rows.append(train_run(model_name, method, target, recipe, train_data, test_loader, seed, device))
+                bar.update(1)
+                if on_row is not None:
+                    on_row(rows[-1])
     finally:
         torch.set_num_threads(previous_threads)
     return rows

@@ -46,3 +46,16 @@ def mask_changes(masks_per_epoch) -> list[dict[str, dict[str, int]]]:
 def turnover_percent(change: dict[str, int]) -> float:
     """Percent of the previously active connections that one change replaced (NaN for an empty layer)."""
     return 100 * change["pruned"] / change["active_before"] if change["active_before"] else float("nan")
+
+
+def input_connections(mask, image_shape: tuple[int, ...]) -> np.ndarray:
+    """Active connections leaving each input of a first layer, shaped as its input image.
+
+    ``mask``: the layer's (out, in) mask (a Linear on flattened images, ``in = prod(image_shape)``).
+    Where DST moves connections onto the pixels that carry the digits, this map shows it.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2 or mask.shape[1] != int(np.prod(image_shape)):
+        raise ValueError(f"expected an (out, {int(np.prod(image_shape))}) mask for images of shape {image_shape}, "
+                         f"got shape {mask.shape}")
+    return mask.sum(axis=0).reshape(image_shape)

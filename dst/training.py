@@ -6,8 +6,8 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from dst.progress import Progress
 from dst.prune_regrow import split_batch
 from dst.schedule import DSTScheduler
 
@@ -26,15 +26,17 @@ def train_epoch(model: nn.Module, loader, criterion, optimizer: torch.optim.Opti
 
     Batches are (inputs, targets) with class-index targets. With ``dst``, its
     step-based updates run after each optimizer step. ``progress=False`` turns the
-    progress bar off. The bar is tqdm's plain-text one, not the Jupyter widget: text
+    progress line off. It is ``dst.progress.Progress``: text, not a Jupyter widget (text
     survives a browser reload mid-training, where a widget whose state the kernel has
-    not sent again shows "Error displaying widget: model not found".
+    not sent again shows "Error displaying widget: model not found").
     """
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for batch in tqdm(loader, desc="train", leave=False, disable=not progress, mininterval=1.0):
+    bar = Progress(_length(loader), "train batches", enabled=progress)
+    for batch in loader:
+        bar.update()
         inputs, targets = (tensor.to(device) for tensor in split_batch(batch))
         optimizer.zero_grad(set_to_none=True)
         outputs = model(inputs)
@@ -48,6 +50,7 @@ def train_epoch(model: nn.Module, loader, criterion, optimizer: torch.optim.Opti
         total_loss += loss.detach() * len(targets)
         correct += (outputs.argmax(1) == targets).sum()
         seen += len(targets)
+    bar.close()
     if seen == 0:
         raise ValueError("train_epoch got an empty loader")
     return total_loss.item() / seen, 100.0 * correct.item() / seen
@@ -66,7 +69,9 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, criterion=Non
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+    bar = Progress(_length(loader), "test batches", enabled=progress)
+    for batch in loader:
+        bar.update()
         inputs, targets = (tensor.to(device) for tensor in split_batch(batch))
         outputs = model(inputs)
         check_targets(outputs, targets)
@@ -74,6 +79,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, criterion=Non
             total_loss += criterion(outputs, targets) * len(targets)
         correct += (outputs.argmax(1) == targets).sum()
         seen += len(targets)
+    bar.close()
     if seen == 0:
         raise ValueError("evaluate got an empty loader")
     accuracy = 100.0 * correct.item() / seen
@@ -114,3 +120,8 @@ def train_and_evaluate(model: nn.Module, train_loader, test_loader, criterion,
     test_acc, test_loss = evaluate(model, test_loader, device, criterion)
     return {"train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
             "train_seconds": seconds}
+
+
+def _length(loader) -> int | None:
+    """How many batches ``loader`` yields, if it says."""
+    return len(loader) if hasattr(loader, "__len__") else None

@@ -84,10 +84,18 @@ REGROW = {
 }
 
 
-def get_regrow(name: str) -> RegrowCriterion:
-    """The regrow criterion called ``name``, or a ValueError listing the choices."""
-    if name not in REGROW:
-        raise ValueError(f"unknown regrow method {name!r}; choose one of {sorted(REGROW)}")
+def get_regrow(name: "str | RegrowCriterion") -> RegrowCriterion:
+    """The regrow criterion called ``name`` (a ``RegrowCriterion`` of your own passes through), or a ValueError.
+
+    Writing your own: a function ``choose(active, numel, count, gradient, random)`` returning
+    ``count`` sorted inactive positions, wrapped as ``RegrowCriterion(name, description,
+    needs_gradient, uses_random, choose)``; every engine and method that takes ``regrow=`` runs it
+    (the tutorial's first exercise does).
+    """
+    if isinstance(name, RegrowCriterion):
+        return name
+    if not isinstance(name, str) or name not in REGROW:
+        raise ValueError(f"unknown regrow method {name!r}; choose one of {sorted(REGROW)} or pass a RegrowCriterion")
     return REGROW[name]
 
 

@@ -190,8 +190,9 @@ def memory_report(masked_net: MaskedNet, sparse_model: SparseNet) -> dict:
     scipy, cupy and torch, whose kernels need it; 16-bit column indices for numba where
     a layer has at most 65,536 columns), biases, and the small index tables of the im2col
     convs (gathered channels, active output channels). Activations and work buffers are
-    left out of both. ``ratio`` is dense / sparse. Returns ``{'backend', 'dense_bytes',
-    'sparse_bytes', 'ratio', 'layers': {name: {'shape': [out, in], 'nnz', 'dense_bytes',
+    left out of both. ``ratio`` is dense / sparse; ``plain_dense_bytes`` is the same layers
+    without masks (a plain dense model). Returns ``{'backend', 'dense_bytes', 'sparse_bytes',
+    'plain_dense_bytes', 'ratio', 'layers': {name: {'shape': [out, in], 'nnz', 'dense_bytes',
     'sparse_bytes'}}}``.
     """
     _check_converted_from(masked_net, sparse_model)
@@ -203,8 +204,11 @@ def memory_report(masked_net: MaskedNet, sparse_model: SparseNet) -> dict:
                         "sparse_bytes": sparse_model.layer_bytes(name)}
     dense_bytes = sum(layer["dense_bytes"] for layer in layers.values())
     sparse_bytes = sum(layer["sparse_bytes"] for layer in layers.values())
+    # The same net without its masks: what a plain dense model of these layers holds.
+    plain = sum(layer.weight.nbytes + (0 if layer.bias is None else layer.bias.nbytes)
+                for layer in masked_net.masked_layers().values())
     return {"backend": sparse_model.backend, "dense_bytes": dense_bytes, "sparse_bytes": sparse_bytes,
-            "ratio": dense_bytes / sparse_bytes, "layers": layers}
+            "plain_dense_bytes": plain, "ratio": dense_bytes / sparse_bytes, "layers": layers}
 
 
 def _check_converted_from(masked_net: MaskedNet, sparse_model: SparseNet) -> None:
