@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make test       install into .venv, fetch MNIST, lint, run pytest (includes a quick notebook run)
 #   make tutorial   install, fetch MNIST, execute the notebook headless (SPARSITY=0.99 to rerun)
+#   make html       make tutorial, then export the executed notebook to docs/ as HTML
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ SPARSITY ?= 0.95
 PARAMS ?=
 EXECUTED := executed/dst_tutorial_s$(SPARSITY).ipynb
 
-.PHONY: install data test lint tutorial benchmarks clean
+.PHONY: install data test lint tutorial html benchmarks clean
 
 install: $(VENV)/.installed
 
@@ -30,7 +31,11 @@ test: install data lint
 tutorial: install data
 	mkdir -p executed
 	$(BIN)/papermill dst_tutorial.ipynb $(EXECUTED) -p GLOBAL_SPARSITY $(SPARSITY) $(PARAMS)
-	@echo "Executed notebook: $(EXECUTED); plots in plots/, results in results/"
+	@echo "Executed notebook: $(EXECUTED); plots in plots/<run>/, results in results/"
+
+# The executed full run as one HTML file (figures embedded), committed for a presenter without a working laptop.
+html: tutorial
+	$(BIN)/jupyter nbconvert --to html $(EXECUTED) --output-dir docs --output dst_tutorial_s$(SPARSITY)
 
 benchmarks: install
 	$(BIN)/python -m benchmarks.training_step

@@ -68,6 +68,7 @@ API = {
     "plot_mask_evolution_per_epoch": ("mask_plots", "per-layer sparsity and topology turnover per epoch"),
     "plot_mask_2d_evolution": ("mask_plots", "the masks themselves, coloured by what each DST step changed"),
     "plot_input_connections": ("mask_plots", "each input pixel's active connections, one image per net"),
+    "centre_and_border": ("mask_plots", "mean of an image's central 12x12 pixels and of its 4-pixel frame"),
     "mask_changes": ("topology", "connections pruned and regrown between mask snapshots"),
     "input_connections": ("topology", "active connections leaving each input of a first layer, as an image"),
     "CUPY_GPU_AVAILABLE": ("gpu", "whether cupy and a CUDA device can be used"),

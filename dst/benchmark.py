@@ -15,6 +15,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import scipy
@@ -170,6 +171,17 @@ def _numba_environment() -> dict:
     return {"numba": numba.__version__, "numba_threads": numba.get_num_threads()}
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux's /proc/cpuinfo, else ``platform.processor()``), or None if neither says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def benchmark_environment(device=None) -> dict:
     """What the timings depend on: library versions, thread counts, CPU count, and which GPU rows run.
 
@@ -181,7 +193,7 @@ def benchmark_environment(device=None) -> dict:
     cupy_reason = None if CUPY_GPU_AVAILABLE else "cupy is not installed or sees no GPU"
     return {
         "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
-        "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # ACTIVE (the default) lets idle OpenMP threads spin; on a shared machine that can stall torch's
         # multi-threaded forwards and steal the core a single-threaded row runs on.

@@ -34,6 +34,7 @@ from dst.results import (
     save_run,
     speed_sentence,
 )
+from dst.sweep import describe_sweep
 from dst.topology import mask_changes
 
 __all__ = [
@@ -47,4 +48,6 @@ __all__ = [
     # the table across runs and the sentences computed from measurements (dst.results)
     "runs_table", "format_table", "describe_speedup", "describe_benchmark", "describe_crossovers", "describe_memory",
     "describe_mask_overhead", "speed_sentence",
+    # the sweep of methods, in sentences (dst.sweep)
+    "describe_sweep",
 ]

@@ -88,8 +88,20 @@ def train_run(model_name: str, method: str | Method, target: Target, recipe: Rec
 
 def train_model(model_name: str, method: str | Method, target: Target, recipe: Recipe,
                 train_data: tuple[torch.Tensor, torch.Tensor], test_loader: Iterable, seed: int = 0,
-                device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """``train_run``, returning the trained net too: ``(model, row)``."""
+                device: torch.device | str = "cpu", threads: int | None = None) -> tuple[nn.Module, dict]:
+    """``train_run``, returning the trained net too: ``(model, row)``; ``threads`` as in ``run_sweep``."""
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train_model(model_name, method, target, recipe, train_data, test_loader, seed, device)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_model(model_name: str, method: str | Method, target: Target, recipe: Recipe,
+                 train_data: tuple[torch.Tensor, torch.Tensor], test_loader: Iterable, seed: int,
+                 device: torch.device | str) -> tuple[nn.Module, dict]:
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose one of {list(MODELS)}")
     method = get_method(method)
@@ -291,3 +303,33 @@ def _accuracy(row: dict) -> str:
 def density_ticks(sparsities: Iterable[float]) -> list[tuple[float, str]]:
     """(density, label) ticks for a log density axis labelled by sparsity ("99 %")."""
     return [(1.0 - s, f"{100 * s:g} %") for s in sorted(set(sparsities)) if not math.isclose(s, 0.0)]
+
+
+def describe_sweep(summary: list[dict]) -> list[str]:
+    """Per model and sparsity, the sentence a reader needs before the figure: the best sparse method,
+    dense, and each method's difference to the static mask (the control), all from ``summarize``'s rows."""
+    sentences = []
+    for model in dict.fromkeys(row["model"] for row in summary):
+        dense = next((row for row in summary if row["model"] == model and row["method"] == "dense"), None)
+        sparsities = sorted({row["sparsity"] for row in summary if row["model"] == model and row["method"] != "dense"})
+        for sparsity in sparsities:
+            rows = [row for row in summary if row["model"] == model and row["sparsity"] == sparsity
+                    and row["method"] != "dense"]
+            best = max(rows, key=lambda row: row["test_acc"])
+            static = next((row for row in rows if row["method"] == "static"), None)
+            text = f"{model} at {100 * sparsity:g} %: best {best['method']} {best['test_acc']:.2f} %"
+            if dense is not None:
+                text += f" (dense {dense['test_acc']:.2f} %)"
+            if static is not None:
+                gains = ", ".join(f"{row['method']} {_signed(row['test_acc'] - static['test_acc'])}"
+                                  for row in rows if row is not static)
+                text += f"; against the static mask ({static['test_acc']:.2f} %): {gains} points"
+            seeds = sorted({row["seeds"] for row in rows})
+            text += f" [{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}]"
+            sentences.append(text)
+    return sentences
+
+
+def _signed(value: float) -> str:
+    """'+0.20' or '-1.30', never '-0.00'."""
+    return f"{value + 0.0:+.2f}" if round(value, 2) != 0 else "+0.00"

@@ -1,50 +1,169 @@
-"""Executes dst_tutorial.ipynb in quick mode on real MNIST, as a user's `make tutorial` would."""
+"""Executes dst_tutorial.ipynb in quick mode on real MNIST and reads what a user would see.
 
+One kernel runs the notebook twice, as an attendee would: Restart and Run All (a fresh kernel), then a
+rerun from the parameters cell at another sparsity and budget without restarting. Every cell that shows a
+figure must show each of its figures as an image, both times; no figure may be left open.
+"""
+
+import ast
+import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-papermill = pytest.importorskip("papermill")
+import dst
+from dst import report
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+papermill_parameterize = pytest.importorskip("papermill.parameterize")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "dst_tutorial.ipynb"
+SEED_NAMES = {"SimpleNet", "MaskedNet", "train_epoch", "evaluate", "apply_dst_step", "benchmark_inference",
+              "plot_mask_evolution_per_epoch", "plot_mask_2d_evolution", "plot_dense_vs_masked_comparison",
+              "CUPY_GPU_AVAILABLE"}
+
+
+def notebook() -> dict:
+    return json.loads(NOTEBOOK.read_text())
+
+
+def code_cells(nb: dict) -> list[dict]:
+    return [cell for cell in nb["cells"] if cell["cell_type"] == "code"]
+
+
+def source(cell: dict) -> str:
+    return "".join(cell["source"])
 
 
 def test_committed_notebook_has_no_outputs_and_a_parameters_cell():
-    notebook = json.loads(NOTEBOOK.read_text())
-    code_cells = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
-    assert all(not cell["outputs"] and cell["execution_count"] is None for cell in code_cells)
-    assert sum("parameters" in cell["metadata"].get("tags", []) for cell in code_cells) == 1
+    cells = code_cells(notebook())
+    assert all(not cell["outputs"] and cell["execution_count"] is None for cell in cells)
+    assert sum("parameters" in cell["metadata"].get("tags", []) for cell in cells) == 1
 
 
-def execute(tmp_path, **overrides) -> tuple[dict, str]:
-    """Run the notebook in quick mode into ``tmp_path``; returns its parameters and the printed text."""
-    parameters = {"GLOBAL_SPARSITY": 0.9, "num_epochs": 2, "dst_frequency": 1, "max_batches_per_epoch": 5,
-                  "sparse_mlp_hidden": 256, "sparse_mlp_batches": 5, "results_dir": str(tmp_path / "results"),
-                  "plots_dir": str(tmp_path / "plots"), "decade_steps": 30, **overrides}
-    executed = tmp_path / f"executed_{len(list(tmp_path.glob('executed_*')))}.ipynb"
-    papermill.execute_notebook(str(NOTEBOOK), str(executed), parameters=parameters,
-                               cwd=str(ROOT), kernel_name="python3", progress_bar=False)
-    notebook = json.loads(executed.read_text())
-    text = "".join("".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/markdown", ""))
-                   for cell in notebook["cells"] if cell["cell_type"] == "code" for output in cell.get("outputs", []))
-    return parameters, text
+def test_the_notebook_reaches_the_package_through_one_door_and_imports_nothing_unused():
+    cells = code_cells(notebook())
+    code = "\n".join(source(cell) for cell in cells)
+    (import_cell,) = [cell for cell in cells if "from utils import" in source(cell)]
+    tree = ast.parse(source(import_cell))
+    from_utils = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "utils"
+                  for alias in node.names}
+    assert from_utils == SEED_NAMES  # the seed's import list, as the seed wrote it
+    imported = {(alias.asname or alias.name).split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    others = "\n".join(source(cell) for cell in cells if cell is not import_cell)
+    unused = [name for name in imported - SEED_NAMES if not re.search(rf"\b{re.escape(name)}\b", others)]
+    assert not unused, f"imported but never used: {unused}"
+    # everything else through `dst.`: each name exists in dst.API (dst.report's in report.__all__)
+    used = set(re.findall(r"\bdst\.(\w+)", code))
+    assert used - {"report"} <= set(dst.API), sorted(used - set(dst.API))
+    assert set(re.findall(r"\bdst\.report\.(\w+)", code)) <= set(report.__all__)
+    assert not re.search(r"^\s*(from dst[\w.]* import|import dst\.)", code, re.MULTILINE)
+
+
+def test_markdown_points_only_at_things_that_exist_and_states_no_timing_a_run_could_contradict():
+    readme_headings = {line.lstrip("#").strip() for line in (ROOT / "README.md").read_text().splitlines()
+                       if line.startswith("#")}
+    for cell in notebook()["cells"]:
+        text = source(cell)
+        for section in re.findall(r"README's \"([^\"]+)\"", text):
+            assert section in readme_headings, f"the README has no section {section!r}"
+        for path in re.findall(r"`((?:dst|tests|benchmarks)/[\w/]+\.(?:py|json|png))`", text):
+            assert (ROOT / path).exists(), path
+        if cell["cell_type"] == "markdown":
+            # Measured times belong in printed output; the exercises' planned budgets are the one exception.
+            stripped = re.sub(r"\(about \d+ minutes; under a minute of compute\)", "", text)
+            assert not re.search(r"\b\d+(\.\d+)? ?(ms|s|min|minutes|seconds)\b", stripped), stripped[:200]
+
+
+def test_each_exercise_has_a_todo_and_a_collapsed_solution_that_runs_when_the_todo_is_left():
+    cells = notebook()["cells"]
+    exercises = [index for index, cell in enumerate(cells) if cell["cell_type"] == "markdown"
+                 and source(cell).startswith("### ✏️ Exercise")]
+    assert len(exercises) == 3
+    for index in exercises:
+        todo, solution = cells[index + 1], cells[index + 2]
+        assert "# TODO" in source(todo)
+        assert "solution" in solution["metadata"]["tags"] and solution["metadata"]["jupyter"]["source_hidden"]
+
+
+def parameterized(**overrides) -> nbformat.NotebookNode:
+    """The notebook with papermill's injected-parameters cell, in quick mode."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    return papermill_parameterize.parameterize_notebook(nb, overrides)
+
+
+def quick_parameters(tmp_path, **overrides) -> dict:
+    return {"GLOBAL_SPARSITY": 0.9, "num_epochs": 2, "dst_frequency": 1, "max_batches_per_epoch": 5,
+            "sparse_mlp_hidden": 256, "sparse_mlp_batches": 5, "results_dir": str(tmp_path / "results"),
+            "plots_dir": str(tmp_path / "plots"), "decade_steps": 30, "pixel_steps": 60,
+            "crossover_sparsities": [0.9, 0.99], **overrides}
+
+
+def outputs_text(cells) -> str:
+    return "".join("".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/markdown", ""))
+                   + "".join(output.get("data", {}).get("text/plain", ""))
+                   for cell in cells if cell["cell_type"] == "code" for output in cell.get("outputs", []))
+
+
+def images(cell) -> int:
+    return sum("image/png" in output.get("data", {}) for output in cell.get("outputs", []))
+
+
+def assert_every_figure_is_shown(cells, when: str):
+    figure_cells = [cell for cell in cells if cell["cell_type"] == "code" and "dst.show(" in source(cell)]
+    assert len(figure_cells) >= 8, when
+    for cell in figure_cells:
+        assert images(cell) == source(cell).count("dst.show("), f"{when}: cell {cell['id']} shows {images(cell)}"
+    for cell in cells:
+        errors = [output for output in cell.get("outputs", []) if output.get("output_type") == "error"]
+        assert not errors, f"{when}: cell {cell.get('id')} raised {errors[0]['ename']}: {errors[0]['evalue']}"
+        stderr = "".join("".join(output.get("text", "")) for output in cell.get("outputs", [])
+                         if output.get("name") == "stderr")
+        assert "More than 20 figures" not in stderr and "\r" not in stderr, f"{when}: {stderr[:300]}"
 
 
 @pytest.mark.notebook
-def test_notebook_runs_in_quick_mode_and_writes_plots_and_results(tmp_path):
-    parameters, text = execute(tmp_path)
-    sparsity = parameters["GLOBAL_SPARSITY"]
-    (results,) = (tmp_path / "results").glob("*.json")
-    record = json.loads(results.read_text())
-    assert record["label"].startswith("s90_erk_random_e2_b5_") and results.name == f"{record['label']}.json"
-    run_plots = tmp_path / "plots" / record["label"]
-    for name in ("mask_evolution.png", "mask_2d_evolution.png", "dense_vs_masked.png", "benchmark.png"):
-        assert (run_plots / name).stat().st_size > 10_000, name
-    assert (tmp_path / "plots" / "runs_comparison.png").exists()
+def test_notebook_shows_every_figure_in_a_fresh_kernel_and_on_a_rerun_and_writes_its_results(tmp_path):
+    parameters = quick_parameters(tmp_path)
+    nb = parameterized(**parameters)
+    client = nbclient.NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}},
+                                     timeout=600)
+    injected = next(index for index, cell in enumerate(nb.cells)
+                    if "injected-parameters" in cell.metadata.get("tags", []))
+    with client.setup_kernel():
+        for index, cell in enumerate(nb.cells):  # Restart Kernel and Run All
+            client.execute_cell(cell, index)
+        first = copy.deepcopy(nb.cells)
+        # then, without restarting, a rerun from the parameters cell at 99 % with another budget
+        nb.cells[injected].source += "\nGLOBAL_SPARSITY = 0.99\nmax_batches_per_epoch = 3\n"
+        for index in range(injected, len(nb.cells)):
+            client.execute_cell(nb.cells[index], index)
+        probe = nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nprint('open figures:', plt.get_fignums())")
+        client.execute_cell(probe, len(nb.cells))
+    second = nb.cells
 
-    assert record["config"]["GLOBAL_SPARSITY"] == sparsity
+    assert_every_figure_is_shown(first, "fresh kernel")
+    assert_every_figure_is_shown(second, "rerun in the same kernel")
+    assert "open figures: []" in "".join(output.get("text", "") for output in probe.outputs)
+
+    text = outputs_text(first)
+    records = {path.stem: json.loads(path.read_text()) for path in (tmp_path / "results").glob("*.json")}
+    assert len(records) == 2
+    record = next(record for record in records.values() if record["config"]["GLOBAL_SPARSITY"] == 0.9)
+    assert record["label"].startswith("s90_erk_random_e2_b5_")
+    run_plots = tmp_path / "plots" / record["label"]
+    for name in ("mask_evolution.png", "mask_2d_evolution.png", "dense_vs_masked.png", "benchmark.png",
+                 "input_connections.png", "decade_small.png", "runs_comparison.png"):
+        assert (run_plots / name).stat().st_size > 10_000, name
+    assert not list((tmp_path / "plots").glob("*.png"))  # nothing outside a run's own folder
+    assert (tmp_path / "results" / f"{record['label']}.json").stat().st_mode & 0o044  # readable by others
+
+    sparsity = parameters["GLOBAL_SPARSITY"]
     assert record["train_batches_per_epoch"] == 5
     assert record["final"]["masked_sparsity"] == pytest.approx(sparsity, abs=1e-3)
     layers = record["final"]["layers"]
@@ -54,26 +173,34 @@ def test_notebook_runs_in_quick_mode_and_writes_plots_and_results(tmp_path):
     assert {"Dense+Mask (CPU)", "Truly Sparse CSR (CPU)"} <= set(record["benchmark"])
     assert record["memory"]["sparse_bytes"] < record["memory"]["dense_bytes"]
 
-    # The mask figures draw record["mask_changes"]: one DST step after epoch 1, so the masks of
-    # epochs 1 and 2 differ in exactly the connections that step reports moving.
+    # The masks are recorded before training (epoch 0) and after each epoch and its DST step: the one DST
+    # step, after epoch 1, shows between snapshots 0 and 1, and the figures and the log name epoch 1.
     (event,) = record["dst_events"]
-    assert event["epoch"] == 1
-    (change,) = record["mask_changes"]
+    assert event["epoch"] == 1 and record["mask_snapshot_epochs"] == [0, 1, 2]
+    first_change, second_change = record["mask_changes"]
     assert sum(event["moved"].values()) > 0
     for name, moved in event["moved"].items():
-        assert change[name]["pruned"] == change[name]["regrown"] == moved
+        assert first_change[name]["pruned"] == first_change[name]["regrown"] == moved
+        assert second_change[name]["pruned"] == second_change[name]["regrown"] == 0
+    moved = sum(event["moved"].values())
+    assert f"DST after epoch 1: moved {moved:,} connections" in text
+    assert f"by the epoch whose DST step moved them (as drawn): epoch 1: {moved:,}" in text
 
     assert "MNIST:" in text and "same prediction for 100.0%" in text
-    assert "16 runs of 30 steps in" in text  # "A decade in one figure": 5 sparse methods x 3 sparsities + dense
-    # The committed full-recipe sweep: next to the published numbers, and where each method's weights went.
+    assert "training runs: 16/16, done in" in text  # "A decade in one figure": 5 sparse methods x 3 + dense
     assert "against Dettmers & Zettlemoyer 2019" in text and "| lenet300-100 | snfs | 99 % |" in text
     assert "| method | test accuracy % | fc1 weights | fc2 weights | fc3 weights |" in text
-    assert "DST steps will run after epoch(s) 1" in text
-    assert f"Connections moved between consecutive epochs (as drawn): {sum(event['moved'].values()):,}" in text
+    assert "against the static mask" in text  # the committed sweep, in sentences computed from its rows
+    # every benchmark row has its sentence, and the mask's bytes are shown next to the plain dense model's
+    for row in record["benchmark"]:
+        assert re.search(rf"• .*{re.escape(row)}", text), row
+    assert "the plain dense model's" in text
+    # the exercises ran their solutions, and their results are there to read
+    assert text.count("Using the solution") == 2
+    assert "| rigl+half_random |" in text
+    assert "**uniform** allocation at 99 %" in text and "**erk** allocation at 99 %" in text
+    assert "Truly Sparse CSR (CPU), batch 100: faster than dense+mask" in text
+    assert "centre" in text and "connections per pixel" in text
 
-    # A second quick run with another budget keeps the first one's files; the table tells them apart.
-    _, text = execute(tmp_path, num_epochs=2, dst_frequency=2, max_batches_per_epoch=3)
-    labels = sorted(path.stem for path in (tmp_path / "results").glob("*.json"))
-    assert len(labels) == 2 and record["label"] in labels
-    assert "NO DST step will run" in text  # 2 epochs, DST every 2: the step after the last epoch is skipped
-    assert "| 2 x 5 |" in text and "| 2 x 3 |" in text
+    rerun = outputs_text(second)
+    assert "| 2 x 5 |" in rerun and "| 2 x 3 |" in rerun  # both runs in the table, each with its budget
