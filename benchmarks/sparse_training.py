@@ -221,7 +221,7 @@ def format_rows(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], memory_limit: int):
     """Step time and weight-plus-optimizer memory against width: where sparse crosses dense."""
-    figure = Figure(figsize=(12, 4.5))
+    figure = Figure(figsize=(12, 6))
     time_axis, memory_axis = figure.subplots(1, 2)
     widths = sorted({row["width"] for row in rows})
     dense = {row["width"]: row for row in rows}
@@ -254,7 +254,7 @@ def plot(rows: list[dict], memory_limit: int):
         axis.set_xlabel("hidden width (784 -> w -> w -> 10)")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # under, never over data
     time_axis.set_title("Training step: truly sparse vs masked dense")
     memory_axis.set_title("Memory held for training")
     figure.tight_layout()
@@ -284,7 +284,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two widths, two sparsities (~1 min)")
     parser.add_argument("--mnist", action="store_true", help="also train on MNIST (~6 min; data in ./data)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--replot", action="store_true", help="redraw sparse_training.png from the committed JSON")
     args = parser.parse_args()
+    if args.replot:
+        rows = json.loads((RESULTS / "sparse_training.json").read_text())["rows"]
+        for row in rows:  # files written while the scipy backend was called "numpy"
+            row.setdefault("sparse_scipy_step_ms", row.get("sparse_numpy_step_ms"))
+        plot(rows, total_memory_bytes()).savefig(RESULTS / "sparse_training.png", dpi=120, bbox_inches="tight")
+        print(f"redrew {RESULTS / 'sparse_training.png'} from sparse_training.json")
+        return
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps(measure_width(spec["width"], spec["sparsities"], spec["dense_estimate_s"])))
@@ -307,7 +315,7 @@ def main() -> None:
               "rows": rows, "per_width": results, "seconds": time.perf_counter() - started}
     name = "sparse_training_quick" if args.quick else "sparse_training"  # quick runs keep the full results
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
-    plot(rows, total_memory_bytes()).savefig(RESULTS / f"{name}.png", dpi=120)
+    plot(rows, total_memory_bytes()).savefig(RESULTS / f"{name}.png", dpi=120, bbox_inches="tight")
     if args.mnist:
         mnist = mnist_runs(args.quick)
         (RESULTS / f"{name}_mnist.json").write_text(json.dumps(mnist, indent=1))
