@@ -1,7 +1,8 @@
-"""The tutorial's doorway: the names ``dst_tutorial.ipynb`` imports, re-exported from ``dst`` (no logic here).
+"""The tutorial's doorway: the seed notebook's import list, re-exported from ``dst`` (no logic here).
 
-The notebook reaches its bookkeeping (run labels, saved results, tables, sentences
-computed from measurements) through one module instead: ``from dst import report``.
+The notebook imports these ten names as the seed did and reaches everything else through
+one door, ``import dst`` (``dst.API`` lists it); the rest of ``__all__`` stays for code
+written against earlier versions of this module.
 """
 
 from dst.benchmark import benchmark_inference

@@ -71,6 +71,7 @@ API = {
     "centre_and_border": ("mask_plots", "mean of an image's central 12x12 pixels and of its 4-pixel frame"),
     "mask_changes": ("topology", "connections pruned and regrown between mask snapshots"),
     "input_connections": ("topology", "active connections leaving each input of a first layer, as an image"),
+    "Progress": ("progress", "one progress line for a long loop, updated in place in Jupyter and papermill"),
     "CUPY_GPU_AVAILABLE": ("gpu", "whether cupy and a CUDA device can be used"),
     "report": ("report", "the notebook's bookkeeping: run labels, saved runs, tables, measured sentences"),
     "distributed": ("distributed", "DST under DistributedDataParallel: the same step on every rank, checked"),

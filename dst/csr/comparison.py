@@ -71,7 +71,7 @@ def masked_dense_nbytes(widths: tuple[int, ...], optimizer: OptimizerConfig = DE
 
 
 def train_sparse_mlp(train_x, train_y, test_x, test_y, run: MLPRun | None = None, backend: str | None = None,
-                     **settings) -> dict:
+                     progress: bool = False, **settings) -> dict:
     """Train a truly sparse MLP with SET on (train_x, train_y), test it, and return its metrics.
 
     ``run`` holds the settings (default ``MLPRun()``); keyword ``settings`` replace any of
@@ -82,7 +82,7 @@ def train_sparse_mlp(train_x, train_y, test_x, test_y, run: MLPRun | None = None
     (its mean per step, timed after ``SparseMLP.warm_up`` so no compilation is in it),
     warmup_s (that first-call cost, on its own), weight_optimizer_bytes (weights, indices, gradient and optimizer
     state as held), dense_weight_optimizer_bytes (what the masked dense net would hold),
-    active_weights, total_weights, steps, dst_updates.
+    active_weights, total_weights, steps, dst_updates. ``progress``: a line counting the steps (``dst.progress``).
     """
     run = replace(run or MLPRun(), **settings)
     train_y = check_data(train_x, train_y, "training", NUM_CLASSES)
@@ -91,7 +91,7 @@ def train_sparse_mlp(train_x, train_y, test_x, test_y, run: MLPRun | None = None
     model = SparseMLP.random(features.shape[1], run.hidden, NUM_CLASSES, run.sparsity, run.allocation,
                              run.optimizer, run.seed, backend)
     warmup_seconds = model.warm_up(features[:run.batch_size], train_y[:run.batch_size])
-    history = model.fit(features, train_y, run.epochs, run.batch_size, run.dst, run.max_batches)
+    history = model.fit(features, train_y, run.epochs, run.batch_size, run.dst, run.max_batches, progress=progress)
     history["warmup_s"] = warmup_seconds
     started = time.perf_counter()
     accuracy = model.evaluate(test_x, test_y)
@@ -102,11 +102,11 @@ def train_sparse_mlp(train_x, train_y, test_x, test_y, run: MLPRun | None = None
 
 
 def train_masked_mlp(train_x, train_y, test_x, test_y, run: MLPRun | None = None,
-                     device: torch.device | str = "cpu", **settings) -> dict:
+                     device: torch.device | str = "cpu", progress: bool = False, **settings) -> dict:
     """The same run, simulated: ``MaskedNet(MLP)``, the torch optimizer, ``DSTScheduler``.
 
-    Takes ``train_sparse_mlp``'s ``run`` and ``settings`` and returns its keys; both byte
-    counts are the analytic dense footprint.
+    Takes ``train_sparse_mlp``'s ``run``, ``progress`` and ``settings`` and returns its keys; both
+    byte counts are the analytic dense footprint.
     """
     run = replace(run or MLPRun(), **settings)
     hidden, sparsity, optimizer, seed = run.hidden, run.sparsity, run.optimizer, run.seed
@@ -128,7 +128,7 @@ def train_masked_mlp(train_x, train_y, test_x, test_y, run: MLPRun | None = None
     history = {"epoch_losses": [], "warmup_s": _warm_up_torch(net, torch_opt, loader)}
     start = time.perf_counter()
     for _ in range(run.epochs):
-        loss, _ = train_epoch(net, loader, F.cross_entropy, torch_opt, device, dst=scheduler, progress=False)
+        loss, _ = train_epoch(net, loader, F.cross_entropy, torch_opt, device, dst=scheduler, progress=progress)
         history["epoch_losses"].append(loss)
         if scheduler is not None:
             scheduler.after_epoch(loader)

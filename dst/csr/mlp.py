@@ -30,6 +30,7 @@ from dst.csr.optimizers import OPTIMIZERS, OptimizerConfig
 from dst.masked import MaskedNet
 from dst.masked_layers import MaskedLinear
 from dst.models import MLP
+from dst.progress import Progress
 from dst.schedule import DSTConfig, DSTScheduler
 from dst.update_rule import LayerUpdate, RandomSource, check_prune_ratio
 
@@ -176,12 +177,12 @@ class SparseMLP:
         return {name: layer.prune_and_regrow(prune_ratio, random, regrow) for name, layer in self.layers.items()}
 
     def fit(self, x, y, epochs: int = 1, batch_size: int = 128, dst: DSTConfig | None = SET_DST,
-            max_batches: int | None = None) -> dict:
+            max_batches: int | None = None, progress: bool = False) -> dict:
         """Shuffled mini-batch training with DST updates; returns the loss history and timings.
 
         ``dst=None`` keeps the topology fixed; ``max_batches`` caps each epoch (quick runs),
         like ``dst.data.TensorLoader``'s. The updates come from a ``DSTScheduler``, as for
-        the masked net; its step count continues this model's.
+        the masked net; its step count continues this model's. ``progress``: a line counting steps.
         """
         check_positive_int(epochs=epochs, batch_size=batch_size)
         if max_batches is not None:
@@ -200,20 +201,24 @@ class SparseMLP:
                 history["dst_updates"] += 1
 
         start, steps_before = time.perf_counter(), self.steps
+        per_epoch = len(range(0, len(features), batch_size)[:max_batches])
+        bar = Progress(epochs * per_epoch, "truly sparse training steps", enabled=progress)
         for _ in range(epochs):
             order = self.rng.permutation(len(features))
             losses = []
             for begin in range(0, len(order), batch_size)[:max_batches]:
                 batch = order[begin:begin + batch_size]
                 losses.append(self.train_step(features[batch], labels[batch]))
+                bar.update()
                 if scheduler is not None:
                     timed(scheduler.after_step, None)
             if losses:
                 history["epoch_losses"].append(float(np.mean(losses)))
             if scheduler is not None:
                 timed(scheduler.after_epoch, ())
-        history["steps"] = self.steps - steps_before
         history["train_time_s"] = time.perf_counter() - start
+        bar.close()
+        history["steps"] = self.steps - steps_before
         return history
 
     def warm_up(self, x, y) -> float:
