@@ -189,8 +189,8 @@ def _generator_fingerprint(generator: torch.Generator | None) -> int:
 
 
 def _layer_fingerprint(layer: MaskedLayer) -> torch.Tensor:
-    mask = layer.mask.view(-1)
-    weight = layer.weight.detach().view(-1)
+    mask = layer.mask.reshape(-1)  # reshape: a channels-last layer has no flat view
+    weight = layer.weight.detach().reshape(-1)
     active = mask.nonzero().squeeze(1)
     position = (active + 1) * _MULTIPLIER % _MODULUS
     # The weights' bit patterns, so equal fingerprints mean bitwise-equal weights (up to hash collisions).

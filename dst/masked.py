@@ -163,14 +163,16 @@ class MaskedNet(nn.Module):
     @contextlib.contextmanager
     def masks_bypassed(self):
         """Within this block neither the forward nor the gradient is masked (same outputs, dense gradients)."""
-        layers = list(self.masked_layers().values())
+        # Restored to what each layer had, not to True: a MomentumTracker keeps its layers unmasked
+        # while it is open, and a RigL gradient pass in between must not switch its masks back on.
+        layers = {layer: layer.apply_mask for layer in self.masked_layers().values()}
         for layer in layers:
             layer.apply_mask = False
         try:
             yield self
         finally:
-            for layer in layers:
-                layer.apply_mask = True
+            for layer, apply_mask in layers.items():
+                layer.apply_mask = apply_mask
 
 
 def _after_load(net: nn.Module, incompatible_keys) -> None:

@@ -86,11 +86,23 @@ def per_weight_state(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> 
             if torch.is_tensor(value) and value.shape == weight.shape]
 
 
+def fill_at(tensor: torch.Tensor, flat_indices: torch.Tensor, value) -> None:
+    """Set ``tensor`` to ``value`` at ``flat_indices`` (row-major positions), in place, in any memory format.
+
+    A channels-last tensor (``model.to(memory_format=torch.channels_last)`` converts weights,
+    masks and then the optimizer's state) has no flat view; its positions are unravelled instead.
+    """
+    if tensor.is_contiguous():
+        tensor.view(-1)[flat_indices] = value
+    else:
+        tensor[torch.unravel_index(flat_indices, tensor.shape)] = value
+
+
 def reset_optimizer_state(optimizers, param: torch.Tensor, flat_indices: torch.Tensor) -> None:
     """Zero every per-weight state tensor (momentum, Adam moments) at ``flat_indices``."""
     for optimizer in optimizers:
         for value in per_weight_state(optimizer, param):
-            value.view(-1)[flat_indices] = 0
+            fill_at(value, flat_indices, 0)
 
 
 def _remember_optimizer(optimizer: torch.optim.Optimizer, args, kwargs) -> None:

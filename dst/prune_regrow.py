@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dst.masked import MaskedNet
 from dst.masked_layers import MaskedLayer
-from dst.optimizer_state import check_optimizer, optimizers_of, reset_optimizer_state
+from dst.optimizer_state import check_optimizer, fill_at, optimizers_of, reset_optimizer_state
 from dst.update_rule import LayerUpdate, check_prune_ratio, choose_moves, get_regrow, moved_count
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -86,34 +86,33 @@ def update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str = "random",
     ``gradient`` is the layer's dense loss gradient (criteria that need one);
     ``optimizers`` are those whose state at the moved positions is reset.
     """
-    mask = layer.mask.view(-1)
-    active = int(mask.sum())
-    count = moved_count(active, mask.numel(), prune_ratio)
+    active = layer.active_count
+    count = moved_count(active, layer.mask.numel(), prune_ratio)
     return _move(layer, count, count, get_regrow(regrow), gradient, optimizers, generator)
 
 
 def _move(layer: MaskedLayer, prune_count: int, regrow_count: int, criterion, scores: torch.Tensor | None,
           optimizers, generator: torch.Generator | None) -> LayerUpdate:
     """Apply ``choose_moves`` to one masked layer: flip its mask, zero the moved weights and their optimizer state."""
-    mask = layer.mask.view(-1)
-    active = mask.nonzero().squeeze(1)
+    # Positions are row-major whatever the memory format: reshape reads (a copy if channels-last),
+    # fill_at writes in place.
+    active = layer.mask.reshape(-1).nonzero().squeeze(1)
     if prune_count == 0 and regrow_count == 0:
         return LayerUpdate(active=active.numel(), pruned=0, regrown=0)
-    weight = layer.weight.detach().view(-1)
     # The rule runs on the host: the active positions and their magnitudes (and RigL's gradient) come over.
-    magnitudes = weight[active].abs().float().cpu().numpy()
+    magnitudes = layer.weight.detach().reshape(-1)[active].abs().float().cpu().numpy()
     flat_scores = None if scores is None else scores.detach().reshape(-1).float().cpu().numpy()
-    pruned, regrown = choose_moves(active.cpu().numpy(), magnitudes, mask.numel(), prune_count, criterion,
+    pruned, regrown = choose_moves(active.cpu().numpy(), magnitudes, layer.mask.numel(), prune_count, criterion,
                                    gradient=flat_scores, random=generator, regrow_count=regrow_count)
     pruned = active[torch.from_numpy(pruned).to(active.device)]
-    regrown = torch.from_numpy(regrown).to(mask.device)
+    regrown = torch.from_numpy(regrown).to(layer.mask.device)
     changed = torch.cat([pruned, regrown])
     with torch.no_grad():
-        mask[pruned] = False
-        mask[regrown] = True
-        weight[changed] = 0.0
+        fill_at(layer.mask, pruned, False)
+        fill_at(layer.mask, regrown, True)
+        fill_at(layer.weight.detach(), changed, 0.0)
     reset_optimizer_state(optimizers, layer.weight, changed)
-    return LayerUpdate(active=int(mask.sum()), pruned=prune_count, regrown=regrow_count)
+    return LayerUpdate(active=layer.active_count, pruned=prune_count, regrown=regrow_count)
 
 
 def _check_finite(name: str, values: torch.Tensor, what: str) -> None:

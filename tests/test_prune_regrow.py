@@ -364,3 +364,23 @@ def test_optimizer_hooks_come_with_the_first_masked_weight_not_with_an_import():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.split() == ["0", "2"]
+
+
+@pytest.mark.parametrize("regrow", ["random", "gradient"])
+def test_a_channels_last_model_takes_dst_steps_like_a_contiguous_one(regrow):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    plain = MaskedNet(base, 0.6, generator=torch.Generator().manual_seed(0))
+    channels_last = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    assert not channels_last.masked_layers()["0"].mask.is_contiguous()
+    batch = torch.randn(4, 2, 6, 6), torch.randint(0, 3, (4,))
+    models = {"contiguous": plain, "channels_last": channels_last}
+    optimizers = {key: torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9) for key, net in models.items()}
+    for key, net in models.items():
+        F.cross_entropy(net(batch[0]), batch[1]).backward()
+        optimizers[key].step()
+        apply_dst_step(net, 0.3, regrow, batch=batch, generator=torch.Generator().manual_seed(1))
+    for name, layer in plain.masked_layers().items():
+        other = channels_last.masked_layers()[name]
+        assert torch.equal(layer.mask, other.mask) and torch.equal(layer.weight, other.weight)
+        assert torch.all(optimizers["channels_last"].state[other.weight]["momentum_buffer"][~other.mask] == 0)
