@@ -470,3 +470,43 @@ def test_files_that_are_not_sparse_models_are_named(tmp_path):
             SparseNet.load(tmp_path / name)
     with pytest.raises(FileNotFoundError):
         SparseNet.load(tmp_path / "missing.npz")
+
+
+# ----------------------------------------------------------------------------- modules used twice
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_reused_relu_or_max_pool_is_run_at_every_place_it_is_used(backend):
+    torch.manual_seed(0)
+    relu, pool = nn.ReLU(), nn.MaxPool2d(2)
+    mlp = masked(nn.Sequential(nn.Linear(12, 16), relu, nn.Linear(16, 16), relu, nn.Linear(16, 4)), 0.5)
+    cnn = masked(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), relu, pool, nn.Conv2d(4, 4, 3, padding=1), relu, pool,
+                               nn.Flatten(), nn.Linear(4 * 2 * 2, 3)), 0.5)
+    for model, inputs in ((mlp, torch.randn(5, 12)), (cnn, torch.randn(5, 1, 8, 8))):
+        sparse = SparseNet.from_masked(model, backend)
+        assert [step["type"] for step in sparse.architecture].count("relu") == 2
+        assert_matches_dense(model, sparse, inputs)
+
+
+def test_a_weighted_layer_used_twice_is_refused_naming_both_places():
+    shared = nn.Linear(8, 8)
+    model = masked(nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(8, 2)), 0.5)
+    with pytest.raises(ValueError, match=r"'2' \(MaskedLinear\) is the module already used at '0'"):
+        SparseNet.from_masked(model, "scipy")
+
+
+class Doubling(nn.ReLU):
+    """A ReLU subclass whose forward is something else: the converter cannot tell from the type."""
+
+    def forward(self, x):
+        return 2 * x
+
+
+def test_conversion_checks_the_converted_model_against_the_masked_net():
+    model = masked(nn.Sequential(nn.Linear(6, 8), Doubling(), nn.Linear(8, 3)), 0.5)
+    with pytest.raises(ValueError, match="does not compute the masked net's function"):
+        SparseNet.from_masked(model, "scipy")
+    with pytest.raises(ValueError, match="does not compute the masked net's function"):
+        SparseNet.from_masked(model, "scipy", example=torch.randn(3, 6))
+    fine = masked(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), 0.5).train()
+    SparseNet.from_masked(fine, "scipy")
+    assert fine.training  # put back in its mode after the probe
