@@ -12,6 +12,8 @@ the others per layer), gradual pruning reaches them at its last pruning step.
 """
 
 import copy
+import math
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,10 +21,27 @@ import torch
 from torch import nn
 
 from dst.allocation import check_sparsity, layer_densities
+from dst.checks import is_positive_int
 from dst.gradual_pruning import GradualPruning
 from dst.masked import MaskedNet
-from dst.schedule import DSTConfig, DSTScheduler
+from dst.schedule import SCHEDULES, DSTConfig, DSTScheduler
 from dst.sparse_momentum import SparseMomentumStep
+from dst.update_rule import check_prune_ratio
+
+
+def check_fraction(name: str, value, low: float = 0.0, high: float = 1.0, include_low: bool = True) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a real number in [low, high] ((low, high] if not
+    ``include_low``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not (
+            (low <= value if include_low else low < value) and value <= high):
+        interval = f"{'[' if include_low else '('}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def check_steps(name: str, value) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a positive int."""
+    if not is_positive_int(value):
+        raise ValueError(f"{name} must be a positive int (steps or updates), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,12 @@ class SET(Method):
     # SET's zeta is constant; sparse_learning's SET (the published MNIST numbers) decays 0.5 by a cosine.
     schedule: str = "constant"
 
+    def __post_init__(self):
+        _check_ratio("set", self.prune_ratio)
+        check_steps("set.updates_per_epoch", self.updates_per_epoch)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"set.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
         # end one step before the last: an update after the last step would only remove trained weights.
         config = DSTConfig(prune_ratio=self.prune_ratio, regrow="random", schedule=self.schedule, every=max(
@@ -117,6 +142,11 @@ class RigL(Method):
     every: int = 100  # Delta T, steps between updates
     end_fraction: float = 0.75  # no updates in the last quarter: the final mask is fine-tuned
 
+    def __post_init__(self):
+        _check_ratio("rigl", self.prune_ratio)
+        check_steps("rigl.every", self.every)
+        check_fraction("rigl.end_fraction (of training, where updates stop)", self.end_fraction, include_low=False)
+
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
         config = DSTConfig(prune_ratio=self.prune_ratio, regrow="gradient", schedule="cosine", every=self.every,
                            unit="step", end=max(1, int(self.end_fraction * total_steps)))
@@ -131,6 +161,12 @@ class SNFS(Method):
     dense_weight_gradient: ClassVar[bool] = True
     prune_ratio: float = 0.5  # sparse_learning's death rate, cosine-decayed over training
     momentum: float = 0.9  # the decay of the gradient average (SGD's momentum in the paper)
+
+    def __post_init__(self):
+        _check_ratio("snfs", self.prune_ratio)
+        check_fraction("snfs.momentum (the decay of the gradient average)", self.momentum)
+        if self.momentum == 1.0:
+            raise ValueError("snfs.momentum must be below 1 (at 1 the average never forgets), got 1.0")
 
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
         # regrow="random" only tells the scheduler not to draw a gradient batch: the step regrows by momentum.
@@ -152,6 +188,14 @@ class GMP(Method):
     start_fraction: float = 0.1  # dense first, so magnitudes mean something when pruning starts
     end_fraction: float = 0.75  # target reached where RigL stops: both fine-tune the last quarter
 
+    def __post_init__(self):
+        check_steps("gmp.every", self.every)
+        check_fraction("gmp.start_fraction (of training)", self.start_fraction)
+        check_fraction("gmp.end_fraction (of training)", self.end_fraction)
+        if not self.start_fraction < self.end_fraction:
+            raise ValueError(f"gmp needs start_fraction < end_fraction (prune between them), got "
+                             f"{self.start_fraction} and {self.end_fraction}")
+
     def build(self, base_net, target, generator=None):
         # Every weight active: no sparse fan-in scaling, the dense net's own init.
         return MaskedNet(base_net, 0.0, target.allocation, generator=generator)
@@ -161,6 +205,13 @@ class GMP(Method):
         end = max(start + 1, int(self.end_fraction * total_steps))
         return GradualPruning(model, target.densities(model), start=start, end=end, every=self.every,
                               optimizer=optimizer)
+
+
+def _check_ratio(method: str, prune_ratio) -> None:
+    try:
+        check_prune_ratio(prune_ratio)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{method}.{error}") from None
 
 
 METHODS: dict[str, Method] = {method.name: method for method in (Dense(), Static(), SET(), RigL(), SNFS(), GMP())}
