@@ -27,6 +27,7 @@ are left out of DST, and so, under RigL, are layers the loss does not reach.
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from dst.masked import MaskedNet
@@ -156,7 +157,24 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
 
     Raises:
         ValueError: a layer holds NaN or infinite weights (or RigL gradients); nothing is changed.
+        RuntimeError: called in a distributed job of several ranks, where each rank would take its own
+            step: use ``dst.distributed.distributed_dst_step`` there.
     """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(f"apply_dst_step in a distributed job ({dist.get_world_size()} ranks) would let each rank "
+                           "take its own step (its own random draws, its own batch's gradients) and the masks "
+                           "would diverge: use dst.distributed.distributed_dst_step, e.g. "
+                           "DSTScheduler(..., dst_step=distributed_dst_step)")
+    return local_dst_step(masked_net, prune_ratio, regrow, batch, loss_fn, optimizer, generator, gradients)
+
+
+def local_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str = "random",
+                   batch: Batch | None = None, loss_fn: Callable = F.cross_entropy,
+                   optimizer: torch.optim.Optimizer | None = None,
+                   generator: torch.Generator | None = None,
+                   gradients: dict[str, torch.Tensor] | None = None) -> dict[str, LayerUpdate]:
+    """``apply_dst_step`` on this process alone, whatever the process group: what ``distributed_dst_step`` calls
+    once it has made the step's inputs (generator, gradients) the same on every rank."""
     if not isinstance(masked_net, MaskedNet):
         raise TypeError(f"apply_dst_step needs a MaskedNet, got {type(masked_net).__name__}; "
                         "wrap the model first: MaskedNet(model, sparsity=...)")
