@@ -510,3 +510,90 @@ def test_conversion_checks_the_converted_model_against_the_masked_net():
     fine = masked(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), 0.5).train()
     SparseNet.from_masked(fine, "scipy")
     assert fine.training  # put back in its mode after the probe
+
+
+# ----------------------------------------------------------------------------- memory a crafted file can take
+
+def crafted_npz(path, header: dict, members: dict) -> str:
+    """An .npz whose members declare ``shape`` in their .npy header but hold only ``data`` bytes."""
+    import io
+    import zipfile
+
+    raw = json.dumps(header).encode()
+    members = {"header": ((len(raw),), np.uint8, raw), **members}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, (shape, dtype, data) in members.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array_header_1_0(buffer, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                                          "shape": shape})
+            archive.writestr(f"{name}.npy", buffer.getvalue() + data)
+    return path
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field + ":"))
+
+
+def peak_mib(action) -> float:
+    """How far this process's resident memory rose above where it was while ``action`` ran (or raised)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets the peak (VmHWM) to the current resident size
+    except OSError as error:
+        pytest.skip(f"cannot reset this process's peak memory on this platform: {error}")
+    start = _status_mib("VmRSS")
+    try:
+        action()
+    except ValueError:
+        pass
+    return _status_mib("VmHWM") - start
+
+
+LARGE_LAYER = {"format": "dst-truly-sparse-csr-1", "architecture": [{"type": "linear", "name": "fc"}],
+               "weights": [{"name": "fc", "shape": [16384, 16384], "nnz": 2**28, "index_type": "uint16",
+                            "pointer_type": "uint32", "bias": False}]}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sizes_a_file_declares_are_not_allocated_before_its_data_is_there(tmp_path, backend):
+    def members(values_shape):
+        return {"values": (values_shape, np.float32, bytes(64)), "bias": ((0,), np.float32, b""),
+                "col_indices_uint16": ((2**28,), np.uint16, bytes(32)),
+                "row_pointers_uint32": ((16385,), np.uint32, bytes(4 * 16385))}
+
+    # A .npy member declaring 4 PiB: numpy would try to allocate it before reading a byte.
+    path = crafted_npz(tmp_path / "declares_4pib.npz", LARGE_LAYER, members((2**50,)))
+    with pytest.raises(ValueError, match=r"'values' must be a 1-D float32 .npy of 268435456 entries, got float32 "
+                                         r"of shape \(1125899906842624,\)"):
+        SparseNet.load(path, backend)
+    # Declared as the header says (1 GiB), holding 64 bytes: refused having read only those.
+    path = crafted_npz(tmp_path / "declares_1gib.npz", LARGE_LAYER, members((2**28,)))
+    assert path.stat().st_size < 10_000
+    assert peak_mib(lambda: SparseNet.load(path, backend)) < 32
+    with pytest.raises(ValueError, match="'values'.* holds 64 bytes"):
+        SparseNet.load(path, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_huge_declared_kernel_without_weights_takes_little_memory(tmp_path, backend):
+    columns = 16 * 1024 * 1024
+    header = {"format": "dst-truly-sparse-csr-1",
+              "architecture": [{"type": "conv", "name": "conv", "in_channels": 16, "kernel_size": [1024, 1024],
+                                "padding": [0, 0]}],
+              "weights": [{"name": "conv", "shape": [1, columns], "nnz": 0, "index_type": "uint32",
+                           "pointer_type": "uint8", "bias": False}]}
+    path = crafted_npz(tmp_path / "kernel.npz", header, {
+        "values": ((0,), np.float32, b""), "bias": ((0,), np.float32, b""),
+        "col_indices_uint32": ((0,), np.uint32, b""), "row_pointers_uint8": ((2,), np.uint8, bytes(2))})
+    assert path.stat().st_size < 2_000
+    SparseNet.load(path, backend)  # a valid (if useless) model
+    assert peak_mib(lambda: SparseNet.load(path, backend)) < 64
+
+
+def test_a_deeply_nested_header_is_refused_with_a_value_error(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    np.savez(tmp_path / "deep.npz", header=np.frombuffer(
+        b'{"format": "dst-truly-sparse-csr-1", "architecture": ' + deep.encode() + b"}", dtype=np.uint8))
+    with pytest.raises(ValueError, match="nested 100001 levels deep, more than the 32 allowed"):
+        SparseNet.load(tmp_path / "deep.npz")

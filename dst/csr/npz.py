@@ -7,8 +7,11 @@ the archive's members, their types and sizes, the header's schema, and each
 layer's CSR structure (indices inside the layer, monotone row pointers, counts
 matching the header, conv shapes matching the architecture) are all checked
 before a matrix is built, so a crafted file gets a ``ValueError`` instead of
-reads outside an array. ``check_model`` is the part every ``SparseNet`` runs,
-whatever built it. Arrays are read with ``allow_pickle=False``: no code runs.
+reads outside an array. Nothing is allocated from a size the file declares before
+the data is there: each member's .npy header is checked against the model's header
+and its data read as it decompresses; the JSON header may nest at most 32
+levels (``dst.checks.MAX_JSON_DEPTH``). ``check_model`` is the part every
+``SparseNet`` runs, whatever built it. Arrays are parsed by hand, never unpickled: no code runs.
 """
 
 import json
@@ -18,6 +21,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from dst.checks import load_json
 
 FILE_FORMAT = "dst-truly-sparse-csr-1"
 INDEX_TYPES = ("uint8", "uint16", "uint32", "uint64")
@@ -69,16 +74,22 @@ def read_npz(path) -> tuple[list[dict], dict[str, dict]]:
             npy = file.read(6) == b"\x93NUMPY"
         raise ValueError(f"{path} is not a SparseNet file: not a .npz archive"
                          + (" (it is a single .npy array)" if npy else ""))
-    with np.load(path, allow_pickle=False) as data:
-        if "header" not in data.files:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"{path} is not a SparseNet file: not a readable .npz archive ({error})") from None
+    with archive:
+        names = archive.namelist()
+        files = [name[:-4] for name in names if name.endswith(".npy")]
+        if "header" not in files:
             raise ValueError(f"{path} is not a SparseNet file: it has no 'header' array "
-                             f"(its arrays: {sorted(data.files)[:10]})")
-        header = _parse_header(_read_member(data, "header", np.uint8, MAX_HEADER_BYTES, path), path)
+                             f"(its arrays: {sorted(files)[:10]})")
+        header = _parse_header(_read_member(archive, "header", np.uint8, MAX_HEADER_BYTES, path), path)
         expected = _expected_arrays(header["weights"])
-        if set(data.files) != set(expected) | {"header"}:
-            raise ValueError(f"{path}: the arrays {sorted(data.files)} are not the ones its header describes "
-                             f"({sorted(expected)} and 'header')")
-        flat = {key: _read_member(data, key, dtype, length, path) for key, (dtype, length) in expected.items()}
+        if sorted(names) != sorted(f"{key}.npy" for key in [*expected, "header"]):
+            raise ValueError(f"{path}: the arrays {sorted(names)} are not the ones its header describes "
+                             f"({sorted(expected)} and 'header', each a .npy member)")
+        flat = {key: _read_member(archive, key, dtype, length, path) for key, (dtype, length) in expected.items()}
     offsets = dict.fromkeys(flat, 0)
 
     def take(key: str, count: int) -> np.ndarray:
@@ -169,9 +180,9 @@ def _check_ints(value, low: int, high: int, what: str, count: int):
 
 def _parse_header(raw: np.ndarray, path: Path) -> dict:
     try:
-        header = json.loads(raw.tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: the header is not valid JSON ({error})") from error
+        header = load_json(raw.tobytes().decode())
+    except (UnicodeDecodeError, ValueError) as error:  # invalid JSON, nested too deep, a 5,000-digit number
+        raise ValueError(f"{path}: the header is not valid JSON ({error})") from None
     if not isinstance(header, dict) or header.get("format") != FILE_FORMAT:
         found = header.get("format") if isinstance(header, dict) else None
         raise ValueError(f"{path} is not a {FILE_FORMAT} file (format {found!r})")
@@ -202,16 +213,45 @@ def _expected_arrays(layers: list[dict]) -> dict[str, tuple[str, int]]:
     return expected
 
 
-def _read_member(data, key: str, dtype, length: int, path: Path) -> np.ndarray:
-    """One array of the archive, its stored size checked before it is decompressed."""
+def _read_member(archive: zipfile.ZipFile, key: str, dtype, length: int, path: Path) -> np.ndarray:
+    """One array of the archive (``length`` entries of ``dtype``; at most ``length`` for the header).
+
+    Nothing is allocated from a declared size: the .npy header's shape and dtype are checked against
+    what the model's header expects, then the data is read in chunks as it decompresses, so a member
+    that declares more than it holds fails after using only the memory of what it holds.
+    """
     dtype = np.dtype(dtype)
-    if data.zip.getinfo(f"{key}.npy").file_size > length * dtype.itemsize + NPY_HEADER_BYTES:
+    info = archive.getinfo(f"{key}.npy")
+    if info.file_size > length * dtype.itemsize + NPY_HEADER_BYTES:
         raise ValueError(f"{path}: array {key!r} is larger than its header says")
-    array = data[key]
-    if array.dtype != dtype or array.ndim != 1 or (key != "header" and array.size != length):
-        raise ValueError(f"{path}: array {key!r} must be 1-D {dtype.name} of {length} entries, got "
-                         f"{array.dtype} of shape {array.shape}")
-    return array
+    problem = f"{path}: array {key!r} must be a 1-D {dtype.name} .npy of {length} entries"
+    with archive.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f".npy format version {version}")
+            shape, fortran_order, stored = read_header(member)
+        except (ValueError, SyntaxError, TypeError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"{problem}; its .npy header is unreadable ({error})") from None
+        if stored != dtype or len(shape) != 1 or (shape[0] != length if key != "header" else shape[0] > length):
+            raise ValueError(f"{problem}, got {stored} of shape {shape}")
+        expected_bytes, chunks, received = shape[0] * dtype.itemsize, [], 0
+        try:
+            while received < expected_bytes:
+                chunk = member.read(min(2**20, expected_bytes - received))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                received += len(chunk)
+            extra = member.read(1)
+        except (zipfile.BadZipFile, OSError, EOFError) as error:  # a bad CRC, a truncated stream
+            raise ValueError(f"{path}: array {key!r} is corrupt ({error})") from None
+    if received != expected_bytes or extra:
+        raise ValueError(f"{problem}: its data holds {'more' if extra else received} bytes, not "
+                         f"{expected_bytes}")
+    return np.frombuffer(b"".join(chunks), dtype=dtype).copy()
 
 
 def _narrowest_uint(max_value: int):
