@@ -17,6 +17,11 @@ def is_positive_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
+def is_count(value) -> bool:
+    """Whether ``value`` is an integer >= 0 (numpy integers included, bools excluded)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+
 def check_positive_int(**values) -> None:
     """Raise ValueError naming the first of ``name=value`` that is not a positive int."""
     for name, value in values.items():

@@ -57,6 +57,10 @@ def random_mask(shape: torch.Size, density: float, generator: torch.Generator | 
 class MaskedNet(nn.Module):
     """A copy of ``base_net`` with every trainable Conv1d/2d/3d and Linear replaced by a masked layer.
 
+    Build the optimizer after wrapping, on ``MaskedNet(...).parameters()``: the masked net trains
+    its own copy of the weights, so an optimizer built on ``base_net`` steps the original and the
+    masked net never changes (``train_side_by_side`` refuses such a pair).
+
     Args:
         base_net: any module; it is deep-copied, never changed.
         sparsity: global fraction of the masked layers' weights (biases excluded) that are zero, in [0, 1).
@@ -180,8 +184,13 @@ def _after_load(net: nn.Module, incompatible_keys) -> None:
     (strict=False), or a tied module loaded after its masked owner, cannot leave values where the mask says
     no weight exists. ``assign=True`` brings new weight objects: they are registered again."""
     with torch.no_grad():
-        for layer in net.modules():
+        for name, layer in net.named_modules():
             if isinstance(layer, MaskedLayer):
+                if layer.mask.dtype != torch.bool:  # assign=True puts the checkpoint's own tensor in place
+                    if not bool(((layer.mask == 0) | (layer.mask == 1)).all()):
+                        raise ValueError(f"the mask loaded for layer {name!r} holds values other than 0 and 1 "
+                                         f"({layer.mask.dtype}); a mask is boolean: True where a weight exists")
+                    layer.mask = layer.mask.to(torch.bool)
                 layer.weight.masked_fill_(~layer.mask, 0.0)
                 layer.watch()
 

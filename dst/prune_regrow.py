@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dst.checks import is_count
 from dst.masked import MaskedNet
 from dst.masked_layers import MaskedLayer
 from dst.optimizer_state import check_optimizer, fill_at, optimizers_of, reset_optimizer_state
@@ -233,6 +234,11 @@ def update_layer_counts(layer: MaskedLayer, prune_count: int, regrow_count: int,
     Regrowth takes the largest ``|scores|`` (momentum, gradient; shaped like the weight), or
     uniformly random positions when ``scores`` is None.
     """
+    active, numel = layer.active_count, layer.mask.numel()
+    for name, count, most in (("prune_count", prune_count, active), ("regrow_count", regrow_count, numel - active)):
+        if not is_count(count) or count > most:
+            raise ValueError(f"{name} must be a whole number of weights in [0, {most}] for this layer "
+                             f"({active} of {numel} active), got {count!r}")
     optimizers = optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set())
     return _move(layer, prune_count, regrow_count, get_regrow("random" if scores is None else "gradient"),
                  scores, optimizers, generator)

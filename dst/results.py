@@ -42,6 +42,13 @@ def run_label(config: dict) -> str:
     missing = [key for key in LABEL_KEYS if key not in config]
     if missing:
         raise ValueError(f"config is missing {missing}; a label needs {list(LABEL_KEYS)}")
+    sparsity = config["GLOBAL_SPARSITY"]
+    if isinstance(sparsity, np.generic) or (isinstance(sparsity, torch.Tensor) and sparsity.numel() == 1):
+        sparsity = sparsity.item()  # a numpy or one-element torch scalar is read as its number
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"config['GLOBAL_SPARSITY'] must be a number in [0, 1), got "
+                         f"{type(config['GLOBAL_SPARSITY']).__name__} {config['GLOBAL_SPARSITY']!r:.40}")
+    config = {**config, "GLOBAL_SPARSITY": sparsity}
     # .10g: 0.8000001 reads s80.00001 and 0.9999999 s99.99999, never a rounded s80 or s100.
     label = (f"s{config['GLOBAL_SPARSITY'] * 100:.10g}_{config['allocation']}_{config['regrow']}"
              f"_e{config['num_epochs']}")

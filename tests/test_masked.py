@@ -297,3 +297,20 @@ def test_a_model_with_nothing_trainable_to_mask_says_what_it_found():
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match=r"no nn.Conv2d or nn.Linear.*0\.weight \(Linear, 16 weights\): frozen"):
         MaskedNet(frozen, sparsity=0.5)
+
+
+def test_a_float_mask_loaded_with_assign_becomes_boolean_or_is_refused_by_name():
+    net = MaskedNet(MLP(6, (5,), 3), 0.5, generator=torch.Generator().manual_seed(0))
+    state = {key: value.float() if key.endswith("mask") else value for key, value in net.state_dict().items()}
+    net.load_state_dict(state, assign=True)
+    for layer in net.masked_layers().values():
+        assert layer.mask.dtype == torch.bool
+        assert torch.all(layer.weight[~layer.mask] == 0)
+    state["net.fc1.mask"][0, 0] = 0.5
+    with pytest.raises(ValueError, match="mask loaded for layer 'fc1' holds values other than 0 and 1"):
+        net.load_state_dict(state, assign=True)
+
+
+def test_an_allocation_that_is_not_a_name_lists_the_choices():
+    with pytest.raises(ValueError, match=r"unknown allocation \['erk'\]; choose one of \['erk', 'uniform'\]"):
+        MaskedNet(MLP(6, (5,), 3), 0.5, allocation=["erk"])

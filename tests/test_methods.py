@@ -305,3 +305,11 @@ def test_momentum_keeps_tracking_inactive_positions_after_a_dense_gradient_pass(
         assert torch.all(layer.weight.grad[~layer.mask] == 0)
     tracker.close()
     assert all(layer.apply_mask for layer in net.masked_layers().values())
+
+
+@pytest.mark.parametrize("density", [float("nan"), 1.5, -1.0, 0.0, "0.1"])
+def test_gradual_pruning_refuses_final_densities_that_are_not_fractions_kept(density):
+    model = MaskedNet(MLP(24, (40, 30), 6), 0.0)
+    densities = {name: 0.1 for name in model.masked_layers()}
+    with pytest.raises(ValueError, match=r"final_densities must be fractions of weights kept, in \(0, 1\]"):
+        GradualPruning(model, {**densities, "fc1": density}, start=0, end=10)

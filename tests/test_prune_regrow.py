@@ -422,3 +422,13 @@ def test_an_optimizer_without_masked_weights_is_not_searched_at_every_step(monke
     optimizer.step()
     assert optimizer in optimizer_state.optimizers_of(layer.weight)
     assert looked_up
+
+
+@pytest.mark.parametrize("prune, regrow, named", [(1.5, 0, "prune_count"), (-1, 0, "prune_count"),
+                                                  (0, 10**6, "regrow_count"), (True, 0, "prune_count")])
+def test_update_layer_counts_refuses_counts_that_are_not_whole_numbers_in_range(prune, regrow, named):
+    from dst.prune_regrow import update_layer_counts
+
+    layer = MaskedNet(MLP(6, (5,), 3), 0.5, generator=torch.Generator().manual_seed(0)).masked_layers()["fc1"]
+    with pytest.raises(ValueError, match=f"{named} must be a whole number of weights in"):
+        update_layer_counts(layer, prune, regrow)

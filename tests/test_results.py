@@ -172,3 +172,15 @@ def test_a_fifo_named_like_a_record_is_skipped_instead_of_blocking(tmp_path):
     assert [run["label"] for run in result["runs"]] == ["good"]
     assert any("x.json: not readable JSON" in message and "not a regular file" in message
                for message in result["warnings"])
+
+
+def test_run_label_reads_numeric_scalars_and_refuses_other_sparsities():
+    import numpy as np
+    import torch
+
+    label = run_label(CONFIG)
+    assert run_label({**CONFIG, "GLOBAL_SPARSITY": torch.tensor(0.95, dtype=torch.float64)}) == label
+    assert run_label({**CONFIG, "GLOBAL_SPARSITY": np.float64(0.95)}) == label
+    for sparsity in ("0.95", torch.tensor([0.9, 0.95]), True, 1.0, None):
+        with pytest.raises(ValueError, match=r"GLOBAL_SPARSITY'\] must be a number in \[0, 1\)"):
+            run_label({**CONFIG, "GLOBAL_SPARSITY": sparsity})

@@ -596,3 +596,13 @@ def test_a_deeply_nested_header_is_refused_with_a_value_error(tmp_path):
         b'{"format": "dst-truly-sparse-csr-1", "architecture": ' + deep.encode() + b"}", dtype=np.uint8))
     with pytest.raises(ValueError, match="nested 100001 levels deep, more than the 32 allowed"):
         SparseNet.load(tmp_path / "deep.npz")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_converted_to_float32(backend, dtype):
+    model = masked(MLP(12, (8,), 3), 0.5)
+    sparse = SparseNet.from_masked(model, backend)
+    inputs = torch.randn(4, 12).to(dtype)
+    assert_matches_dense(model, sparse, inputs.float())
+    np.testing.assert_array_equal(sparse.to_numpy(sparse(inputs)), sparse.to_numpy(sparse(inputs.float())))

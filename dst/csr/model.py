@@ -199,6 +199,8 @@ class SparseNet:
             raise TypeError(f"SparseNet takes floating-point inputs normalised like the training data, got "
                             f"{dtype}: convert and normalise raw pixels first (for MNIST, (x / 255 - 0.1307) "
                             "/ 0.3081); the torch model refuses them too")
+        if isinstance(x, torch.Tensor) and x.dtype != torch.float32:
+            x = x.float()  # bfloat16 and float16 too, which numpy (scipy, numba) cannot take
         return self.ops.as_input(x)
 
     def to_numpy(self, y) -> np.ndarray:
