@@ -188,6 +188,8 @@ def _check_source(path, source) -> None:
         if not isinstance(source.get(key), kind):
             raise SystemExit(f"{path}: not a results file of this benchmark: {key!r} should be a JSON "
                              f"{ {str: 'string', list: 'list', dict: 'object'}[kind]}, got {source.get(key)!r:.80}")
+    if not isinstance(source.get("wall_seconds", 0.0), (int, float)) or isinstance(source.get("wall_seconds"), bool):
+        raise SystemExit(f"{path}: 'wall_seconds' should be a number, got {source['wall_seconds']!r:.80}")
     for key in ("recipes", "methods"):
         if not all(isinstance(settings, dict) for settings in source[key].values()):
             raise SystemExit(f"{path}: every entry of {key!r} should be an object of settings")

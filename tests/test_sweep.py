@@ -325,6 +325,7 @@ def test_merged_rows_must_match_their_own_files_settings_and_malformed_files_are
     refused({**source, "rows": [[1]]}, "row 0 is not an object")
     refused({**source, "rows": [{**source["rows"][0], "seed": "0"}]}, "'seed'")
     refused({**source, "methods": {"set": 3}}, "'methods'")
+    refused({**source, "wall_seconds": "1 minute"}, "'wall_seconds'")
     refused({**source, "rows": [{**source["rows"][0], "method": "rigl"}]}, "no recipe or method settings")
     for text in ("{not json", "[" * 100_000, "1" * 5000, '\udcff'):
         bad = tmp_path / "bad.json"
