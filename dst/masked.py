@@ -26,6 +26,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from dst.allocation import active_count, check_sparsity, layer_densities, warn_if_disconnected
 from dst.masked_layers import MASKED_TYPES, MaskedLayer, masked_type
+from dst.optimizer_state import optimizers_of
 
 # MultiheadAttention passes out_proj.weight to its functional form instead of calling
 # out_proj: the mask then acts on that weight's gradient only (see MaskedLayer.mask_gradient).
@@ -43,6 +44,14 @@ MASKING = {
     # values into inactive positions behind the library's back. The classic simulated-sparsity layer.
     "forward": "multiply the mask into the weight in every forward",
 }
+
+
+# Training forwards after which a MaskedNet whose masked weights no optimizer has stepped warns.
+UNTRAINED_AFTER = 100
+
+
+class UntrainedWarning(UserWarning):
+    """A MaskedNet runs training passes but no optimizer steps its weights (one built on the base net?)."""
 
 
 def random_mask(shape: torch.Size, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -77,8 +86,11 @@ class MaskedNet(nn.Module):
     Layers that are frozen (``requires_grad=False`` weight) stay dense and out of
     DST; any other weight left unmasked is listed in a warning and by ``skipped_weights()``.
     A ``DisconnectedWarning`` says when the masks leave an output unit of the last masked
-    layer, or an input feature of the first, without any connection.
+    layer, or an input feature of the first, without any connection; an ``UntrainedWarning``
+    when ``UNTRAINED_AFTER`` training forwards have run and no optimizer has stepped a masked weight.
     """
+
+    _training_forwards = 0  # counted up to UNTRAINED_AFTER (a class default: older pickles lack it)
 
     def __init__(self, base_net: nn.Module, sparsity: float = 0.95, allocation: str = "uniform",
                  scale_init: bool = True, generator: torch.Generator | None = None, masking: str = "gradient",
@@ -125,7 +137,19 @@ class MaskedNet(nn.Module):
                           "(see skipped_weights(), global_sparsity(all_weights=True)).", stacklevel=2)
 
     def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled() and self._training_forwards < UNTRAINED_AFTER:
+            self._count_training_forward()
         return self.net(*args, **kwargs)
+
+    def _count_training_forward(self) -> None:
+        """After UNTRAINED_AFTER training forwards, warn (once) if no optimizer has stepped a masked weight."""
+        self._training_forwards += 1
+        if self._training_forwards == UNTRAINED_AFTER and not any(
+                optimizers_of(layer.weight) for layer in self.masked_layers().values()):
+            warnings.warn(f"{UNTRAINED_AFTER} training forward passes of this MaskedNet, and no torch optimizer "
+                          "has stepped any of its masked weights: was the optimizer built on the base net before "
+                          "wrapping it? MaskedNet trains its own copy; build the optimizer on "
+                          "MaskedNet(...).parameters()", UntrainedWarning, stacklevel=3)
 
     def masked_layers(self) -> dict[str, MaskedLayer]:
         """The masked layers by name (relative to the wrapped net), in forward order.

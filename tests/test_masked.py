@@ -314,3 +314,26 @@ def test_a_float_mask_loaded_with_assign_becomes_boolean_or_is_refused_by_name()
 def test_an_allocation_that_is_not_a_name_lists_the_choices():
     with pytest.raises(ValueError, match=r"unknown allocation \['erk'\]; choose one of \['erk', 'uniform'\]"):
         MaskedNet(MLP(6, (5,), 3), 0.5, allocation=["erk"])
+
+
+def test_an_optimizer_built_on_the_base_net_is_caught_after_a_hundred_training_passes():
+    import warnings
+
+    from dst.masked import UNTRAINED_AFTER, UntrainedWarning
+
+    base = MLP(6, (5,), 3)
+    wrong = torch.optim.SGD(base.parameters(), lr=0.1)  # built before wrapping: steps the original
+    for optimizer_of in (lambda net: wrong, lambda net: torch.optim.SGD(net.parameters(), lr=0.1)):
+        net = MaskedNet(base, 0.5, generator=torch.Generator().manual_seed(0))
+        optimizer = optimizer_of(net)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(UNTRAINED_AFTER + 5):
+                optimizer.zero_grad()
+                F.cross_entropy(net(torch.randn(4, 6)), torch.zeros(4, dtype=torch.long)).backward()
+                optimizer.step()
+        untrained = [str(warning.message) for warning in caught if issubclass(warning.category, UntrainedWarning)]
+        if optimizer is wrong:
+            assert len(untrained) == 1 and "build the optimizer on MaskedNet(...).parameters()" in untrained[0]
+        else:
+            assert untrained == []
