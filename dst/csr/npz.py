@@ -7,9 +7,9 @@ the archive's members, their types and sizes, the header's schema, and each
 layer's CSR structure (indices inside the layer, monotone row pointers, counts
 matching the header, conv shapes matching the architecture) are all checked
 before a matrix is built, so a crafted file gets a ``ValueError`` instead of
-reads outside an array. Nothing is allocated from a size the file declares before
-the data is there: each member's .npy header is checked against the model's header
-and its data read as it decompresses; the JSON header may nest at most 32
+reads outside an array. No array is allocated before its size is checked: each
+member's .npy header against the model's header, the member's size in the archive
+and what its compressed bytes can hold; the JSON header may nest at most 32
 levels (``dst.checks.MAX_JSON_DEPTH``). ``check_model`` is the part every
 ``SparseNet`` runs, whatever built it. Arrays are parsed by hand, never unpickled: no code runs.
 """
@@ -35,6 +35,9 @@ MAX_CONV_COLUMNS = 2**24
 MAX_WINDOW = 1024  # kernel, padding and pool sizes
 MAX_HEADER_BYTES = 2**20
 NPY_HEADER_BYTES = 65_546  # the longest header a version-1 .npy member can have
+# Deflate's best case is about 1,032 bytes out per byte in: a member claiming more than this times its
+# compressed size (plus a little) cannot hold what it claims.
+MAX_DEFLATE_RATIO = 1_100
 
 
 def write_npz(path, architecture: list[dict], host_weights: dict[str, dict], compress: bool = True) -> int:
@@ -216,9 +219,10 @@ def _expected_arrays(layers: list[dict]) -> dict[str, tuple[str, int]]:
 def _read_member(archive: zipfile.ZipFile, key: str, dtype, length: int, path: Path) -> np.ndarray:
     """One array of the archive (``length`` entries of ``dtype``; at most ``length`` for the header).
 
-    Nothing is allocated from a declared size: the .npy header's shape and dtype are checked against
-    what the model's header expects, then the data is read in chunks as it decompresses, so a member
-    that declares more than it holds fails after using only the memory of what it holds.
+    Before anything is allocated, the .npy header's shape and dtype are checked against what the
+    model's header expects, and that size against the member's: its size in the archive's
+    directory, and what its compressed bytes can hold (deflate expands at most about 1,032x).
+    The data is then read straight into the array, and must be exactly that long.
     """
     dtype = np.dtype(dtype)
     info = archive.getinfo(f"{key}.npy")
@@ -237,21 +241,27 @@ def _read_member(archive: zipfile.ZipFile, key: str, dtype, length: int, path: P
             raise ValueError(f"{problem}; its .npy header is unreadable ({error})") from None
         if stored != dtype or len(shape) != 1 or (shape[0] != length if key != "header" else shape[0] > length):
             raise ValueError(f"{problem}, got {stored} of shape {shape}")
-        expected_bytes, chunks, received = shape[0] * dtype.itemsize, [], 0
+        expected_bytes = shape[0] * dtype.itemsize
+        holds = info.file_size - member.tell()
+        most = info.compress_size if info.compress_type == zipfile.ZIP_STORED else \
+            MAX_DEFLATE_RATIO * info.compress_size + 2**16
+        if holds != expected_bytes or expected_bytes > most:
+            raise ValueError(f"{problem}: its data holds {min(holds, most)} bytes, not {expected_bytes}")
+        array = np.empty(shape[0], dtype=dtype)
+        view, received = memoryview(array).cast("B"), 0
         try:
             while received < expected_bytes:
-                chunk = member.read(min(2**20, expected_bytes - received))
-                if not chunk:
+                count = member.readinto(view[received:received + 2**20])
+                if not count:
                     break
-                chunks.append(chunk)
-                received += len(chunk)
+                received += count
             extra = member.read(1)
         except (zipfile.BadZipFile, OSError, EOFError) as error:  # a bad CRC, a truncated stream
             raise ValueError(f"{path}: array {key!r} is corrupt ({error})") from None
     if received != expected_bytes or extra:
-        raise ValueError(f"{problem}: its data holds {'more' if extra else received} bytes, not "
+        raise ValueError(f"{problem}: its data holds {'more than' if extra else received} bytes, not "
                          f"{expected_bytes}")
-    return np.frombuffer(b"".join(chunks), dtype=dtype).copy()
+    return array
 
 
 def _narrowest_uint(max_value: int):
