@@ -554,24 +554,41 @@ LARGE_LAYER = {"format": "dst-truly-sparse-csr-1", "architecture": [{"type": "li
                             "pointer_type": "uint32", "bias": False}]}
 
 
+def valid_row_pointers(rows: int, nnz: int) -> bytes:
+    return (np.arange(rows + 1, dtype=np.uint32) * (nnz // rows)).tobytes()
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_sizes_a_file_declares_are_not_allocated_before_its_data_is_there(tmp_path, backend):
-    def members(values_shape):
-        return {"values": (values_shape, np.float32, bytes(64)), "bias": ((0,), np.float32, b""),
-                "col_indices_uint16": ((2**28,), np.uint16, bytes(32)),
-                "row_pointers_uint32": ((16385,), np.uint32, bytes(4 * 16385))}
+    def members(declared):
+        return {"values": (declared, np.float32, bytes(64)), "bias": ((0,), np.float32, b""),
+                "col_indices_uint16": (declared, np.uint16, bytes(32)),
+                "row_pointers_uint32": ((16385,), np.uint32, valid_row_pointers(16384, 2**28))}
 
-    # A .npy member declaring 4 PiB: numpy would try to allocate it before reading a byte.
+    # .npy members declaring 4 PiB: numpy would try to allocate that before reading a byte.
     path = crafted_npz(tmp_path / "declares_4pib.npz", LARGE_LAYER, members((2**50,)))
-    with pytest.raises(ValueError, match=r"'values' must be a 1-D float32 .npy of 268435456 entries, got float32 "
-                                         r"of shape \(1125899906842624,\)"):
+    with pytest.raises(ValueError, match=r"must be a 1-D \w+ .npy of 268435456 entries, got \w+ of shape "
+                                         r"\(1125899906842624,\)"):
         SparseNet.load(path, backend)
-    # Declared as the header says (1 GiB), holding 64 bytes: refused having read only those.
+    # Declared as the header says (1 GiB of values), holding a few bytes: refused having allocated nothing.
     path = crafted_npz(tmp_path / "declares_1gib.npz", LARGE_LAYER, members((2**28,)))
-    assert path.stat().st_size < 10_000
+    assert path.stat().st_size < 100_000
     assert peak_mib(lambda: SparseNet.load(path, backend)) < 32
-    with pytest.raises(ValueError, match="'values'.* holds 64 bytes"):
+    with pytest.raises(ValueError, match="holds 32 bytes, not 536870912"):
         SparseNet.load(path, backend)
+
+
+def test_a_small_file_of_consistent_but_invalid_arrays_is_refused_before_its_values_are_read(tmp_path):
+    nnz = 2**24  # 64 MiB of values and 32 MiB of column indices, all zero: they compress to 0.1 MiB
+    header = {**LARGE_LAYER, "weights": [{**LARGE_LAYER["weights"][0], "nnz": nnz}]}
+    path = crafted_npz(tmp_path / "zeros.npz", header, {
+        "values": ((nnz,), np.float32, bytes(4 * nnz)), "bias": ((0,), np.float32, b""),
+        "col_indices_uint16": ((nnz,), np.uint16, bytes(2 * nnz)),
+        "row_pointers_uint32": ((16385,), np.uint32, valid_row_pointers(16384, nnz))})
+    assert path.stat().st_size < 2**20
+    with pytest.raises(ValueError, match="column indices must rise strictly within each row"):
+        SparseNet.load(path)
+    assert peak_mib(lambda: SparseNet.load(path)) < 120  # the column indices and a few masks over them
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

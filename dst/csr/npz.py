@@ -92,26 +92,50 @@ def read_npz(path) -> tuple[list[dict], dict[str, dict]]:
         if sorted(names) != sorted(f"{key}.npy" for key in [*expected, "header"]):
             raise ValueError(f"{path}: the arrays {sorted(names)} are not the ones its header describes "
                              f"({sorted(expected)} and 'header', each a .npy member)")
-        flat = {key: _read_member(archive, key, dtype, length, path) for key, (dtype, length) in expected.items()}
-    offsets = dict.fromkeys(flat, 0)
-
-    def take(key: str, count: int) -> np.ndarray:
-        start, offsets[key] = offsets[key], offsets[key] + count
-        return flat[key][start:start + count]
-
-    weights = {}
-    for layer in header["weights"]:
-        rows, nnz = layer["shape"][0], layer["nnz"]
-        weights[layer["name"]] = {
-            "shape": tuple(layer["shape"]), "values": take("values", nnz),
-            "col_indices": take(f"col_indices_{layer['index_type']}", nnz).astype(np.int64),
-            "row_pointers": take(f"row_pointers_{layer['pointer_type']}", rows + 1).astype(np.int64),
-            "bias": take("bias", rows) if layer["bias"] else None}
+        # Smallest first, each checked before the next is read: a file whose row pointers or column
+        # indices are wrong is refused before its (larger) values are decompressed.
+        flat, slices = {}, _layer_slices(header["weights"])
+        for kind in ("row_pointers_", "col_indices_", ""):
+            for key, (dtype, length) in expected.items():
+                if key.startswith(kind) and key not in flat:
+                    flat[key] = _read_member(archive, key, dtype, length, path)
+            layers = {name: {"shape": shape, "nnz": nnz, **{
+                field: flat[key][start:stop] if key in flat else None for field, (key, start, stop) in fields.items()}}
+                for name, (shape, nnz, fields) in slices.items()}
+            try:
+                for name, host in layers.items():
+                    if kind == "row_pointers_":
+                        _check_row_pointers(name, host)
+                    elif kind == "col_indices_":
+                        _check_columns(name, host)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
+    weights = {name: {**host, "col_indices": host["col_indices"].astype(np.int64),
+                      "row_pointers": host["row_pointers"].astype(np.int64)} for name, host in layers.items()}
     try:
         check_model(header["architecture"], weights)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     return header["architecture"], weights
+
+
+def _layer_slices(layers: list[dict]) -> dict[str, tuple]:
+    """Per layer: (shape, nnz, {field: (flat array key, start, stop)}) in the flat arrays, in header order."""
+    offsets, slices = {}, {}
+    for layer in layers:
+        rows, nnz = layer["shape"][0], layer["nnz"]
+        fields = {}
+        for field, key, count in (("values", "values", nnz),
+                                  ("col_indices", f"col_indices_{layer['index_type']}", nnz),
+                                  ("row_pointers", f"row_pointers_{layer['pointer_type']}", rows + 1),
+                                  ("bias", "bias", rows if layer["bias"] else 0)):
+            start = offsets.get(key, 0)
+            offsets[key] = start + count
+            fields[field] = (key, start, start + count)
+        if not layer["bias"]:
+            fields["bias"] = ("", 0, 0)  # never in flat: None
+        slices[layer["name"]] = (tuple(layer["shape"]), nnz, fields)
+    return slices
 
 
 def check_model(architecture: list[dict], weights: dict[str, dict]) -> None:
@@ -156,21 +180,34 @@ def _check_csr(name: str, host: dict) -> None:
     if nnz > min(rows * columns, MAX_INDEX) or len(col_indices) != nnz or len(row_pointers) != rows + 1:
         raise ValueError(f"layer {name!r} ({rows}x{columns}): {nnz} values, {len(col_indices)} column indices "
                          f"and {len(row_pointers)} row pointers do not make a CSR matrix")
-    if row_pointers[0] != 0 or row_pointers[-1] != nnz or np.any(np.diff(row_pointers) < 0):
-        raise ValueError(f"layer {name!r}: row pointers must rise from 0 to its {nnz} entries")
-    if nnz and (col_indices.min() < 0 or col_indices.max() >= columns):
-        raise ValueError(f"layer {name!r}: column indices must lie in [0, {columns}), got "
-                         f"[{col_indices.min()}, {col_indices.max()}]")
-    row_starts = np.zeros(max(nnz - 1, 0), dtype=bool)  # entry k+1 begins a row: no order with entry k
-    starts = row_pointers[1:-1]
-    row_starts[starts[(starts > 0) & (starts < nnz)] - 1] = True
-    if not np.all((np.diff(col_indices) > 0) | row_starts):
-        raise ValueError(f"layer {name!r}: column indices must rise strictly within each row")
+    _check_row_pointers(name, {**host, "nnz": nnz})
+    _check_columns(name, host)
     bias = host.get("bias")
     if bias is not None and len(bias) != rows:
         raise ValueError(f"layer {name!r}: {len(bias)} biases for {rows} rows")
     if not np.all(np.isfinite(values)) or (bias is not None and not np.all(np.isfinite(bias))):
         raise ValueError(f"layer {name!r} holds NaN or infinite weights or biases")
+
+
+def _check_row_pointers(name: str, host: dict) -> None:
+    """Row pointers rising from 0 to the layer's entry count (comparisons, not diff: they may be unsigned)."""
+    row_pointers, nnz = host["row_pointers"], host["nnz"]
+    if row_pointers[0] != 0 or row_pointers[-1] != nnz or np.any(row_pointers[1:] < row_pointers[:-1]):
+        raise ValueError(f"layer {name!r}: row pointers must rise from 0 to its {nnz} entries")
+
+
+def _check_columns(name: str, host: dict) -> None:
+    """Column indices inside the layer and strictly rising within each row (valid row pointers assumed)."""
+    col_indices, row_pointers, (_, columns) = host["col_indices"], host["row_pointers"], host["shape"]
+    nnz = len(col_indices)
+    if nnz and (col_indices.min() < 0 or col_indices.max() >= columns):
+        raise ValueError(f"layer {name!r}: column indices must lie in [0, {columns}), got "
+                         f"[{col_indices.min()}, {col_indices.max()}]")
+    row_starts = np.zeros(max(nnz - 1, 0), dtype=bool)  # entry k+1 begins a row: no order with entry k
+    starts = np.asarray(row_pointers[1:-1], dtype=np.int64)
+    row_starts[starts[(starts > 0) & (starts < nnz)] - 1] = True
+    if not np.all((col_indices[1:] > col_indices[:-1]) | row_starts):
+        raise ValueError(f"layer {name!r}: column indices must rise strictly within each row")
 
 
 def _check_ints(value, low: int, high: int, what: str, count: int):
