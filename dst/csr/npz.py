@@ -110,7 +110,8 @@ def read_npz(path) -> tuple[list[dict], dict[str, dict]]:
                         _check_columns(name, host)
             except ValueError as error:
                 raise ValueError(f"{path}: {error}") from None
-    weights = {name: {**host, "col_indices": host["col_indices"].astype(np.int64),
+    weights = {name: {"shape": host["shape"], "values": host["values"], "bias": host["bias"],
+                      "col_indices": host["col_indices"].astype(np.int64),
                       "row_pointers": host["row_pointers"].astype(np.int64)} for name, host in layers.items()}
     try:
         check_model(header["architecture"], weights)
