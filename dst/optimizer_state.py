@@ -88,11 +88,6 @@ def _remove_hooks_if_unused() -> None:
         _HOOKS.clear()
 
 
-def hooks_installed() -> bool:
-    """Whether the global optimizer step hooks are installed (some masked layer is alive)."""
-    return bool(_HOOKS)
-
-
 def _masked_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The masked weights among ``optimizer``'s parameters (cached; see the module docstring)."""
     groups = tuple((id(group["params"]), len(group["params"])) for group in optimizer.param_groups)

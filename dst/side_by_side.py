@@ -15,7 +15,7 @@ give the same batches in the same order, so both nets still see the same data.
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -123,7 +123,8 @@ def _check_runs(runs: Sequence[Run]) -> None:
     sources: dict[int, int] = {}
     for index, run in enumerate(runs):
         loader = run.train_loader
-        if not (hasattr(loader, "__iter__") and hasattr(loader, "__len__")) or iter(loader) is loader:
+        # Not iter(loader): that would start a DataLoader's worker processes.
+        if not (hasattr(loader, "__iter__") and hasattr(loader, "__len__")) or isinstance(loader, Iterator):
             raise TypeError(f"run {index}'s train_loader must be re-iterable with a length (a DataLoader or "
                             f"dst.data.TensorLoader), got a {type(loader).__name__}")
         for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None),
