@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from dst.allocation import check_sparsity, layer_densities
+from dst.allocation import ALLOCATIONS, check_sparsity, layer_densities
 from dst.checks import is_positive_int
 from dst.gradual_pruning import GradualPruning
 from dst.masked import MaskedNet
@@ -56,6 +56,8 @@ class Target:
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
+        if not isinstance(self.allocation, str) or self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {sorted(ALLOCATIONS)}")
         object.__setattr__(self, "keep_dense", (self.keep_dense,) if isinstance(self.keep_dense, str)
                            else tuple(self.keep_dense))
 

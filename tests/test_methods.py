@@ -313,3 +313,8 @@ def test_gradual_pruning_refuses_final_densities_that_are_not_fractions_kept(den
     densities = {name: 0.1 for name in model.masked_layers()}
     with pytest.raises(ValueError, match=r"final_densities must be fractions of weights kept, in \(0, 1\]"):
         GradualPruning(model, {**densities, "fc1": density}, start=0, end=10)
+
+
+def test_a_target_checks_its_allocation_when_built():
+    with pytest.raises(ValueError, match=r"unknown allocation \['erk'\]; choose one of \['erk', 'uniform'\]"):
+        Target(0.9, allocation=["erk"])
