@@ -1,10 +1,12 @@
 """Argument checks shared across the package, so every function words the same mistake the same way.
 
-Positive integers (sizes, counts), the widths and labelled data both MLP trainers take, and JSON
-from files someone else wrote (nesting bounded before it is parsed).
+Positive integers (sizes, counts), fractions and step counts (the methods' and recipes' settings),
+the widths and labelled data both MLP trainers take, and JSON from files someone else wrote
+(nesting bounded before it is parsed).
 """
 
 import json
+import math
 import numbers
 import re
 
@@ -20,6 +22,21 @@ def is_positive_int(value) -> bool:
 def is_count(value) -> bool:
     """Whether ``value`` is an integer >= 0 (numpy integers included, bools excluded)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+
+def check_fraction(name: str, value, low: float = 0.0, high: float = 1.0, include_low: bool = True) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a real number in [low, high] ((low, high] if not
+    ``include_low``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not (
+            (low <= value if include_low else low < value) and value <= high):
+        interval = f"{'[' if include_low else '('}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def check_steps(name: str, value) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a positive int."""
+    if not is_positive_int(value):
+        raise ValueError(f"{name} must be a positive int (steps or updates), got {value!r}")
 
 
 def check_positive_int(**values) -> None:

@@ -12,8 +12,6 @@ the others per layer), gradual pruning reaches them at its last pruning step.
 """
 
 import copy
-import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,27 +19,12 @@ import torch
 from torch import nn
 
 from dst.allocation import ALLOCATIONS, check_sparsity, layer_densities
-from dst.checks import is_positive_int
+from dst.checks import check_fraction, check_steps
 from dst.gradual_pruning import GradualPruning
 from dst.masked import MaskedNet
 from dst.schedule import SCHEDULES, DSTConfig, DSTScheduler
 from dst.sparse_momentum import SparseMomentumStep
 from dst.update_rule import check_prune_ratio
-
-
-def check_fraction(name: str, value, low: float = 0.0, high: float = 1.0, include_low: bool = True) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is a real number in [low, high] ((low, high] if not
-    ``include_low``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not (
-            (low <= value if include_low else low < value) and value <= high):
-        interval = f"{'[' if include_low else '('}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-
-
-def check_steps(name: str, value) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is a positive int."""
-    if not is_positive_int(value):
-        raise ValueError(f"{name} must be a positive int (steps or updates), got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dst.allocation import DisconnectedWarning, active_count, connectivity
+from dst.checks import check_fraction, check_steps
 from dst.data import TensorLoader
 from dst.masked import MaskedLayer, MaskedNet
-from dst.methods import SNFS, Method, Target, check_fraction, check_steps, get_method
+from dst.methods import SNFS, Method, Target, get_method
 from dst.models import SimpleNet, lenet_300_100
 from dst.training import evaluate, seed_everything
 
