@@ -288,7 +288,7 @@ def main() -> None:
     methods = with_settings(methods, args.settings)
     stem = args.name or f"dst_methods_{args.mode}" + ("" if args.allocation == "erk" else f"_{args.allocation}")
     json_path = RESULTS / f"{stem}.json"
-    lock = hold_lock(json_path)  # noqa: F841 (held until the process ends)
+    _lock = hold_lock(json_path)  # held (open) until main returns
     sources = [(path, read_results(path)) for path in
                ([json_path] if args.resume and json_path.exists() else []) + args.merge]
     train_x, train_y = load_mnist_tensors("./data", train=True)
