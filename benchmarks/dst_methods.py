@@ -6,7 +6,8 @@ Writes benchmarks/results/dst_methods_<mode>.json (every run's row, the summary 
 seeds, the recipes, the published numbers) and .png (the figure), and prints the
 accuracy tables. Rows are saved as they finish; ``--resume`` skips those already saved (with nothing left to
 run it only redraws the figure and prints the tables). ``--merge`` adds the rows of other results files, so that
-parallel invocations (one per core) end in one file; both refuse rows trained with other settings.
+parallel invocations (one per core) end in one file; both refuse rows trained with other settings. One invocation
+at a time writes a given file (a second one with the same --name is refused), and every save replaces it whole.
 
 Modes (any setting can be overridden on the command line):
 - ``quick`` (about 7 minutes on one core): both models, 7 sparsities, 1 seed, 3 epochs of 100
