@@ -193,14 +193,14 @@ class MaskedNet(nn.Module):
         """Within this block neither the forward nor the gradient is masked (same outputs, dense gradients)."""
         # Restored to what each layer had, not to True: a MomentumTracker keeps its layers unmasked
         # while it is open, and a RigL gradient pass in between must not switch its masks back on.
-        layers = {layer: layer.apply_mask for layer in self.masked_layers().values()}
+        layers = {layer: (layer.apply_mask, layer.bypassed) for layer in self.masked_layers().values()}
         for layer in layers:
-            layer.apply_mask = False
+            layer.apply_mask, layer.bypassed = False, True
         try:
             yield self
         finally:
-            for layer, apply_mask in layers.items():
-                layer.apply_mask = apply_mask
+            for layer, (apply_mask, bypassed) in layers.items():
+                layer.apply_mask, layer.bypassed = apply_mask, bypassed
 
 
 def _after_load(net: nn.Module, incompatible_keys) -> None:

@@ -54,6 +54,8 @@ class MomentumTracker:
 
     def _recorder(self, name: str, layer: MaskedLayer):
         def record(gradient: torch.Tensor) -> torch.Tensor:
+            if layer.bypassed:  # a dense gradient pass (RigL's, a probe), not a training step
+                return gradient
             self.momentum[name].mul_(self.beta).add_(gradient)
             return torch.where(layer.mask, gradient, 0.0)
         return record

@@ -318,3 +318,17 @@ def test_gradual_pruning_refuses_final_densities_that_are_not_fractions_kept(den
 def test_a_target_checks_its_allocation_when_built():
     with pytest.raises(ValueError, match=r"unknown allocation \['erk'\]; choose one of \['erk', 'uniform'\]"):
         Target(0.9, allocation=["erk"])
+
+
+def test_a_dense_gradient_pass_inside_an_open_tracker_is_dense_and_not_recorded():
+    net = toy_two_layer_net()
+    tracker = MomentumTracker(net, beta=0.9)
+    generator = torch.Generator().manual_seed(4)
+    batch = torch.randn(5, 10, generator=generator), torch.randint(0, 8, (5,), generator=generator)
+    F.cross_entropy(net(batch[0]), batch[1]).backward()  # one training pass: momentum is the gradient
+    recorded = {name: momentum.clone() for name, momentum in tracker.momentum.items()}
+    gradients = dense_gradients(net, batch)
+    for name, layer in net.masked_layers().items():
+        assert torch.count_nonzero(gradients[name][~layer.mask]) > 0, name  # RigL needs them
+        assert torch.equal(tracker.momentum[name], recorded[name]), name
+    tracker.close()
