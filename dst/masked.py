@@ -143,6 +143,8 @@ class MaskedNet(nn.Module):
 
     def _count_training_forward(self) -> None:
         """After UNTRAINED_AFTER training forwards, warn (once) if no optimizer has stepped a masked weight."""
+        if any(layer.bypassed for layer in self.masked_layers().values()):
+            return  # a dense gradient pass (RigL's), not training
         self._training_forwards += 1
         if self._training_forwards == UNTRAINED_AFTER and not any(
                 optimizers_of(layer.weight) for layer in self.masked_layers().values()):

@@ -337,3 +337,16 @@ def test_an_optimizer_built_on_the_base_net_is_caught_after_a_hundred_training_p
             assert len(untrained) == 1 and "build the optimizer on MaskedNet(...).parameters()" in untrained[0]
         else:
             assert untrained == []
+
+
+def test_dense_gradient_passes_are_not_counted_as_untrained_training():
+    import warnings
+
+    from dst.masked import UNTRAINED_AFTER, UntrainedWarning
+    from dst.prune_regrow import dense_gradients
+
+    net = MaskedNet(MLP(6, (5,), 3), 0.5, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedWarning)
+        for _ in range(UNTRAINED_AFTER + 1):
+            dense_gradients(net, (torch.randn(4, 6), torch.zeros(4, dtype=torch.long)))
