@@ -6,7 +6,8 @@ Writes benchmarks/results/dst_methods_<mode>.json (every run's row, the summary 
 seeds, the recipes, the published numbers) and .png (the figure), and prints the
 accuracy tables. Rows are saved as they finish; ``--resume`` skips those already saved (with nothing left to
 run it only redraws the figure and prints the tables). ``--merge`` adds the rows of other results files, so that
-parallel invocations (one per core) end in one file; both refuse rows trained with other settings.
+parallel invocations (one per core) end in one file; both refuse rows trained with other settings. One invocation
+at a time writes a given file (a second one with the same --name is refused), and every save replaces it whole.
 
 Modes (any setting can be overridden on the command line):
 - ``quick`` (about 7 minutes on one core): both models, 7 sparsities, 1 seed, 3 epochs of 100
@@ -34,16 +35,20 @@ Two cores, two processes, one file (the final call runs what is missing and draw
 
 import argparse
 import datetime
+import fcntl
+import hashlib
 import json
 import math
 import os
 import platform
+import tempfile
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 
+from dst.allocation import check_sparsity
 from dst.data import TensorLoader, load_mnist_tensors
 from dst.methods import METHODS, Method
 from dst.sweep import MODELS, Recipe, accuracy_table, comparison_table, run_sweep, summarize
@@ -91,6 +96,26 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse repeated values (the same run twice is not two seeds) and numbers that are not counts."""
+    for option in ("models", "methods", "sparsities", "seeds"):
+        values = getattr(args, option) or []
+        repeated = sorted({value for value in values if values.count(value) > 1})
+        if repeated:
+            raise SystemExit(f"--{option} repeats {repeated}: each run would be trained twice and counted as two")
+    for sparsity in args.sparsities:
+        try:
+            check_sparsity(sparsity)
+        except ValueError as error:
+            raise SystemExit(f"--sparsities: {error}") from None
+    for option in ("epochs", "max_batches", "every", "threads"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+    if any(seed < 0 for seed in args.seeds or []):
+        raise SystemExit(f"--seeds must be >= 0, got {args.seeds}")
+
+
 def with_settings(methods: list[Method], settings: list[str]) -> list[Method]:
     """``methods`` with ``METHOD.FIELD=VALUE`` settings applied, each value read as that field's type."""
     methods = {method.name: method for method in methods}
@@ -106,9 +131,13 @@ def with_settings(methods: list[Method], settings: list[str]) -> list[Method]:
             raise SystemExit(f"--set {text!r}: {name} has no setting {field!r}; its settings are {names}")
         kind = type(getattr(methods[name], field))
         try:
-            methods[name] = replace(methods[name], **{field: kind(value)})
+            typed = kind(value)
         except ValueError as error:
             raise SystemExit(f"--set {text!r}: {field} takes a {kind.__name__}: {error}") from None
+        try:  # the method checks its settings when it is built, before any run starts
+            methods[name] = replace(methods[name], **{field: typed})
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"--set {text!r}: {error}") from None
     return list(methods.values())
 
 
@@ -138,14 +167,59 @@ def _settings(settings: dict) -> dict:
     return {key: value for key, value in settings.items() if key != "summary"}  # the summary is prose
 
 
+def read_results(path: Path) -> dict:
+    """A results file as JSON; SystemExit naming the file if it is unreadable (``combine_rows`` checks the rest)."""
+    try:
+        if not Path(path).is_file():  # before opening: a FIFO would block the open forever
+            raise OSError("not a regular file")
+        return json.loads(Path(path).read_bytes().decode())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise SystemExit(f"{path}: not a readable results file ({type(error).__name__}: {error})") from None
+
+
+ROW_FIELDS = {"model": str, "method": str, "sparsity": (int, float), "seed": int, "test_acc": (int, float)}
+
+
+def _check_source(path, source) -> None:
+    """SystemExit unless ``source`` has a results file's settings and rows that say they were trained with them."""
+    if not isinstance(source, dict):
+        raise SystemExit(f"{path}: not a results file (a JSON {type(source).__name__}, not an object)")
+    for key, kind in (("mode", str), ("allocation", str), ("keep_dense", list), ("recipes", dict),
+                      ("methods", dict), ("rows", list)):
+        if not isinstance(source.get(key), kind):
+            raise SystemExit(f"{path}: not a results file of this benchmark: {key!r} should be a JSON "
+                             f"{ {str: 'string', list: 'list', dict: 'object'}[kind]}, got {source.get(key)!r:.80}")
+    if not isinstance(source.get("wall_seconds", 0.0), (int, float)) or isinstance(source.get("wall_seconds"), bool):
+        raise SystemExit(f"{path}: 'wall_seconds' should be a number, got {source['wall_seconds']!r:.80}")
+    for key in ("recipes", "methods"):
+        if not all(isinstance(settings, dict) for settings in source[key].values()):
+            raise SystemExit(f"{path}: every entry of {key!r} should be an object of settings")
+    for index, row in enumerate(source["rows"]):
+        where = f"{path}: row {index}"
+        if not isinstance(row, dict):
+            raise SystemExit(f"{where} is not an object")
+        for field, kind in ROW_FIELDS.items():
+            if not isinstance(row.get(field), kind) or isinstance(row.get(field), bool):
+                raise SystemExit(f"{where}: {field!r} is {row.get(field)!r:.80}, not a {kind}")
+        if row["model"] not in source["recipes"] or row["method"] not in source["methods"]:
+            raise SystemExit(f"{where}: {row['model']} {row['method']} has no recipe or method settings in the file")
+        for field, expected in (("recipe", source["recipes"][row["model"]]), ("allocation", source["allocation"]),
+                                ("keep_dense", source["keep_dense"])):
+            if field in row and row[field] != expected:
+                raise SystemExit(f"{where} ({row_key(row)}) was trained with {field} {row[field]!r}, but the "
+                                 f"file's settings say {expected!r}")
+
+
 def combine_rows(record: dict, sources: list[tuple[Path, dict]]) -> list[dict]:
     """The rows of earlier results files (resumed or merged), folding their settings into ``record``.
 
     Refuses (naming the file and the setting) a file whose mode, allocation, recipe or method settings differ from
-    ``record``'s, and a run present twice: a table must not average runs trained differently.
+    ``record``'s, a row whose own settings differ from its file's, a file that is not a results file, and a run
+    present twice: a table must not average runs trained differently.
     """
     rows, seen = [], {}
     for path, source in sources:
+        _check_source(path, source)
         for field in ("mode", "allocation", "keep_dense"):
             if source.get(field) != record[field]:
                 raise SystemExit(f"{path}: {field} is {source.get(field)!r}, this invocation's is {record[field]!r}; "
@@ -168,21 +242,55 @@ def combine_rows(record: dict, sources: list[tuple[Path, dict]]) -> list[dict]:
     return rows
 
 
+def hold_lock(json_path: Path):
+    """An exclusive lock for ``json_path``, held while the returned file stays open (until the process ends).
+
+    SystemExit if another invocation holds it: two writers of one file would each save only their own rows.
+    The lock file lives in the temporary folder (named by a hash of the path), not beside the results.
+    """
+    digest = hashlib.sha256(str(json_path.resolve()).encode()).hexdigest()[:16]
+    lock = open(Path(tempfile.gettempdir()) / f"dst_methods_{digest}.lock", "w")  # noqa: SIM115 (returned, held)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit(f"another invocation is writing {json_path}: wait for it to finish (then --resume), or "
+                         "write to another --name and --merge the files afterwards") from None
+    return lock
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` next to ``path`` and rename it over ``path``: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False) as handle:
+        handle.write(text)
+    os.chmod(handle.name, 0o644)
+    os.replace(handle.name, path)
+
+
 def main() -> None:
     args = parse_args()
+    check_args(args)
     torch.set_num_threads(args.threads)
     mode = MODES[args.mode]
-    seeds = args.seeds or mode["seeds"]
-    every = args.every or mode["every"]
-    methods = [replace(METHODS[name], every=every) if every and name in ("rigl", "gmp") else METHODS[name]
-               for name in args.methods]
+    seeds = args.seeds if args.seeds is not None else mode["seeds"]
+    every = args.every if args.every is not None else mode["every"]
+    try:  # every setting is checked here, before the first run trains
+        methods = [replace(METHODS[name], every=every) if every is not None and name in ("rigl", "gmp")
+                   else METHODS[name] for name in args.methods]
+        recipes = {model: replace(mode["recipes"][model],
+                                  **({"epochs": args.epochs} if args.epochs is not None else {}),
+                                  **({"max_batches_per_epoch": args.max_batches} if args.max_batches is not None
+                                     else {}))
+                   for model in args.models}
+    except ValueError as error:
+        raise SystemExit(f"invalid setting: {error}") from None
     methods = with_settings(methods, args.settings)
-    recipes = {model: replace(mode["recipes"][model], **({"epochs": args.epochs} if args.epochs else {}),
-                              **({"max_batches_per_epoch": args.max_batches} if args.max_batches else {}))
-               for model in args.models}
     stem = args.name or f"dst_methods_{args.mode}" + ("" if args.allocation == "erk" else f"_{args.allocation}")
     json_path = RESULTS / f"{stem}.json"
-    sources = [(path, json.loads(path.read_text())) for path in
+    _lock = hold_lock(json_path)  # held (open) until main returns
+    sources = [(path, read_results(path)) for path in
                ([json_path] if args.resume and json_path.exists() else []) + args.merge]
     train_x, train_y = load_mnist_tensors("./data", train=True)
     test_loader = TensorLoader(*load_mnist_tensors("./data", train=False), batch_size=1000)
@@ -204,8 +312,7 @@ def main() -> None:
               f"x dense  {row['train_seconds']:6.1f} s", flush=True)
         record.update(rows=rows, seeds=sorted({row["seed"] for row in rows}),
                       wall_seconds=earlier_seconds + time.perf_counter() - started)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(record, indent=1) + "\n")
+        write_atomically(json_path, json.dumps(record, indent=1) + "\n")
 
     for model in args.models:
         for seed in seeds:
@@ -217,7 +324,7 @@ def main() -> None:
                               allocation=args.allocation, keep_dense=tuple(args.keep_dense), on_row=save)
     summary = summarize(rows)
     record.update(rows=rows, summary=summary, seeds=sorted({row["seed"] for row in rows}))
-    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    write_atomically(json_path, json.dumps(record, indent=1) + "\n")
     budget = {}
     for model, recipe in record["recipes"].items():
         batches = recipe["max_batches_per_epoch"] or math.ceil(len(train_x) / recipe["batch_size"])

@@ -65,8 +65,8 @@ def layer_densities(shapes: Mapping[str, Sequence[int]], sparsity: float,
     collection of these; those layers keep every weight and the others share the rest
     of the budget by ``allocation``, so the total still meets ``sparsity``.
     """
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"unknown allocation {allocation!r}; choose one of {sorted(ALLOCATIONS)}")
+    if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; choose one of {sorted(ALLOCATIONS)} (a string)")
     check_sparsity(sparsity)
     dense = dense_layer_names(list(shapes), keep_dense)
     if not dense:

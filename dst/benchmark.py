@@ -74,6 +74,11 @@ def first_samples(loader: Iterable, num_samples: int) -> torch.Tensor:
     batches, count = [], 0
     for batch in loader:
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(inputs, torch.Tensor):
+            kind = f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, dict) else \
+                f"a {type(inputs).__name__}"
+            raise TypeError(f"benchmark_inference needs batches of input tensors or (inputs, targets) pairs, got "
+                            f"{kind}; make the loader yield (inputs, targets) tuples")
         batches.append(inputs.detach().cpu())
         count += inputs.shape[0]
         if count >= num_samples:

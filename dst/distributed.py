@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dst.masked import MaskedNet
 from dst.masked_layers import MaskedLayer
-from dst.prune_regrow import Batch, apply_dst_step, dense_gradients
+from dst.prune_regrow import Batch, apply_dst_step, dense_gradients, local_dst_step
 from dst.update_rule import LayerUpdate, get_regrow
 
 # Position hashes are ((index + 1) * multiplier) mod a prime: for layers below 2**31 weights
@@ -71,7 +71,8 @@ def unwrap(model: nn.Module) -> MaskedNet:
     return inner
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
+    """Where this process group's collectives take their tensors: the current CUDA device for nccl, else the CPU."""
     # NCCL only moves CUDA tensors; gloo (and the rest) take CPU ones.
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -115,7 +116,7 @@ def shared_generator(seed: int | None = None) -> torch.Generator:
     if seed is None:
         seed = int(torch.randint(2**62, ()).item())
     if is_distributed():
-        value = torch.tensor([seed], dtype=torch.int64, device=_collective_device())
+        value = torch.tensor([seed], dtype=torch.int64, device=collective_device())
         dist.broadcast(value, src=0)
         seed = int(value.item())
     return torch.Generator().manual_seed(seed)
@@ -164,7 +165,7 @@ def distributed_dst_step(model: nn.Module, prune_ratio: float = 0.1, regrow: str
         gradients = mean_dense_gradients(masked_net, batch, loss_fn)
     # Fingerprint the generator before it is used, so a mismatch can be blamed on it.
     generator_hash = _generator_fingerprint(generator) if criterion.uses_random else 0
-    report = apply_dst_step(masked_net, prune_ratio=prune_ratio, regrow=regrow, batch=batch, loss_fn=loss_fn,
+    report = local_dst_step(masked_net, prune_ratio=prune_ratio, regrow=regrow, batch=batch, loss_fn=loss_fn,
                             optimizer=optimizer, generator=generator, gradients=gradients)
     if check:
         _verify(masked_net, generator_hash, when="after the DST step")
@@ -189,8 +190,8 @@ def _generator_fingerprint(generator: torch.Generator | None) -> int:
 
 
 def _layer_fingerprint(layer: MaskedLayer) -> torch.Tensor:
-    mask = layer.mask.view(-1)
-    weight = layer.weight.detach().view(-1)
+    mask = layer.mask.reshape(-1)  # reshape: a channels-last layer has no flat view
+    weight = layer.weight.detach().reshape(-1)
     active = mask.nonzero().squeeze(1)
     position = (active + 1) * _MULTIPLIER % _MODULUS
     # The weights' bit patterns, so equal fingerprints mean bitwise-equal weights (up to hash collisions).
@@ -203,7 +204,7 @@ def _layer_fingerprint(layer: MaskedLayer) -> torch.Tensor:
 def _verify(masked_net: MaskedNet, generator_hash: int, when: str) -> None:
     layers = masked_net.masked_layers()
     local = torch.stack([_layer_fingerprint(layer) for layer in layers.values()]).view(-1)
-    local = torch.cat([local.to(_collective_device()), local.new_tensor([generator_hash]).to(_collective_device())])
+    local = torch.cat([local.to(collective_device()), local.new_tensor([generator_hash]).to(collective_device())])
     # One MAX all-reduce of (x, -x) yields the largest and the smallest value over the ranks.
     extremes = torch.cat([local, -local])
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
@@ -269,7 +270,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                 raise
             payload = [f"rank 0 could not read checkpoint {str(path)!r}: {error}"]  # every rank raises below
     if is_distributed():
-        dist.broadcast_object_list(payload, src=0, device=_collective_device())
+        dist.broadcast_object_list(payload, src=0, device=collective_device())
     state = payload[0]
     if isinstance(state, str):
         raise RuntimeError(state)

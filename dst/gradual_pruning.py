@@ -13,6 +13,7 @@ in densities so that at ``end`` it is ``final`` exactly: every layer then holds
 Pruned weights never come back; the steps after ``end`` fine-tune the sparse net.
 """
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,10 @@ class GradualPruning:
         if set(self.final_densities) != set(layers):
             raise ValueError(f"final_densities must name every masked layer {list(layers)}, "
                              f"got {list(self.final_densities)}")
+        bad = {name: density for name, density in self.final_densities.items()
+               if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1}
+        if bad:  # NaN fails the comparison too
+            raise ValueError(f"final_densities must be fractions of weights kept, in (0, 1], got {bad}")
         if not 0 <= self.start < self.end:
             raise ValueError(f"need 0 <= start < end (steps), got start={self.start}, end={self.end}")
         if self.every < 1:

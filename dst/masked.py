@@ -26,6 +26,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from dst.allocation import active_count, check_sparsity, layer_densities, warn_if_disconnected
 from dst.masked_layers import MASKED_TYPES, MaskedLayer, masked_type
+from dst.optimizer_state import optimizers_of
 
 # MultiheadAttention passes out_proj.weight to its functional form instead of calling
 # out_proj: the mask then acts on that weight's gradient only (see MaskedLayer.mask_gradient).
@@ -45,6 +46,14 @@ MASKING = {
 }
 
 
+# Training forwards after which a MaskedNet whose masked weights no optimizer has stepped warns.
+UNTRAINED_AFTER = 100
+
+
+class UntrainedWarning(UserWarning):
+    """A MaskedNet runs training passes but no optimizer steps its weights (one built on the base net?)."""
+
+
 def random_mask(shape: torch.Size, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A boolean mask with exactly ``active_count(numel, density)`` True entries at random places."""
     numel = math.prod(shape)
@@ -56,6 +65,10 @@ def random_mask(shape: torch.Size, density: float, generator: torch.Generator | 
 
 class MaskedNet(nn.Module):
     """A copy of ``base_net`` with every trainable Conv1d/2d/3d and Linear replaced by a masked layer.
+
+    Build the optimizer after wrapping, on ``MaskedNet(...).parameters()``: the masked net trains
+    its own copy of the weights, so an optimizer built on ``base_net`` steps the original and the
+    masked net never changes (``train_side_by_side`` refuses such a pair).
 
     Args:
         base_net: any module; it is deep-copied, never changed.
@@ -73,8 +86,11 @@ class MaskedNet(nn.Module):
     Layers that are frozen (``requires_grad=False`` weight) stay dense and out of
     DST; any other weight left unmasked is listed in a warning and by ``skipped_weights()``.
     A ``DisconnectedWarning`` says when the masks leave an output unit of the last masked
-    layer, or an input feature of the first, without any connection.
+    layer, or an input feature of the first, without any connection; an ``UntrainedWarning``
+    when ``UNTRAINED_AFTER`` training forwards have run and no optimizer has stepped a masked weight.
     """
+
+    _training_forwards = 0  # counted up to UNTRAINED_AFTER (a class default: older pickles lack it)
 
     def __init__(self, base_net: nn.Module, sparsity: float = 0.95, allocation: str = "uniform",
                  scale_init: bool = True, generator: torch.Generator | None = None, masking: str = "gradient",
@@ -121,7 +137,21 @@ class MaskedNet(nn.Module):
                           "(see skipped_weights(), global_sparsity(all_weights=True)).", stacklevel=2)
 
     def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled() and self._training_forwards < UNTRAINED_AFTER:
+            self._count_training_forward()
         return self.net(*args, **kwargs)
+
+    def _count_training_forward(self) -> None:
+        """After UNTRAINED_AFTER training forwards, warn (once) if no optimizer has stepped a masked weight."""
+        if any(layer.bypassed for layer in self.masked_layers().values()):
+            return  # a dense gradient pass (RigL's), not training
+        self._training_forwards += 1
+        if self._training_forwards == UNTRAINED_AFTER and not any(
+                optimizers_of(layer.weight) for layer in self.masked_layers().values()):
+            warnings.warn(f"{UNTRAINED_AFTER} training forward passes of this MaskedNet, and no torch optimizer "
+                          "has stepped any of its masked weights: was the optimizer built on the base net before "
+                          "wrapping it? MaskedNet trains its own copy; build the optimizer on "
+                          "MaskedNet(...).parameters()", UntrainedWarning, stacklevel=3)
 
     def masked_layers(self) -> dict[str, MaskedLayer]:
         """The masked layers by name (relative to the wrapped net), in forward order.
@@ -163,14 +193,16 @@ class MaskedNet(nn.Module):
     @contextlib.contextmanager
     def masks_bypassed(self):
         """Within this block neither the forward nor the gradient is masked (same outputs, dense gradients)."""
-        layers = list(self.masked_layers().values())
+        # Restored to what each layer had, not to True: a MomentumTracker keeps its layers unmasked
+        # while it is open, and a RigL gradient pass in between must not switch its masks back on.
+        layers = {layer: (layer.apply_mask, layer.bypassed) for layer in self.masked_layers().values()}
         for layer in layers:
-            layer.apply_mask = False
+            layer.apply_mask, layer.bypassed = False, True
         try:
             yield self
         finally:
-            for layer in layers:
-                layer.apply_mask = True
+            for layer, (apply_mask, bypassed) in layers.items():
+                layer.apply_mask, layer.bypassed = apply_mask, bypassed
 
 
 def _after_load(net: nn.Module, incompatible_keys) -> None:
@@ -178,8 +210,13 @@ def _after_load(net: nn.Module, incompatible_keys) -> None:
     (strict=False), or a tied module loaded after its masked owner, cannot leave values where the mask says
     no weight exists. ``assign=True`` brings new weight objects: they are registered again."""
     with torch.no_grad():
-        for layer in net.modules():
+        for name, layer in net.named_modules():
             if isinstance(layer, MaskedLayer):
+                if layer.mask.dtype != torch.bool:  # assign=True puts the checkpoint's own tensor in place
+                    if not bool(((layer.mask == 0) | (layer.mask == 1)).all()):
+                        raise ValueError(f"the mask loaded for layer {name!r} holds values other than 0 and 1 "
+                                         f"({layer.mask.dtype}); a mask is boolean: True where a weight exists")
+                    layer.mask = layer.mask.to(torch.bool)
                 layer.weight.masked_fill_(~layer.mask, 0.0)
                 layer.watch()
 

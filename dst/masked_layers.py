@@ -44,6 +44,9 @@ class MaskedLayer(nn.Module):
     # While False neither the forward nor the gradient is masked: identical outputs (inactive
     # weights are zero) but gradients for every position, which RigL's regrowth needs.
     apply_mask: bool = True
+    # True inside MaskedNet.masks_bypassed(): a gradient pass that is not training (RigL's dense gradient,
+    # a user's probe), which a MomentumTracker neither records nor masks.
+    bypassed: bool = False
     # Whether a hook masks the weight's gradient: always in MaskedNet's "gradient" masking, and in
     # "forward" masking when something besides this layer's forward reads the weight (an embedding
     # tied to it, MultiheadAttention reading out_proj.weight).

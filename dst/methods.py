@@ -18,12 +18,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from dst.allocation import check_sparsity, layer_densities
+from dst.allocation import ALLOCATIONS, check_sparsity, layer_densities
+from dst.checks import check_fraction, check_steps
 from dst.gradual_pruning import GradualPruning
 from dst.masked import MaskedNet
-from dst.schedule import DSTConfig, DSTScheduler
+from dst.schedule import SCHEDULES, DSTConfig, DSTScheduler
 from dst.sparse_momentum import SparseMomentumStep
-from dst.update_rule import RegrowCriterion, get_regrow
+from dst.update_rule import RegrowCriterion, check_prune_ratio, get_regrow
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Target:
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
+        if not isinstance(self.allocation, str) or self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {sorted(ALLOCATIONS)}")
         object.__setattr__(self, "keep_dense", (self.keep_dense,) if isinstance(self.keep_dense, str)
                            else tuple(self.keep_dense))
 
@@ -116,7 +119,11 @@ class SET(Method):
     regrow: str | RegrowCriterion = "random"
 
     def __post_init__(self):
+        _check_ratio("set", self.prune_ratio)
         get_regrow(self.regrow)
+        check_steps("set.updates_per_epoch", self.updates_per_epoch)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"set.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
 
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
         # end one step before the last: an update after the last step would only remove trained weights.
@@ -137,7 +144,10 @@ class RigL(Method):
     regrow: str | RegrowCriterion = "gradient"
 
     def __post_init__(self):
+        _check_ratio("rigl", self.prune_ratio)
         get_regrow(self.regrow)
+        check_steps("rigl.every", self.every)
+        check_fraction("rigl.end_fraction (of training, where updates stop)", self.end_fraction, include_low=False)
 
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
         config = DSTConfig(prune_ratio=self.prune_ratio, regrow=self.regrow, schedule="cosine", every=self.every,
@@ -153,6 +163,12 @@ class SNFS(Method):
     dense_weight_gradient: ClassVar[bool] = True
     prune_ratio: float = 0.5  # sparse_learning's death rate, cosine-decayed over training
     momentum: float = 0.9  # the decay of the gradient average (SGD's momentum in the paper)
+
+    def __post_init__(self):
+        _check_ratio("snfs", self.prune_ratio)
+        check_fraction("snfs.momentum (the decay of the gradient average)", self.momentum)
+        if self.momentum == 1.0:
+            raise ValueError("snfs.momentum must be below 1 (at 1 the average never forgets), got 1.0")
 
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
         # regrow="random" only tells the scheduler not to draw a gradient batch: the step regrows by momentum.
@@ -174,6 +190,14 @@ class GMP(Method):
     start_fraction: float = 0.1  # dense first, so magnitudes mean something when pruning starts
     end_fraction: float = 0.75  # target reached where RigL stops: both fine-tune the last quarter
 
+    def __post_init__(self):
+        check_steps("gmp.every", self.every)
+        check_fraction("gmp.start_fraction (of training)", self.start_fraction)
+        check_fraction("gmp.end_fraction (of training)", self.end_fraction)
+        if not self.start_fraction < self.end_fraction:
+            raise ValueError(f"gmp needs start_fraction < end_fraction (prune between them), got "
+                             f"{self.start_fraction} and {self.end_fraction}")
+
     def build(self, base_net, target, generator=None):
         # Every weight active: no sparse fan-in scaling, the dense net's own init.
         return MaskedNet(base_net, 0.0, target.allocation, generator=generator)
@@ -183,6 +207,13 @@ class GMP(Method):
         end = max(start + 1, int(self.end_fraction * total_steps))
         return GradualPruning(model, target.densities(model), start=start, end=end, every=self.every,
                               optimizer=optimizer)
+
+
+def _check_ratio(method: str, prune_ratio) -> None:
+    try:
+        check_prune_ratio(prune_ratio)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{method}.{error}") from None
 
 
 METHODS: dict[str, Method] = {method.name: method for method in (Dense(), Static(), SET(), RigL(), SNFS(), GMP())}

@@ -27,11 +27,13 @@ are left out of DST, and so, under RigL, are layers the loss does not reach.
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from dst.checks import is_count
 from dst.masked import MaskedNet
 from dst.masked_layers import MaskedLayer
-from dst.optimizer_state import check_optimizer, optimizers_of, reset_optimizer_state
+from dst.optimizer_state import check_optimizer, fill_at, optimizers_of, reset_optimizer_state
 from dst.update_rule import LayerUpdate, check_prune_ratio, choose_moves, get_regrow, moved_count
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -86,34 +88,33 @@ def update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str = "random",
     ``gradient`` is the layer's dense loss gradient (criteria that need one);
     ``optimizers`` are those whose state at the moved positions is reset.
     """
-    mask = layer.mask.view(-1)
-    active = int(mask.sum())
-    count = moved_count(active, mask.numel(), prune_ratio)
+    active = layer.active_count
+    count = moved_count(active, layer.mask.numel(), prune_ratio)
     return _move(layer, count, count, get_regrow(regrow), gradient, optimizers, generator)
 
 
 def _move(layer: MaskedLayer, prune_count: int, regrow_count: int, criterion, scores: torch.Tensor | None,
           optimizers, generator: torch.Generator | None) -> LayerUpdate:
     """Apply ``choose_moves`` to one masked layer: flip its mask, zero the moved weights and their optimizer state."""
-    mask = layer.mask.view(-1)
-    active = mask.nonzero().squeeze(1)
+    # Positions are row-major whatever the memory format: reshape reads (a copy if channels-last),
+    # fill_at writes in place.
+    active = layer.mask.reshape(-1).nonzero().squeeze(1)
     if prune_count == 0 and regrow_count == 0:
         return LayerUpdate(active=active.numel(), pruned=0, regrown=0)
-    weight = layer.weight.detach().view(-1)
     # The rule runs on the host: the active positions and their magnitudes (and RigL's gradient) come over.
-    magnitudes = weight[active].abs().float().cpu().numpy()
+    magnitudes = layer.weight.detach().reshape(-1)[active].abs().float().cpu().numpy()
     flat_scores = None if scores is None else scores.detach().reshape(-1).float().cpu().numpy()
-    pruned, regrown = choose_moves(active.cpu().numpy(), magnitudes, mask.numel(), prune_count, criterion,
+    pruned, regrown = choose_moves(active.cpu().numpy(), magnitudes, layer.mask.numel(), prune_count, criterion,
                                    gradient=flat_scores, random=generator, regrow_count=regrow_count)
     pruned = active[torch.from_numpy(pruned).to(active.device)]
-    regrown = torch.from_numpy(regrown).to(mask.device)
+    regrown = torch.from_numpy(regrown).to(layer.mask.device)
     changed = torch.cat([pruned, regrown])
     with torch.no_grad():
-        mask[pruned] = False
-        mask[regrown] = True
-        weight[changed] = 0.0
+        fill_at(layer.mask, pruned, False)
+        fill_at(layer.mask, regrown, True)
+        fill_at(layer.weight.detach(), changed, 0.0)
     reset_optimizer_state(optimizers, layer.weight, changed)
-    return LayerUpdate(active=int(mask.sum()), pruned=prune_count, regrown=regrow_count)
+    return LayerUpdate(active=layer.active_count, pruned=prune_count, regrown=regrow_count)
 
 
 def _check_finite(name: str, values: torch.Tensor, what: str) -> None:
@@ -157,7 +158,24 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
 
     Raises:
         ValueError: a layer holds NaN or infinite weights (or RigL gradients); nothing is changed.
+        RuntimeError: called in a distributed job of several ranks, where each rank would take its own
+            step: use ``dst.distributed.distributed_dst_step`` there.
     """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(f"apply_dst_step in a distributed job ({dist.get_world_size()} ranks) would let each rank "
+                           "take its own step (its own random draws, its own batch's gradients) and the masks "
+                           "would diverge: use dst.distributed.distributed_dst_step, e.g. "
+                           "DSTScheduler(..., dst_step=distributed_dst_step)")
+    return local_dst_step(masked_net, prune_ratio, regrow, batch, loss_fn, optimizer, generator, gradients)
+
+
+def local_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str = "random",
+                   batch: Batch | None = None, loss_fn: Callable = F.cross_entropy,
+                   optimizer: torch.optim.Optimizer | None = None,
+                   generator: torch.Generator | None = None,
+                   gradients: dict[str, torch.Tensor] | None = None) -> dict[str, LayerUpdate]:
+    """``apply_dst_step`` on this process alone, whatever the process group: what ``distributed_dst_step`` calls
+    once it has made the step's inputs (generator, gradients) the same on every rank."""
     if not isinstance(masked_net, MaskedNet):
         raise TypeError(f"apply_dst_step needs a MaskedNet, got {type(masked_net).__name__}; "
                         "wrap the model first: MaskedNet(model, sparsity=...)")
@@ -216,6 +234,11 @@ def update_layer_counts(layer: MaskedLayer, prune_count: int, regrow_count: int,
     Regrowth takes the largest ``|scores|`` (momentum, gradient; shaped like the weight), or
     uniformly random positions when ``scores`` is None.
     """
+    active, numel = layer.active_count, layer.mask.numel()
+    for name, count, most in (("prune_count", prune_count, active), ("regrow_count", regrow_count, numel - active)):
+        if not is_count(count) or count > most:
+            raise ValueError(f"{name} must be a whole number of weights in [0, {most}] for this layer "
+                             f"({active} of {numel} active), got {count!r}")
     optimizers = optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set())
     return _move(layer, prune_count, regrow_count, get_regrow("random" if scores is None else "gradient"),
                  scores, optimizers, generator)

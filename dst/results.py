@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from dst import benchmark_rows
+from dst.checks import load_json
 
 # Two medians closer than this are reported as "about the same": these machines are noisy.
 SAME_SPEED_TOLERANCE = 0.10
@@ -40,6 +42,13 @@ def run_label(config: dict) -> str:
     missing = [key for key in LABEL_KEYS if key not in config]
     if missing:
         raise ValueError(f"config is missing {missing}; a label needs {list(LABEL_KEYS)}")
+    sparsity = config["GLOBAL_SPARSITY"]
+    if isinstance(sparsity, np.generic) or (isinstance(sparsity, torch.Tensor) and sparsity.numel() == 1):
+        sparsity = sparsity.item()  # a numpy or one-element torch scalar is read as its number
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"config['GLOBAL_SPARSITY'] must be a number in [0, 1), got "
+                         f"{type(config['GLOBAL_SPARSITY']).__name__} {config['GLOBAL_SPARSITY']!r:.40}")
+    config = {**config, "GLOBAL_SPARSITY": sparsity}
     # .10g: 0.8000001 reads s80.00001 and 0.9999999 s99.99999, never a rounded s80 or s100.
     label = (f"s{config['GLOBAL_SPARSITY'] * 100:.10g}_{config['allocation']}_{config['regrow']}"
              f"_e{config['num_epochs']}")
@@ -103,14 +112,16 @@ def save_run(record: dict, folder: str | Path = "results") -> Path:
 def load_runs(folder: str | Path = "results") -> list[dict]:
     """Every run record in ``folder``, sorted by sparsity then label.
 
-    A file that is not readable JSON, or not a run record of this notebook, is skipped
-    with a warning that names it, so one stray file cannot break the table of all runs.
+    A file that is not a regular file, not readable JSON (or nested deeper than
+    ``dst.checks.MAX_JSON_DEPTH``), or not a run record of this notebook (every field the
+    table reads is checked: its type and range) is skipped with a warning that names it,
+    so one stray or crafted file cannot break the table of all runs.
     """
     runs = []
     for path in sorted(Path(folder).glob("*.json")):
         try:
-            record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            record = load_json(_read_regular_file(path).decode())
+        except (OSError, UnicodeDecodeError, ValueError) as error:  # ValueError: invalid or too deep JSON
             warnings.warn(f"skipping {path}: not readable JSON ({error})", stacklevel=2)
             continue
         problem = _record_problem(record)
@@ -119,6 +130,23 @@ def load_runs(folder: str | Path = "results") -> list[dict]:
             continue
         runs.append(record)
     return sorted(runs, key=lambda run: (run["config"]["GLOBAL_SPARSITY"], run["label"]))
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file; OSError otherwise (a FIFO would block a plain open)."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        return file.read()
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _record_problem(record) -> str:
@@ -131,8 +159,31 @@ def _record_problem(record) -> str:
         missing = [name for name in inner if not isinstance(record[key], dict) or name not in record[key]]
         if missing:
             return f"{key!r} has no {missing}"
-    if not isinstance(record["config"]["GLOBAL_SPARSITY"], (int, float)):
-        return "GLOBAL_SPARSITY is not a number"
+    sparsity = record["config"]["GLOBAL_SPARSITY"]
+    if not (_is_number(sparsity) and 0 <= sparsity < 1):
+        return f"GLOBAL_SPARSITY is {sparsity!r:.40}, not a number in [0, 1)"
+    benchmark, memory = record.get("benchmark", {}), record.get("memory", {})
+    checks = [
+        ("label", isinstance(record["label"], str) and record["label"] != "", "a non-empty string"),
+        ("final.dense_test_acc", _is_number(record["final"]["dense_test_acc"]), "a number"),
+        ("final.masked_test_acc", _is_number(record["final"]["masked_test_acc"]), "a number"),
+        ("masked", isinstance(record["masked"], list), "a list of epochs"),
+        ("dense", isinstance(record["dense"], list), "a list of epochs"),
+        ("train_batches_per_epoch", record.get("train_batches_per_epoch") is None
+         or _is_count(record["train_batches_per_epoch"]), "a count or null"),
+        ("train_seconds", "train_seconds" not in record or _is_number(record["train_seconds"]), "a number"),
+        ("benchmark", isinstance(benchmark, dict) and all(
+            isinstance(timing, dict) and (timing.get("median") is None or _is_number(timing["median"]))
+            for timing in benchmark.values()), "an object of timings with numeric medians"),
+        ("memory", isinstance(memory, dict) and (memory.get("ratio") is None or _is_number(memory["ratio"])),
+         "an object with a numeric ratio"),
+    ]
+    for field, valid, expected in checks:
+        if not valid:
+            value = record
+            for part in field.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            return f"{field} is {str(value)[:40]}, not {expected}"
     return ""
 
 

@@ -15,14 +15,17 @@ give the same batches in the same order, so both nets still see the same data.
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from dst.progress import Progress
 from dst.training import evaluate, train_epoch
+
+_RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 
 
 @dataclass
@@ -44,9 +47,7 @@ def train_side_by_side(runs: Sequence[Run], test_loader, criterion, device: torc
     ``wall_seconds`` (the same in every dict) the time of the whole call, test passes
     included. One progress bar counts the batches of all runs.
     """
-    if len({id(run.train_loader) for run in runs}) != len(runs):
-        raise ValueError("each run needs its own train_loader: a shared loader's shuffling would depend on "
-                         "which thread asks first (make one per run with the same seed for the same batches)")
+    _check_runs(runs)
     concurrent = torch.device(device).type == "cpu" and len(runs) > 1 and torch.get_num_threads() >= len(runs)
     total = sum(len(run.train_loader) for run in runs)
     done = [0] * len(runs)
@@ -91,6 +92,54 @@ def train_side_by_side(runs: Sequence[Run], test_loader, criterion, device: torc
     if errors:
         raise errors[0]
     return _with_wall_time(results, started)
+
+
+def _check_runs(runs: Sequence[Run]) -> None:
+    """Refuse what would make the runs interfere: shared models, optimizers, parameters, loaders or random sources.
+
+    Two threads stepping one parameter at once corrupt memory (the process aborts), and two
+    loaders shuffling from one random source get whichever shuffle their thread draws first.
+    """
+    if isinstance(runs, Run) or not all(isinstance(run, Run) for run in runs):
+        raise TypeError("runs must be a list of dst.side_by_side.Run(model, optimizer, train_loader)")
+    owners: dict[int, int] = {}
+    for index, run in enumerate(runs):
+        optimizer_params = [param for group in run.optimizer.param_groups for param in group["params"]]
+        model_params = {id(param) for param in run.model.parameters()}
+        for what, key in (("model", id(run.model)), ("optimizer", id(run.optimizer)),
+                          *(("parameter", id(param)) for param in [*run.model.parameters(), *optimizer_params])):
+            other = owners.setdefault(key, index)
+            if other != index:
+                raise ValueError(f"runs {other} and {index} share one {what}: runs trained side by side in threads "
+                                 "must not share models, optimizers or parameters (copy.deepcopy one, and build "
+                                 "an optimizer for each)")
+        if optimizer_params and not any(id(param) in model_params for param in optimizer_params):
+            raise ValueError(f"run {index}'s optimizer steps none of its model's parameters: build the optimizer "
+                             "on the model you train (for a MaskedNet, on MaskedNet(...).parameters(), not on the "
+                             "base net it copied)")
+    if len({id(run.train_loader) for run in runs}) != len(runs):
+        raise ValueError("each run needs its own train_loader: a shared loader's shuffling would depend on "
+                         "which thread asks first (make one per run with the same seed for the same batches)")
+    sources: dict[int, int] = {}
+    for index, run in enumerate(runs):
+        loader = run.train_loader
+        # Not iter(loader): that would start a DataLoader's worker processes.
+        if not (hasattr(loader, "__iter__") and hasattr(loader, "__len__")) or isinstance(loader, Iterator):
+            raise TypeError(f"run {index}'s train_loader must be re-iterable with a length (a DataLoader or "
+                            f"dst.data.TensorLoader), got a {type(loader).__name__}")
+        for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None),
+                                                                  "sampler", None)):
+            if not isinstance(sampler, _RANDOM_SAMPLERS):
+                continue
+            if sampler.generator is None and len(runs) > 1:
+                raise ValueError(f"run {index}'s train_loader shuffles with torch's global random generator, so "
+                                 "which run gets which shuffle depends on thread timing: give each loader its own "
+                                 "DataLoader(..., generator=torch.Generator().manual_seed(seed)), the same seed "
+                                 "for the same batches")
+            other = sources.setdefault(id(sampler.generator), index)
+            if sampler.generator is not None and other != index:
+                raise ValueError(f"runs {other} and {index} shuffle with one torch.Generator: give each loader its "
+                                 "own, seeded alike for the same batches")
 
 
 def _with_wall_time(results: list[dict], started: float) -> list[dict]:

@@ -25,7 +25,9 @@ import math
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 
+from dst.distributed import check_ranks_agree, collective_device, is_distributed
 from dst.masked import MaskedLayer, MaskedNet
 from dst.prune_regrow import LayerUpdate, update_layer_counts
 
@@ -52,6 +54,8 @@ class MomentumTracker:
 
     def _recorder(self, name: str, layer: MaskedLayer):
         def record(gradient: torch.Tensor) -> torch.Tensor:
+            if layer.bypassed:  # a dense gradient pass (RigL's, a probe), not a training step
+                return gradient
             self.momentum[name].mul_(self.beta).add_(gradient)
             return torch.where(layer.mask, gradient, 0.0)
         return record
@@ -105,6 +109,10 @@ def sparse_momentum_step(masked_net: MaskedNet, tracker: MomentumTracker, prune_
     inactive before the step). Frozen layers are left alone.
     """
     layers = tracker.layers
+    if is_distributed():
+        # Each rank's tracker saw its own batches' gradients (hooks run before DDP averages them). Their mean
+        # is the momentum of the averaged gradients (the average is linear), and every rank then ranks alike.
+        _average_over_ranks(tracker)
     for name, layer in layers.items():
         for what, values in (("weights", layer.weight.detach()), ("momentum", tracker.momentum[name])):
             if not torch.isfinite(values).all():
@@ -123,7 +131,19 @@ def sparse_momentum_step(masked_net: MaskedNet, tracker: MomentumTracker, prune_
     for name, layer in layers.items():
         report[name] = update_layer_counts(layer, prune[name], regrow[name], scores=tracker.momentum[name],
                                            optimizer=optimizer)
+    if is_distributed():
+        check_ranks_agree(masked_net)
     return report
+
+
+def _average_over_ranks(tracker: MomentumTracker) -> None:
+    """Replace every rank's momentum with the mean over the ranks (one all-reduce for all layers)."""
+    momentum = list(tracker.momentum.values())
+    flat = torch.cat([value.reshape(-1) for value in momentum]).to(collective_device())
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for value, chunk in zip(momentum, flat.split([value.numel() for value in momentum]), strict=True):
+        value.copy_(chunk.view_as(value))
 
 
 class SparseMomentumStep:

@@ -13,6 +13,7 @@ needs. They are reported as a fraction of dense training on the same samples.
 """
 
 import math
+import numbers
 import statistics
 import time
 import warnings
@@ -23,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dst.allocation import DisconnectedWarning, connectivity
+from dst.allocation import DisconnectedWarning, active_count, connectivity
+from dst.checks import check_fraction, check_steps
 from dst.data import TensorLoader
 from dst.masked import MaskedLayer, MaskedNet
-from dst.methods import Method, Target, get_method
+from dst.methods import SNFS, Method, Target, get_method
 from dst.models import SimpleNet, lenet_300_100
 from dst.progress import Progress
 from dst.training import evaluate, seed_everything
@@ -49,6 +51,30 @@ class Recipe:
     lr_decay: float = 0.1
     # Cap on batches per epoch (quick runs); None = the whole training set every epoch.
     max_batches_per_epoch: int | None = None
+
+    def __post_init__(self):
+        check_steps("epochs", self.epochs)
+        check_steps("batch_size", self.batch_size)
+        if self.max_batches_per_epoch is not None:
+            check_steps("max_batches_per_epoch", self.max_batches_per_epoch)
+        for name in ("lr", "lr_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
+        check_fraction("momentum", self.momentum)
+        if self.momentum == 1.0:
+            raise ValueError("momentum must be below 1, got 1.0")
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, numbers.Real) or not (
+                math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov must be True or False, got {self.nesterov!r}")
+        if isinstance(self.lr_decay_at, (str, numbers.Number)) or not hasattr(self.lr_decay_at, "__iter__"):
+            raise ValueError(f"lr_decay_at must be a tuple of fractions of training, got {self.lr_decay_at!r}")
+        object.__setattr__(self, "lr_decay_at", tuple(self.lr_decay_at))
+        for fraction in self.lr_decay_at:
+            check_fraction("each of lr_decay_at (fractions of training)", fraction, include_low=False)
 
 
 class FlopCounter:
@@ -136,6 +162,7 @@ def _train_model(model_name: str, method: str | Method, target: Target, recipe: 
            "train_flops": 2 * macs, "train_flops_vs_dense": macs / (3 * counter.dense * examples),
            "inference_flops_vs_dense": counter.current() / counter.dense}
     if isinstance(model, MaskedNet):
+        check_reached_target(model, method, target)
         end_connectivity = connectivity(model.masked_layers())
         row.update(final_sparsity=model.global_sparsity(),
                    layer_active={name: layer.active_count for name, layer in model.masked_layers().items()},
@@ -144,6 +171,23 @@ def _train_model(model_name: str, method: str | Method, target: Target, recipe: 
                    unconnected_inputs_start=start_connectivity["unconnected_inputs"],
                    unconnected_inputs_end=end_connectivity["unconnected_inputs"])
     return model, row
+
+
+def check_reached_target(model: MaskedNet, method: Method, target: Target) -> None:
+    """Raise unless the trained net holds the target's active counts: per layer (sparse momentum: in total).
+
+    A row is labelled with its target sparsity; this is what makes the label true.
+    """
+    densities = target.densities(model)
+    layers = model.masked_layers()
+    expected = {name: active_count(layer.mask.numel(), densities[name]) for name, layer in layers.items()}
+    reached = {name: layer.active_count for name, layer in layers.items()}
+    matches = (sum(reached.values()) == sum(expected.values()) if isinstance(method, SNFS)
+               else reached == expected)
+    if not matches:
+        raise RuntimeError(f"{method.name} ended with active counts {reached}, not the {target.sparsity:g} "
+                           f"target's {expected} (sparsity {model.global_sparsity():.4f}): its row would claim a "
+                           "sparsity the net does not have")
 
 
 def _train(model, method: Method, scheduler, loader, optimizer, lr_schedule, epochs: int,

@@ -135,3 +135,9 @@ def test_row_names_keep_the_seed_schema_and_name_their_device():
     for baseline, candidate in benchmark_rows.COMPARISONS:
         assert benchmark_rows.is_baseline(baseline) or baseline == benchmark_rows.DENSE_CPU
         assert not benchmark_rows.is_baseline(candidate) or candidate == benchmark_rows.MASKED_CPU
+
+
+def test_a_loader_of_dicts_is_named():
+    loader = [{"image": torch.zeros(4, 1, 28, 28), "label": torch.zeros(4, dtype=torch.long)}]
+    with pytest.raises(TypeError, match=r"got a dict with keys \['image', 'label'\].*\(inputs, targets\) tuples"):
+        benchmark_inference(tiny_model(), loader, "cpu", num_samples=4, runs=1, warmup=0)

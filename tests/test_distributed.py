@@ -33,8 +33,9 @@ from dst.distributed import (
     wrap_ddp,
 )
 from dst.masked import MaskedNet
-from dst.prune_regrow import apply_dst_step, dense_gradients
+from dst.prune_regrow import apply_dst_step, dense_gradients, local_dst_step
 from dst.schedule import DSTConfig, DSTScheduler
+from dst.sparse_momentum import MomentumTracker, sparse_momentum_step
 
 BATCH = 8  # per rank; one process gets 2 * BATCH
 STEPS = 8
@@ -245,7 +246,8 @@ def disagree(rank: int, world_size: int) -> dict:
 
     cases = {
         "per-rank seed": lambda: distributed_dst_step(model, 0.3, generator=torch.Generator().manual_seed(rank)),
-        "local RigL": lambda: apply_dst_step(masked_net, 0.3, "gradient", batch=local_batch(1, rank, world_size)),
+        # local_dst_step: apply_dst_step itself refuses to run on several ranks
+        "local RigL": lambda: local_dst_step(masked_net, 0.3, "gradient", batch=local_batch(1, rank, world_size)),
         "flipped mask": flip_mask,
         "nudged weight": nudge_weight,
     }
@@ -328,3 +330,57 @@ def test_checkpoint_round_trip_and_bad_input_on_one_process(tmp_path):
         save_checkpoint(tmp_path / "x.pt", nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="init_process_group"):
         wrap_ddp(net)
+
+
+def momentum_and_local_steps(rank: int, world_size: int) -> dict:
+    """Sparse momentum trained under DDP, then the local steps a DDP job must refuse; what each rank saw."""
+    model = wrap_ddp(build(seed=1))
+    masked_net = unwrap(model)
+    tracker = MomentumTracker(masked_net)
+    optimizer = sgd(model)
+    for step in range(1, 4):
+        inputs, targets = local_batch(step, rank, world_size)
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    try:
+        sparse_momentum_step(masked_net, tracker, 0.3, optimizer)
+        mismatch = None
+    except RankMismatchError as error:
+        mismatch = str(error)
+    tracker.close()
+    refusals = {}
+    scheduler = DSTScheduler(model, DSTConfig(regrow="gradient", every=1, unit="step"), optimizer=optimizer)
+    for case, step in (("apply_dst_step", lambda: apply_dst_step(masked_net, 0.3, "random")),
+                       ("DSTScheduler's default step", lambda: scheduler.after_step(local_batch(5, rank, world_size)))):
+        try:
+            step()
+            refusals[case] = None
+        except RuntimeError as error:
+            refusals[case] = str(error)
+    return {"mismatch": mismatch, "momentum": {name: value.clone() for name, value in tracker.momentum.items()},
+            "masks": {name: layer.mask.clone() for name, layer in masked_net.masked_layers().items()},
+            "refusals": refusals}
+
+
+@needs_ranks
+def test_sparse_momentum_under_ddp_uses_every_ranks_gradients_and_local_steps_are_refused(tmp_path):
+    first, second = run_ranks(momentum_and_local_steps, tmp_path)
+    assert first["mismatch"] is None and second["mismatch"] is None
+    for name, mask in first["masks"].items():
+        assert torch.equal(mask, second["masks"][name]), name
+        assert torch.equal(first["momentum"][name], second["momentum"][name]), name
+    # The momentum one process computes from the ranks' batches put together.
+    alone = build(seed=1)
+    tracker = MomentumTracker(alone)
+    optimizer = sgd(alone)
+    for step in range(1, 4):
+        inputs, targets = local_batch(step, 0, 1)
+        optimizer.zero_grad()
+        F.cross_entropy(alone(inputs), targets).backward()
+        optimizer.step()
+    for name, momentum in tracker.momentum.items():
+        assert_close_scaled(first["momentum"][name], momentum, name)
+    tracker.close()
+    for case, message in first["refusals"].items():
+        assert message is not None and "distributed_dst_step" in message, case

@@ -297,3 +297,56 @@ def test_a_model_with_nothing_trainable_to_mask_says_what_it_found():
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match=r"no nn.Conv2d or nn.Linear.*0\.weight \(Linear, 16 weights\): frozen"):
         MaskedNet(frozen, sparsity=0.5)
+
+
+def test_a_float_mask_loaded_with_assign_becomes_boolean_or_is_refused_by_name():
+    net = MaskedNet(MLP(6, (5,), 3), 0.5, generator=torch.Generator().manual_seed(0))
+    state = {key: value.float() if key.endswith("mask") else value for key, value in net.state_dict().items()}
+    net.load_state_dict(state, assign=True)
+    for layer in net.masked_layers().values():
+        assert layer.mask.dtype == torch.bool
+        assert torch.all(layer.weight[~layer.mask] == 0)
+    state["net.fc1.mask"][0, 0] = 0.5
+    with pytest.raises(ValueError, match="mask loaded for layer 'fc1' holds values other than 0 and 1"):
+        net.load_state_dict(state, assign=True)
+
+
+def test_an_allocation_that_is_not_a_name_lists_the_choices():
+    with pytest.raises(ValueError, match=r"unknown allocation \['erk'\]; choose one of \['erk', 'uniform'\]"):
+        MaskedNet(MLP(6, (5,), 3), 0.5, allocation=["erk"])
+
+
+def test_an_optimizer_built_on_the_base_net_is_caught_after_a_hundred_training_passes():
+    import warnings
+
+    from dst.masked import UNTRAINED_AFTER, UntrainedWarning
+
+    base = MLP(6, (5,), 3)
+    wrong = torch.optim.SGD(base.parameters(), lr=0.1)  # built before wrapping: steps the original
+    for optimizer_of in (lambda net: wrong, lambda net: torch.optim.SGD(net.parameters(), lr=0.1)):
+        net = MaskedNet(base, 0.5, generator=torch.Generator().manual_seed(0))
+        optimizer = optimizer_of(net)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(UNTRAINED_AFTER + 5):
+                optimizer.zero_grad()
+                F.cross_entropy(net(torch.randn(4, 6)), torch.zeros(4, dtype=torch.long)).backward()
+                optimizer.step()
+        untrained = [str(warning.message) for warning in caught if issubclass(warning.category, UntrainedWarning)]
+        if optimizer is wrong:
+            assert len(untrained) == 1 and "build the optimizer on MaskedNet(...).parameters()" in untrained[0]
+        else:
+            assert untrained == []
+
+
+def test_dense_gradient_passes_are_not_counted_as_untrained_training():
+    import warnings
+
+    from dst.masked import UNTRAINED_AFTER, UntrainedWarning
+    from dst.prune_regrow import dense_gradients
+
+    net = MaskedNet(MLP(6, (5,), 3), 0.5, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedWarning)
+        for _ in range(UNTRAINED_AFTER + 1):
+            dense_gradients(net, (torch.randn(4, 6), torch.zeros(4, dtype=torch.long)))

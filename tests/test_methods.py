@@ -16,6 +16,7 @@ from dst.masked import MaskedLayer, MaskedNet
 from dst.methods import METHODS, Target, get_method
 from dst.models import MLP
 from dst.optimizer_state import per_weight_state
+from dst.prune_regrow import dense_gradients
 from dst.sparse_momentum import MomentumTracker, redistribute, sparse_momentum_step
 
 STEPS, STEPS_PER_EPOCH = 40, 8
@@ -282,3 +283,52 @@ def test_dense_is_a_plain_copy():
     assert not any(isinstance(module, MaskedLayer) for module in model.modules())
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
     assert model.fc1.weight is not base.fc1.weight
+
+
+@pytest.mark.parametrize("masking", ["gradient", "forward"])
+def test_momentum_keeps_tracking_inactive_positions_after_a_dense_gradient_pass(masking):
+    torch.manual_seed(0)
+    net = MaskedNet(nn.Sequential(nn.Linear(10, 12, bias=False), nn.ReLU(), nn.Linear(12, 8, bias=False)), 0.5,
+                    scale_init=False, generator=torch.Generator().manual_seed(0), masking=masking)
+    tracker = MomentumTracker(net, beta=0.9)
+    generator = torch.Generator().manual_seed(3)
+    batch = torch.randn(5, 10, generator=generator), torch.randint(0, 8, (5,), generator=generator)
+    dense_gradients(net, batch)  # RigL's pass, or a user's probe, while the tracker is open
+    with net.masks_bypassed():
+        pass
+    assert not any(layer.apply_mask for layer in net.masked_layers().values())
+    before = {name: momentum.clone() for name, momentum in tracker.momentum.items()}
+    F.cross_entropy(net(batch[0]), batch[1]).backward()
+    for name, layer in net.masked_layers().items():
+        grown = (tracker.momentum[name] - 0.9 * before[name])[~layer.mask]
+        assert torch.count_nonzero(grown) > 0, name  # the dense gradient still reaches the momentum
+        assert torch.all(layer.weight.grad[~layer.mask] == 0)
+    tracker.close()
+    assert all(layer.apply_mask for layer in net.masked_layers().values())
+
+
+@pytest.mark.parametrize("density", [float("nan"), 1.5, -1.0, 0.0, "0.1"])
+def test_gradual_pruning_refuses_final_densities_that_are_not_fractions_kept(density):
+    model = MaskedNet(MLP(24, (40, 30), 6), 0.0)
+    densities = {name: 0.1 for name in model.masked_layers()}
+    with pytest.raises(ValueError, match=r"final_densities must be fractions of weights kept, in \(0, 1\]"):
+        GradualPruning(model, {**densities, "fc1": density}, start=0, end=10)
+
+
+def test_a_target_checks_its_allocation_when_built():
+    with pytest.raises(ValueError, match=r"unknown allocation \['erk'\]; choose one of \['erk', 'uniform'\]"):
+        Target(0.9, allocation=["erk"])
+
+
+def test_a_dense_gradient_pass_inside_an_open_tracker_is_dense_and_not_recorded():
+    net = toy_two_layer_net()
+    tracker = MomentumTracker(net, beta=0.9)
+    generator = torch.Generator().manual_seed(4)
+    batch = torch.randn(5, 10, generator=generator), torch.randint(0, 8, (5,), generator=generator)
+    F.cross_entropy(net(batch[0]), batch[1]).backward()  # one training pass: momentum is the gradient
+    recorded = {name: momentum.clone() for name, momentum in tracker.momentum.items()}
+    gradients = dense_gradients(net, batch)
+    for name, layer in net.masked_layers().items():
+        assert torch.count_nonzero(gradients[name][~layer.mask]) > 0, name  # RigL needs them
+        assert torch.equal(tracker.momentum[name], recorded[name]), name
+    tracker.close()

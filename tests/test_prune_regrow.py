@@ -364,3 +364,71 @@ def test_optimizer_hooks_come_with_the_first_masked_weight_not_with_an_import():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.split() == ["0", "2"]
+
+
+@pytest.mark.parametrize("regrow", ["random", "gradient"])
+def test_a_channels_last_model_takes_dst_steps_like_a_contiguous_one(regrow):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    plain = MaskedNet(base, 0.6, generator=torch.Generator().manual_seed(0))
+    channels_last = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    assert not channels_last.masked_layers()["0"].mask.is_contiguous()
+    batch = torch.randn(4, 2, 6, 6), torch.randint(0, 3, (4,))
+    models = {"contiguous": plain, "channels_last": channels_last}
+    optimizers = {key: torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9) for key, net in models.items()}
+    for key, net in models.items():
+        F.cross_entropy(net(batch[0]), batch[1]).backward()
+        optimizers[key].step()
+        apply_dst_step(net, 0.3, regrow, batch=batch, generator=torch.Generator().manual_seed(1))
+    for name, layer in plain.masked_layers().items():
+        other = channels_last.masked_layers()[name]
+        assert torch.equal(layer.mask, other.mask) and torch.equal(layer.weight, other.weight)
+        assert torch.all(optimizers["channels_last"].state[other.weight]["momentum_buffer"][~other.mask] == 0)
+
+
+def test_optimizer_hooks_go_when_the_last_masked_layer_does():
+    code = ("import gc, torch\nfrom dst import optimizer_state\nfrom dst.masked import MaskedNet\n"
+            "from dst.models import MLP\n"
+            "first, second = MaskedNet(MLP(4, (3,)), 0.5), MaskedNet(MLP(4, (3,)), 0.5)\n"
+            "counts = [len(optimizer_state._HOOKS)]\n"
+            "del first\ngc.collect()\ncounts.append(len(optimizer_state._HOOKS))\n"
+            "del second\ngc.collect()\ncounts.append(len(optimizer_state._HOOKS))\n"
+            "third = MaskedNet(MLP(4, (3,)), 0.5)\ncounts.append(len(optimizer_state._HOOKS))\n"
+            "print(*counts)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.split() == ["2", "2", "0", "2"]
+
+
+def test_an_optimizer_without_masked_weights_is_not_searched_at_every_step(monkeypatch):
+    from dst import optimizer_state
+
+    masked = MaskedNet(MLP(6, (5,), 3), 0.5, generator=torch.Generator().manual_seed(0))
+    plain = nn.Sequential(*[nn.Linear(3, 3) for _ in range(20)])
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    for param in plain.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()
+    looked_up = []
+    original = optimizer_state.masked_layer_of
+    monkeypatch.setattr(optimizer_state, "masked_layer_of", lambda weight: looked_up.append(1) or original(weight))
+    for _ in range(3):
+        optimizer.step()
+    assert looked_up == []  # old code: one lookup per parameter per step
+    # Masked weights added to the optimizer later are found: their state follows the mask from the next step.
+    layer = masked.masked_layers()["fc1"]
+    optimizer.add_param_group({"params": [layer.weight]})
+    layer.weight.grad = torch.ones_like(layer.weight)
+    optimizer.step()
+    assert optimizer in optimizer_state.optimizers_of(layer.weight)
+    assert looked_up
+
+
+@pytest.mark.parametrize("prune, regrow, named", [(1.5, 0, "prune_count"), (-1, 0, "prune_count"),
+                                                  (0, 10**6, "regrow_count"), (True, 0, "prune_count")])
+def test_update_layer_counts_refuses_counts_that_are_not_whole_numbers_in_range(prune, regrow, named):
+    from dst.prune_regrow import update_layer_counts
+
+    layer = MaskedNet(MLP(6, (5,), 3), 0.5, generator=torch.Generator().manual_seed(0)).masked_layers()["fc1"]
+    with pytest.raises(ValueError, match=f"{named} must be a whole number of weights in"):
+        update_layer_counts(layer, prune, regrow)

@@ -117,3 +117,70 @@ def test_sentences_and_figure_labels_word_a_comparison_the_same_way(ratio):
 def test_speed_phrase_refuses_non_positive_times():
     with pytest.raises(ValueError, match="positive"):
         speed_phrase(0.0, 1.0)
+
+
+CRAFTED_RECORDS = {
+    "count_as_bool": lambda good: {**good, "train_batches_per_epoch": True},
+    "accuracy_as_text": lambda good: {**good, "final": {"dense_test_acc": "98", "masked_test_acc": 97.5}},
+    "accuracy_null": lambda good: {**good, "final": {"dense_test_acc": 98.0, "masked_test_acc": None}},
+    "epochs_as_dict": lambda good: {**good, "masked": {"0": 1}},
+    "benchmark_as_list": lambda good: {**good, "benchmark": [1, 2]},
+    "median_as_text": lambda good: {**good, "benchmark": {"masked": {"median": "fast"}}},
+    "memory_as_number": lambda good: {**good, "memory": 3},
+    "sparsity_as_bool": lambda good: {**good, "config": {**good["config"], "GLOBAL_SPARSITY": True}},
+    "label_as_number": lambda good: {**good, "label": 7},
+    "infinite_seconds": lambda good: {**good, "train_seconds": float("inf")},
+}
+
+
+def test_crafted_records_are_skipped_at_load_and_never_reach_the_table(tmp_path):
+    good = record("good")
+    save_run(good, tmp_path)
+    for name, craft in CRAFTED_RECORDS.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(craft(good)))
+    (tmp_path / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
+    (tmp_path / "long_number.json").write_text(json.dumps({**good, "train_seconds": 0}).replace(
+        '"train_seconds": 0', '"train_seconds": ' + "9" * 5000))
+    with pytest.warns(UserWarning) as caught:
+        runs = load_runs(tmp_path)
+    assert [run["label"] for run in runs] == ["good"]
+    format_table(runs_table(runs))
+    messages = {str(warning.message).split(":")[0].rsplit("/", 1)[-1] for warning in caught}
+    assert messages == {f"{name}.json" for name in [*CRAFTED_RECORDS, "deep", "long_number"]}
+
+
+def test_a_fifo_named_like_a_record_is_skipped_instead_of_blocking(tmp_path):
+    import os
+    import threading
+    import warnings
+
+    save_run(record("good"), tmp_path)
+    os.mkfifo(tmp_path / "x.json")
+    result = {}
+
+    def load():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result["runs"], result["warnings"] = load_runs(tmp_path), [str(w.message) for w in caught]
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    if worker.is_alive():  # release the blocked open before failing
+        os.close(os.open(tmp_path / "x.json", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("load_runs blocked on a FIFO")
+    assert [run["label"] for run in result["runs"]] == ["good"]
+    assert any("x.json: not readable JSON" in message and "not a regular file" in message
+               for message in result["warnings"])
+
+
+def test_run_label_reads_numeric_scalars_and_refuses_other_sparsities():
+    import numpy as np
+    import torch
+
+    label = run_label(CONFIG)
+    assert run_label({**CONFIG, "GLOBAL_SPARSITY": torch.tensor(0.95, dtype=torch.float64)}) == label
+    assert run_label({**CONFIG, "GLOBAL_SPARSITY": np.float64(0.95)}) == label
+    for sparsity in ("0.95", torch.tensor([0.9, 0.95]), True, 1.0, None):
+        with pytest.raises(ValueError, match=r"GLOBAL_SPARSITY'\] must be a number in \[0, 1\)"):
+            run_label({**CONFIG, "GLOBAL_SPARSITY": sparsity})

@@ -129,3 +129,46 @@ def test_a_shared_loader_is_refused_and_errors_in_a_thread_reach_the_caller():
     with pytest.raises((IndexError, ValueError, RuntimeError)):
         train_side_by_side([runs[0], Run(runs[1].model, runs[1].optimizer, bad)], test, F.cross_entropy, "cpu",
                            progress=False)
+
+
+def test_shared_models_optimizers_and_parameters_are_refused_before_any_thread_starts():
+    runs, test = runs_and_loaders()
+    dense, masked = runs
+    other_loader = dense.train_loader.clone()
+    with pytest.raises(ValueError, match="runs 0 and 1 share one model"):
+        train_side_by_side([dense, Run(dense.model, torch.optim.Adam(dense.model.parameters()), other_loader)],
+                           test, F.cross_entropy, "cpu", progress=False)
+    with pytest.raises(ValueError, match="runs 0 and 1 share one optimizer"):
+        train_side_by_side([dense, Run(copy.deepcopy(dense.model), dense.optimizer, other_loader)], test,
+                           F.cross_entropy, "cpu", progress=False)
+    twin = nn.Sequential(*dense.model)  # new container, the same layers
+    with pytest.raises(ValueError, match="share one parameter"):
+        train_side_by_side([dense, Run(twin, torch.optim.Adam(twin.parameters()), other_loader)], test,
+                           F.cross_entropy, "cpu", progress=False)
+    with pytest.raises(ValueError, match="steps none of its model's parameters"):
+        # the optimizer built on the base net before wrapping it: the masked copy would never train
+        train_side_by_side([dense, Run(masked.model, torch.optim.Adam(SimpleNet().parameters()), other_loader)],
+                           test, F.cross_entropy, "cpu", progress=False)
+
+
+def test_loaders_shuffling_from_the_global_generator_are_refused_and_own_generators_accepted():
+    runs, test = runs_and_loaders()
+    dataset = torch.utils.data.TensorDataset(*images(32))
+    unseeded = [torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True) for _ in runs]
+    with pytest.raises(ValueError, match="global random generator"):
+        train_side_by_side([Run(run.model, run.optimizer, loader) for run, loader in zip(runs, unseeded)], test,
+                           F.cross_entropy, "cpu", progress=False)
+    shared = torch.Generator().manual_seed(0)
+    one_source = [torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True, generator=shared) for _ in runs]
+    with pytest.raises(ValueError, match="one torch.Generator"):
+        train_side_by_side([Run(run.model, run.optimizer, loader) for run, loader in zip(runs, one_source)], test,
+                           F.cross_entropy, "cpu", progress=False)
+    seeded = [torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True,
+                                          generator=torch.Generator().manual_seed(0)) for _ in runs]
+    results = train_side_by_side([Run(run.model, run.optimizer, loader) for run, loader in zip(runs, seeded)], test,
+                                 F.cross_entropy, "cpu", progress=False)
+    assert len(results) == 2
+    batches = (batch for batch in [(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))])
+    with pytest.raises(TypeError, match="re-iterable with a length .* got a generator"):
+        train_side_by_side([runs[0], Run(runs[1].model, runs[1].optimizer, batches)], test, F.cross_entropy, "cpu",
+                           progress=False)

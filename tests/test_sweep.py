@@ -1,13 +1,24 @@
 """The methods sweep: FLOPs against their formulas, rows, the summary over seeds, the figure."""
 
 import json
+import os
 from dataclasses import replace
 
 import matplotlib
 import pytest
 import torch
 
-from benchmarks.dst_methods import combine_rows, new_record, row_key, with_settings
+from benchmarks.dst_methods import (
+    check_args,
+    combine_rows,
+    hold_lock,
+    new_record,
+    parse_args,
+    read_results,
+    row_key,
+    with_settings,
+    write_atomically,
+)
 from dst.masked import MaskedNet
 from dst.methods import METHODS, Target
 from dst.models import SimpleNet, lenet_300_100
@@ -215,3 +226,113 @@ def test_comparison_table_never_prints_minus_zero():
     summary = [{"model": "lenet300-100", "method": "dense", "sparsity": 0.0, "seeds": 1, "test_acc": 98.687}]
     published = [{"model": "lenet300-100", "method": "dense", "sparsity": 0.0, "test_acc": 98.69}]
     assert comparison_table(summary, published).splitlines()[2].endswith("| 98.69 | 98.69 | +0.00 |")
+
+
+# ----------------------------------------------------------------------------- settings checked when built
+
+@pytest.mark.parametrize("method, change, named", [
+    ("set", {"updates_per_epoch": 0}, "set.updates_per_epoch"), ("set", {"updates_per_epoch": -1}, "updates"),
+    ("set", {"schedule": "linear"}, "set.schedule"), ("set", {"prune_ratio": float("nan")}, "set.prune_ratio"),
+    ("set", {"prune_ratio": -3.0}, "set.prune_ratio"), ("rigl", {"prune_ratio": float("inf")}, "rigl.prune_ratio"),
+    ("rigl", {"end_fraction": -1.0}, "rigl.end_fraction"), ("rigl", {"every": 0}, "rigl.every"),
+    ("snfs", {"momentum": 1.0}, "snfs.momentum"), ("snfs", {"momentum": float("nan")}, "snfs.momentum"),
+    ("gmp", {"start_fraction": 1.5}, "gmp.start_fraction"), ("gmp", {"end_fraction": 3.0}, "gmp.end_fraction"),
+    ("gmp", {"start_fraction": 0.8, "end_fraction": 0.5}, "start_fraction < end_fraction"),
+    ("gmp", {"start_fraction": float("nan")}, "gmp.start_fraction"), ("gmp", {"every": 0}, "gmp.every")])
+def test_every_method_setting_is_checked_when_the_method_is_built(method, change, named):
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        replace(METHODS[method], **change)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"epochs": 0}, "epochs"), ({"epochs": -1}, "epochs"), ({"batch_size": 0}, "batch_size"),
+    ({"lr": float("nan")}, "lr"), ({"lr": 0.0}, "lr"), ({"momentum": 1.5}, "momentum"),
+    ({"weight_decay": -1e-4}, "weight_decay"), ({"lr_decay_at": (0.5, 1.5)}, "lr_decay_at"),
+    ({"max_batches_per_epoch": 0}, "max_batches_per_epoch"), ({"lr_decay": float("inf")}, "lr_decay")])
+def test_every_recipe_value_is_checked_when_the_recipe_is_built(change, named):
+    with pytest.raises(ValueError, match=named):
+        Recipe(**change)
+
+
+def test_a_trained_net_that_misses_its_target_is_not_reported_under_that_label(data):
+    # What gmp end_fraction=3 did before it was refused: pruning stopped at 0.605 under a 0.9 label.
+    late = METHODS["gmp"]
+    object.__setattr__(late := replace(late), "end_fraction", 3.0)
+    with pytest.raises(RuntimeError, match="not the 0.9 target's"):
+        train_run("lenet300-100", late, Target(0.9), RECIPE, data[0], data[1])
+
+
+def cli(monkeypatch, *argv):
+    monkeypatch.setattr("sys.argv", ["dst_methods", *argv])
+    args = parse_args()
+    check_args(args)
+    return args
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--sparsities", "0.9", "0.9"], "--sparsities repeats [0.9]"), (["--seeds", "0", "1", "0"], "--seeds repeats"),
+    (["--methods", "set", "set"], "--methods repeats"), (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "-1"], "--epochs"), (["--every", "0"], "--every"), (["--max-batches", "0"], "--max-batches"),
+    (["--sparsities", "1.0"], "--sparsities"), (["--seeds", "-1"], "--seeds")])
+def test_the_command_line_refuses_repeated_runs_and_zero_counts(monkeypatch, argv, named):
+    with pytest.raises(SystemExit) as stop:
+        cli(monkeypatch, *argv)
+    assert named in str(stop.value)
+
+
+@pytest.mark.parametrize("text, named", [
+    ("set.updates_per_epoch=0", "set.updates_per_epoch must be a positive int"),
+    ("gmp.start_fraction=nan", "gmp.start_fraction"), ("snfs.momentum=1", "snfs.momentum must be below 1"),
+    ("set.schedule=linear", "set.schedule must be one of"), ("set.prune_ratio=inf", "set.prune_ratio"),
+    ("rigl.end_fraction=-1", "rigl.end_fraction")])
+def test_set_values_are_checked_before_any_run_trains(text, named):
+    with pytest.raises(SystemExit) as stop:
+        with_settings([METHODS[name] for name in ("set", "rigl", "snfs", "gmp")], [text])
+    assert named in str(stop.value)
+
+
+def test_one_results_file_has_one_writer_at_a_time_and_is_replaced_whole(tmp_path):
+    path = tmp_path / "sweep.json"
+    first = hold_lock(path)
+    with pytest.raises(SystemExit, match="another invocation is writing"):
+        hold_lock(path)
+    first.close()
+    hold_lock(path).close()
+    write_atomically(path, '{"rows": []}\n')
+    write_atomically(path, '{"rows": [1]}\n')
+    assert json.loads(path.read_text()) == {"rows": [1]}
+    assert [entry.name for entry in tmp_path.iterdir()] == ["sweep.json"]  # no temporary file left
+
+
+def test_merged_rows_must_match_their_own_files_settings_and_malformed_files_are_named(tmp_path):
+    recipe = Recipe(epochs=3)
+    path, source = _results_file(tmp_path, "part", recipe, ["set"], [("set", 0.95, 0)], 1.0)
+    record = new_record("full", "uniform", [], {"lenet300-100": recipe}, [METHODS["set"]])
+    assert len(combine_rows(json.loads(json.dumps(record)), [(path, source)])) == 1
+
+    def refused(source, *names):
+        with pytest.raises(SystemExit) as stop:
+            combine_rows(json.loads(json.dumps(record)), [(path, source)])
+        assert all(name in str(stop.value) for name in names), stop.value
+
+    for field, value in (("recipe", {**source["recipes"]["lenet300-100"], "epochs": 100}),
+                         ("allocation", "erk"), ("keep_dense", ["last"])):
+        row = {**source["rows"][0], field: value}
+        refused({**source, "rows": [row]}, "part.json", "row 0", field)
+    for missing in ("methods", "recipes", "rows"):
+        refused({key: value for key, value in source.items() if key != missing}, "part.json", repr(missing))
+    refused([1, 2], "part.json", "JSON list")
+    refused({**source, "rows": [[1]]}, "row 0 is not an object")
+    refused({**source, "rows": [{**source["rows"][0], "seed": "0"}]}, "'seed'")
+    refused({**source, "methods": {"set": 3}}, "'methods'")
+    refused({**source, "wall_seconds": "1 minute"}, "'wall_seconds'")
+    refused({**source, "rows": [{**source["rows"][0], "method": "rigl"}]}, "no recipe or method settings")
+    for text in ("{not json", "[" * 100_000, "1" * 5000, '\udcff'):
+        bad = tmp_path / "bad.json"
+        bad.write_bytes(text.encode("utf-8", "surrogateescape"))
+        with pytest.raises(SystemExit, match="bad.json: not a readable results file"):
+            read_results(bad)
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(SystemExit, match="not a regular file"):
+        read_results(fifo)

@@ -1,5 +1,6 @@
 """The truly sparse (CSR) engine computes exactly what the masked dense network computes."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -470,3 +471,155 @@ def test_files_that_are_not_sparse_models_are_named(tmp_path):
             SparseNet.load(tmp_path / name)
     with pytest.raises(FileNotFoundError):
         SparseNet.load(tmp_path / "missing.npz")
+
+
+# ----------------------------------------------------------------------------- modules used twice
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_reused_relu_or_max_pool_is_run_at_every_place_it_is_used(backend):
+    torch.manual_seed(0)
+    relu, pool = nn.ReLU(), nn.MaxPool2d(2)
+    mlp = masked(nn.Sequential(nn.Linear(12, 16), relu, nn.Linear(16, 16), relu, nn.Linear(16, 4)), 0.5)
+    cnn = masked(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), relu, pool, nn.Conv2d(4, 4, 3, padding=1), relu, pool,
+                               nn.Flatten(), nn.Linear(4 * 2 * 2, 3)), 0.5)
+    for model, inputs in ((mlp, torch.randn(5, 12)), (cnn, torch.randn(5, 1, 8, 8))):
+        sparse = SparseNet.from_masked(model, backend)
+        assert [step["type"] for step in sparse.architecture].count("relu") == 2
+        assert_matches_dense(model, sparse, inputs)
+
+
+def test_a_weighted_layer_used_twice_is_refused_naming_both_places():
+    shared = nn.Linear(8, 8)
+    model = masked(nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(8, 2)), 0.5)
+    with pytest.raises(ValueError, match=r"'2' \(MaskedLinear\) is the module already used at '0'"):
+        SparseNet.from_masked(model, "scipy")
+
+
+class Doubling(nn.ReLU):
+    """A ReLU subclass whose forward is something else: the converter cannot tell from the type."""
+
+    def forward(self, x):
+        return 2 * x
+
+
+def test_conversion_checks_the_converted_model_against_the_masked_net():
+    model = masked(nn.Sequential(nn.Linear(6, 8), Doubling(), nn.Linear(8, 3)), 0.5)
+    with pytest.raises(ValueError, match="does not compute the masked net's function"):
+        SparseNet.from_masked(model, "scipy")
+    with pytest.raises(ValueError, match="does not compute the masked net's function"):
+        SparseNet.from_masked(model, "scipy", example=torch.randn(3, 6))
+    fine = masked(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), 0.5).train()
+    SparseNet.from_masked(fine, "scipy")
+    assert fine.training  # put back in its mode after the probe
+
+
+# ----------------------------------------------------------------------------- memory a crafted file can take
+
+def crafted_npz(path, header: dict, members: dict) -> str:
+    """An .npz whose members declare ``shape`` in their .npy header but hold only ``data`` bytes."""
+    import io
+    import zipfile
+
+    raw = json.dumps(header).encode()
+    members = {"header": ((len(raw),), np.uint8, raw), **members}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, (shape, dtype, data) in members.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array_header_1_0(buffer, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                                          "shape": shape})
+            archive.writestr(f"{name}.npy", buffer.getvalue() + data)
+    return path
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field + ":"))
+
+
+def peak_mib(action) -> float:
+    """How far this process's resident memory rose above where it was while ``action`` ran (or raised)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets the peak (VmHWM) to the current resident size
+    except OSError as error:
+        pytest.skip(f"cannot reset this process's peak memory on this platform: {error}")
+    start = _status_mib("VmRSS")
+    with contextlib.suppress(ValueError):  # a refused file still counts: what it took before the error
+        action()
+    return _status_mib("VmHWM") - start
+
+
+LARGE_LAYER = {"format": "dst-truly-sparse-csr-1", "architecture": [{"type": "linear", "name": "fc"}],
+               "weights": [{"name": "fc", "shape": [16384, 16384], "nnz": 2**28, "index_type": "uint16",
+                            "pointer_type": "uint32", "bias": False}]}
+
+
+def valid_row_pointers(rows: int, nnz: int) -> bytes:
+    return (np.arange(rows + 1, dtype=np.uint32) * (nnz // rows)).tobytes()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sizes_a_file_declares_are_not_allocated_before_its_data_is_there(tmp_path, backend):
+    def members(declared):
+        return {"values": (declared, np.float32, bytes(64)), "bias": ((0,), np.float32, b""),
+                "col_indices_uint16": (declared, np.uint16, bytes(32)),
+                "row_pointers_uint32": ((16385,), np.uint32, valid_row_pointers(16384, 2**28))}
+
+    # .npy members declaring 4 PiB: numpy would try to allocate that before reading a byte.
+    path = crafted_npz(tmp_path / "declares_4pib.npz", LARGE_LAYER, members((2**50,)))
+    with pytest.raises(ValueError, match=r"must be a 1-D \w+ .npy of 268435456 entries, got \w+ of shape "
+                                         r"\(1125899906842624,\)"):
+        SparseNet.load(path, backend)
+    # Declared as the header says (1 GiB of values), holding a few bytes: refused having allocated nothing.
+    path = crafted_npz(tmp_path / "declares_1gib.npz", LARGE_LAYER, members((2**28,)))
+    assert path.stat().st_size < 100_000
+    assert peak_mib(lambda: SparseNet.load(path, backend)) < 32
+    with pytest.raises(ValueError, match="holds 32 bytes, not 536870912"):
+        SparseNet.load(path, backend)
+
+
+def test_a_small_file_of_consistent_but_invalid_arrays_is_refused_before_its_values_are_read(tmp_path):
+    nnz = 2**24  # 64 MiB of values and 32 MiB of column indices, all zero: they compress to 0.1 MiB
+    header = {**LARGE_LAYER, "weights": [{**LARGE_LAYER["weights"][0], "nnz": nnz}]}
+    path = crafted_npz(tmp_path / "zeros.npz", header, {
+        "values": ((nnz,), np.float32, bytes(4 * nnz)), "bias": ((0,), np.float32, b""),
+        "col_indices_uint16": ((nnz,), np.uint16, bytes(2 * nnz)),
+        "row_pointers_uint32": ((16385,), np.uint32, valid_row_pointers(16384, nnz))})
+    assert path.stat().st_size < 2**20
+    with pytest.raises(ValueError, match="column indices must rise strictly within each row"):
+        SparseNet.load(path)
+    assert peak_mib(lambda: SparseNet.load(path)) < 120  # the column indices and a few masks over them
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_huge_declared_kernel_without_weights_takes_little_memory(tmp_path, backend):
+    columns = 16 * 1024 * 1024
+    header = {"format": "dst-truly-sparse-csr-1",
+              "architecture": [{"type": "conv", "name": "conv", "in_channels": 16, "kernel_size": [1024, 1024],
+                                "padding": [0, 0]}],
+              "weights": [{"name": "conv", "shape": [1, columns], "nnz": 0, "index_type": "uint32",
+                           "pointer_type": "uint8", "bias": False}]}
+    path = crafted_npz(tmp_path / "kernel.npz", header, {
+        "values": ((0,), np.float32, b""), "bias": ((0,), np.float32, b""),
+        "col_indices_uint32": ((0,), np.uint32, b""), "row_pointers_uint8": ((2,), np.uint8, bytes(2))})
+    assert path.stat().st_size < 2_000
+    SparseNet.load(path, backend)  # a valid (if useless) model
+    assert peak_mib(lambda: SparseNet.load(path, backend)) < 64
+
+
+def test_a_deeply_nested_header_is_refused_with_a_value_error(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    np.savez(tmp_path / "deep.npz", header=np.frombuffer(
+        b'{"format": "dst-truly-sparse-csr-1", "architecture": ' + deep.encode() + b"}", dtype=np.uint8))
+    with pytest.raises(ValueError, match="nested 100001 levels deep, more than the 32 allowed"):
+        SparseNet.load(tmp_path / "deep.npz")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_converted_to_float32(backend, dtype):
+    model = masked(MLP(12, (8,), 3), 0.5)
+    sparse = SparseNet.from_masked(model, backend)
+    inputs = torch.randn(4, 12).to(dtype)
+    assert_matches_dense(model, sparse, inputs.float())
+    np.testing.assert_array_equal(sparse.to_numpy(sparse(inputs)), sparse.to_numpy(sparse(inputs.float())))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dst.masked import MaskedNet
-from dst.masked_layers import MaskedConv2d, MaskedLinear
+from dst.masked_layers import MaskedConv2d, MaskedLayer, MaskedLinear
 
 SUPPORTED_LAYERS = ("MaskedConv2d", "MaskedLinear", "ReLU", "MaxPool2d", "Flatten", "Dropout", "Identity")
 
@@ -29,8 +29,13 @@ def describe(masked_net: MaskedNet) -> tuple[list[dict], dict[str, dict]]:
     if not isinstance(masked_net, MaskedNet):
         raise TypeError(f"expected a dst.masked.MaskedNet, got {type(masked_net).__name__}")
     architecture, weights = [], {}
+    places: dict[int, str] = {}  # id of each masked layer -> where the chain first uses it
     for name, module in _layer_chain(masked_net.net, ""):
         label = f"layer {name or '(the wrapped net)'!r} ({type(module).__name__})"
+        if isinstance(module, MaskedLayer) and places.setdefault(id(module), name) != name:
+            raise ValueError(f"{label} is the module already used at {places[id(module)]!r}: the truly sparse "
+                             "format holds each weight for one place in the chain; give each place its own "
+                             "layer, or convert a net without the repeated layer")
         if isinstance(module, MaskedConv2d):
             if (module.groups != 1 or tuple(module.stride) != (1, 1) or tuple(module.dilation) != (1, 1)
                     or module.padding_mode != "zeros" or isinstance(module.padding, str)):
@@ -67,10 +72,15 @@ def describe(masked_net: MaskedNet) -> tuple[list[dict], dict[str, dict]]:
 
 
 def _layer_chain(module: nn.Module, prefix: str):
-    """Leaf layers in forward order: nn.Sequential containers (with their own forward) are walked."""
+    """Leaf layers in forward (call) order: nn.Sequential containers (with their own forward) are walked.
+
+    Every place is listed, a module held twice (one nn.ReLU() instance reused) at each of them:
+    ``_modules``, which nn.Sequential's forward runs, not ``named_children()``, which lists it once.
+    """
     if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-        for child_name, child in module.named_children():
-            yield from _layer_chain(child, f"{prefix}.{child_name}" if prefix else child_name)
+        for child_name, child in module._modules.items():
+            if child is not None:
+                yield from _layer_chain(child, f"{prefix}.{child_name}" if prefix else child_name)
     else:
         yield prefix, module
 

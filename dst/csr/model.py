@@ -13,6 +13,8 @@ the CSR weights, with 16-bit column indices. The engine keeps per-input-shape wo
 buffers, so a ``SparseNet`` must not be called from two threads at once.
 """
 
+import math
+
 import numpy as np
 import torch
 
@@ -47,10 +49,78 @@ class SparseNet:
         self._buffers: dict[tuple, list] = {}
 
     @classmethod
-    def from_masked(cls, masked_net: MaskedNet, backend: str = "scipy", device=None) -> "SparseNet":
-        """Convert ``masked_net`` (left unchanged) to CSR on ``backend`` ("scipy", "numba", "cupy" or "torch")."""
+    def from_masked(cls, masked_net: MaskedNet, backend: str = "scipy", device=None,
+                    example=None) -> "SparseNet":
+        """Convert ``masked_net`` (left unchanged) to CSR on ``backend`` ("scipy", "numba", "cupy" or "torch").
+
+        The converted model is checked against ``masked_net`` (in eval mode) on a probe batch
+        before it is returned: ``example`` (a few inputs), or random inputs shaped for its first
+        layer; ValueError if they compute different functions (a forward that is not the chain
+        of its nn.Sequential layers) or if no input shape can be inferred (pass ``example``).
+        """
         architecture, weights = describe(masked_net)
-        return cls(architecture, weights, backend, device)
+        model = cls(architecture, weights, backend, device)
+        model._check_computes(masked_net, model._probe_input() if example is None else example)
+        return model
+
+    def _probe_input(self) -> torch.Tensor:
+        """Two random inputs the layer chain accepts: (2, features), or (2, C, H, W) for the first size that fits
+        (squares up to 256, then rectangles up to 64 x 64)."""
+        generator = torch.Generator().manual_seed(0)
+        kinds = [step["type"] for step in self.architecture]
+        weighted = next((step for step in self.architecture if step["type"] in ("conv", "linear")), None)
+        if weighted is not None and weighted["type"] == "linear" and "maxpool" not in kinds[:kinds.index("linear")]:
+            return torch.randn(2, self.layers[weighted["name"]].in_features, generator=generator)
+        if weighted is not None and weighted["type"] == "conv":
+            channels = weighted["in_channels"]
+            sizes = [(size, size) for size in range(1, 257)] + [(height, width) for height in range(1, 65)
+                                                                for width in range(1, 65) if height != width]
+            for height, width in sizes:
+                try:
+                    self._output_shape((channels, height, width, 0))
+                except ValueError:
+                    continue
+                return torch.randn(2, channels, height, width, generator=generator)
+        raise ValueError("cannot infer an input shape to check the converted model against the masked net: "
+                         "pass example= a few inputs it takes")
+
+    def _output_shape(self, shape: tuple) -> tuple:
+        """The batch-last output shape for input ``shape``; ValueError where a step refuses it or leaves nothing."""
+        for step in self.steps:
+            shape, _ = step.prepare(shape)
+            if 0 in shape[:-1]:
+                raise ValueError(f"an activation of shape {shape[:-1]} is empty")
+        return shape
+
+    def _check_computes(self, masked_net: MaskedNet, example) -> None:
+        """Raise ValueError unless this model's outputs on ``example`` equal ``masked_net``'s (eval mode)."""
+        parameter = next(masked_net.parameters())
+        inputs = torch.as_tensor(example)
+        modes = {module: module.training for module in masked_net.modules()}
+        # The function its masks describe (what the CSR holds): where(mask, weight, 0) in the forward.
+        masking = {layer: (layer.apply_mask, layer.mask_in_forward) for layer in masked_net.masked_layers().values()}
+        try:
+            masked_net.eval()
+            for layer in masking:
+                layer.apply_mask = layer.mask_in_forward = True
+            with torch.no_grad():
+                expected = masked_net(inputs.to(device=parameter.device, dtype=parameter.dtype))
+        finally:
+            for module, training in modes.items():
+                module.training = training
+            for layer, (apply_mask, mask_in_forward) in masking.items():
+                layer.apply_mask, layer.mask_in_forward = apply_mask, mask_in_forward
+        expected = expected.detach().float().cpu().numpy()
+        got = self.to_numpy(self._forward(inputs.float()))  # not __call__: a check, not a use
+        scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+        if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-3, atol=1e-3 * scale):
+            difference = float(np.abs(got - expected).max()) if got.shape == expected.shape else math.inf
+            raise ValueError(
+                f"the converted model does not compute the masked net's function (outputs {got.shape} vs "
+                f"{expected.shape}, max |difference| {difference:.3g} on a probe batch of {len(inputs)}): "
+                "SparseNet runs the net's layers in the order nn.Sequential lists them, so a net whose "
+                "forward does something else (a custom forward, a residual, a functional call) cannot be "
+                "converted")
 
     def _compile(self, architecture: list[dict], weights: dict[str, dict]) -> list:
         """Steps to run: ReLUs after a conv or linear, and a max-pool right after a conv, fold into it."""
@@ -86,6 +156,11 @@ class SparseNet:
 
     def __call__(self, x):
         """The forward pass: ``x`` (N, ...) -> (N, classes) as this backend's array."""
+        return self._forward(x)
+
+    forward = __call__
+
+    def _forward(self, x):
         x = self.as_input(x)
         with self.ops.context():
             x = self.ops.batch_last(x)  # (..., N): the one transpose of the forward
@@ -98,8 +173,6 @@ class SparseNet:
             for step, step_buffers in zip(self.steps, buffers, strict=True):
                 x = step(x, step_buffers)
             return self.ops.batch_first(x)
-
-    forward = __call__
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{name} {step.kind} {step.out_features}x{step.in_features} "
@@ -126,6 +199,8 @@ class SparseNet:
             raise TypeError(f"SparseNet takes floating-point inputs normalised like the training data, got "
                             f"{dtype}: convert and normalise raw pixels first (for MNIST, (x / 255 - 0.1307) "
                             "/ 0.3081); the torch model refuses them too")
+        if isinstance(x, torch.Tensor) and x.dtype != torch.float32:
+            x = x.float()  # bfloat16 and float16 too, which numpy (scipy, numba) cannot take
         return self.ops.as_input(x)
 
     def to_numpy(self, y) -> np.ndarray:

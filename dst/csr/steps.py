@@ -55,10 +55,12 @@ class ConvStep:
         self.in_channels, self.kernel_size, self.padding = in_channels, tuple(kernel_size), tuple(padding)
         self.pool_kernel = tuple(pool_kernel)
         (kh, kw), (ph, pw) = self.kernel_size, self.pool_kernel
-        self.out_channels, kernel_volume = host["shape"]
+        self.out_channels = host["shape"][0]
         self.grid = (kh + ph - 1, kw + pw - 1)
         grid_w = self.grid[1]
-        channel, offset = np.divmod(np.arange(kernel_volume), kh * kw)  # mask column k = c*kh*kw + i*kw + j
+        # Only the active weights' columns are renumbered: a table over all kh*kw*C columns would let a
+        # file declaring a huge kernel with no weights take hundreds of MiB.
+        channel, offset = np.divmod(host["col_indices"].astype(np.int64), kh * kw)  # column c*kh*kw + i*kw + j
         position = (offset // kw * grid_w + offset % kw) * in_channels + channel
         self.window_rows = ((kh - 1) * grid_w + kw) * in_channels  # rows one window position reads
         self.window_starts = [(a * grid_w + b) * in_channels for a in range(ph) for b in range(pw)]
@@ -270,11 +272,10 @@ def conv_output_shape(name: str, in_channels: int, out_channels: int, kernel_siz
     return out_channels, out_height // pool_h, out_width // pool_w, batch
 
 
-def _reindex_columns(host: dict, position: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR arrays with column k renamed ``position[k]``, indices sorted again within each row."""
+def _reindex_columns(host: dict, col_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR arrays with entry k's column renamed ``col_indices[k]``, indices sorted again within each row."""
     row_pointers = host["row_pointers"]
     rows = np.repeat(np.arange(row_pointers.size - 1), np.diff(row_pointers))
-    col_indices = position[host["col_indices"]]
     order = np.lexsort((col_indices, rows))
     return (np.ascontiguousarray(host["values"][order], dtype=np.float32),
             col_indices[order].astype(np.int32), row_pointers.astype(np.int32))
