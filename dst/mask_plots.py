@@ -75,7 +75,8 @@ def plot_mask_evolution_per_epoch(sparsity_per_epoch, masks_per_epoch=None, save
                             width, color=colors.get(group[0]), label=", ".join(group))
         turnover_ax.set(xlabel="epoch", ylabel="active connections replaced (%)", xticks=epochs,
                         xlim=(epochs[0] - 0.6, epochs[-1] + 0.6), title="Topology turnover at each DST step")
-        turnover_ax.set_ylim(bottom=0)
+        tallest = max((max(series) for series, _ in groups), default=0.0)
+        turnover_ax.set_ylim(0, 1.35 * tallest if tallest > 0 else 1.0)  # room for the legend above the bars
         turnover_ax.grid(alpha=0.3, axis="y")
         if groups:
             turnover_ax.legend()

@@ -203,9 +203,13 @@ def plot_runs_comparison(runs, save_path=None):
         ax.grid(alpha=0.3, which="both")
         if len(runs) > 1:
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=1)
+        else:  # one point per line: its name next to it says more than a legend
+            for line in ax.lines:
+                if line.get_label() != "break-even" and np.isfinite(line.get_ydata()[0]):
+                    ax.annotate(line.get_label(), (line.get_xdata()[0], line.get_ydata()[0]), xytext=(10, 0),
+                                textcoords="offset points", va="center", fontsize="small")
     if len(runs) == 1:
-        fig.suptitle("One run saved so far: rerun at another GLOBAL_SPARSITY to compare "
-                     "(dense o, dense+mask s; speedup o, memory ratio s)")
+        fig.suptitle("One run saved so far: rerun at another GLOBAL_SPARSITY to compare")
     fig.tight_layout()
     return finish(fig, save_path)
 

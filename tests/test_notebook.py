@@ -8,7 +8,10 @@ figure must show each of its figures as an image, both times; no figure may be l
 import ast
 import copy
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,3 +209,16 @@ def test_notebook_shows_every_figure_in_a_fresh_kernel_and_on_a_rerun_and_writes
 
     rerun = outputs_text(second)
     assert "| 2 x 5 |" in rerun and "| 2 x 3 |" in rerun  # both runs in the table, each with its budget
+
+
+def test_the_first_cell_says_what_to_install_when_the_notebook_is_opened_on_its_own(tmp_path):
+    (cell,) = [cell for cell in code_cells(notebook()) if cell["id"] == "first-run"]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    alone = subprocess.run([sys.executable, "-c", source(cell)], cwd=tmp_path, capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert alone.returncode != 0
+    assert "ModuleNotFoundError: This notebook needs its package" in alone.stderr
+    assert "git clone" in alone.stderr and "REPOSITORY_URL" in alone.stderr
+    here = subprocess.run([sys.executable, "-c", source(cell)], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert here.returncode == 0 and "package is importable" in here.stdout
