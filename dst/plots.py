@@ -13,6 +13,7 @@ import io
 import textwrap
 from pathlib import Path
 
+import matplotlib.figure
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -52,6 +53,11 @@ def show(figure, dpi: int = 100):
 
     if isinstance(figure, (str, Path)):
         png = Path(figure).read_bytes()
+        if not png.startswith(b"\x89PNG"):
+            raise ValueError(f"show() displays PNG files; {figure} is not one")
+    elif not isinstance(figure, matplotlib.figure.Figure):
+        raise TypeError(f"show() takes a matplotlib Figure (what the plot functions return) or the path of a PNG, "
+                        f"got {type(figure).__name__}")
     else:
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")

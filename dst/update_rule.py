@@ -138,8 +138,36 @@ def choose_moves(active: np.ndarray, magnitudes: np.ndarray, numel: int, count: 
         raise ValueError(f"regrow={criterion.name!r} needs the layer's dense gradient")
     empty = np.empty(0, dtype=np.int64)
     pruned = np.argpartition(magnitudes, count - 1)[:count] if count else empty
-    regrown = criterion.choose(active, numel, regrow_count, gradient, random) if regrow_count else empty
-    return pruned, regrown.astype(np.int64, copy=False)
+    if not regrow_count:
+        return pruned, empty
+    regrown = _checked_choice(criterion, criterion.choose(active, numel, regrow_count, gradient, random), active,
+                              numel, regrow_count)
+    return pruned, regrown
+
+
+def _checked_choice(criterion: RegrowCriterion, chosen, active: np.ndarray, numel: int, count: int) -> np.ndarray:
+    """A criterion's positions as sorted int64, or a ValueError saying what is wrong with them.
+
+    Criteria can be written by anyone (the tutorial's first exercise asks for one); a wrong
+    answer would otherwise silently change a layer's active count or revive an active weight.
+    """
+    what = f"regrow criterion {criterion.name!r} must return {count} distinct inactive positions in [0, {numel})"
+    try:
+        positions = np.asarray(chosen)
+    except Exception as error:  # anything that is not array-like
+        raise ValueError(f"{what}; got {type(chosen).__name__}") from error
+    if positions.ndim != 1 or positions.size != count:
+        raise ValueError(f"{what}; got shape {positions.shape}")
+    if not np.issubdtype(positions.dtype, np.integer):
+        raise ValueError(f"{what}; got dtype {positions.dtype}")
+    positions = np.sort(positions.astype(np.int64, copy=False))
+    if positions[0] < 0 or positions[-1] >= numel:
+        raise ValueError(f"{what}; got positions from {positions[0]} to {positions[-1]}")
+    if (positions[1:] == positions[:-1]).any():
+        raise ValueError(f"{what}; got {int((positions[1:] == positions[:-1]).sum())} repeated")
+    if _contains(active, positions).any():
+        raise ValueError(f"{what}; got {int(_contains(active, positions).sum())} that are active already")
+    return positions
 
 
 # ----------------------------------------------------------------------------- random regrowth

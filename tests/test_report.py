@@ -29,6 +29,11 @@ def test_show_displays_one_png_and_closes_the_figure(monkeypatch, tmp_path):
     path.write_bytes(image.data)
     plots.show(path)
     assert shown[1].data == image.data
+    with pytest.raises(TypeError, match="takes a matplotlib Figure"):
+        plots.show(None)
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(ValueError, match="displays PNG files"):
+        plots.show(tmp_path / "notes.txt")
 
 
 def test_lecture_style_leaves_interactive_mode_as_a_backend_switched_on_inside_set_it():
@@ -205,3 +210,25 @@ def test_a_method_with_another_criterion_is_labelled_and_counts_its_gradient_pas
     assert replace(METHODS["rigl"], regrow="random").label == "rigl+random"
     with pytest.raises(ValueError, match="unknown regrow method 'nope'"):
         replace(METHODS["set"], regrow="nope")
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (lambda free: None, "got NoneType|got shape"),
+    (lambda free: free[:2], r"got shape \(2,\)"),
+    (lambda free: np.concatenate([free[:2], free[:1]]), "got 1 repeated"),
+    (lambda free: np.array([0, free[0], free[1]]), "got 1 that are active already"),
+    (lambda free: np.array([free[0], free[1], 10**9]), "got positions from"),
+    (lambda free: free[:3].astype(float), "got dtype float64"),
+])
+def test_a_criterion_that_answers_wrong_is_refused_with_what_is_wrong(answer, reason):
+    def criterion_choose(active, numel, count, gradient, random):
+        return answer(np.setdiff1d(np.arange(numel), active))
+
+    criterion = RegrowCriterion("mine", "an attendee's", needs_gradient=False, uses_random=False,
+                                choose=criterion_choose)
+    from dst.update_rule import choose_moves
+
+    active = np.array([0, 5, 7], dtype=np.int64)
+    with pytest.raises(ValueError, match=f"regrow criterion 'mine' must return 3 distinct inactive positions in "
+                                         f"\\[0, 20\\); ({reason})"):
+        choose_moves(active, np.ones(3), 20, 3, criterion)
