@@ -144,6 +144,49 @@ def test_regrown_connections_start_with_fresh_optimizer_state():
     assert torch.any(buffer[before & layer.mask] != 0)  # survivors keep their momentum
 
 
+def weight_state(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The optimizer's state tensors shaped like ``weight`` (momentum, Adam's moments), by their key."""
+    return {key: value for key, value in optimizer.state[weight].items()
+            if torch.is_tensor(value) and value.shape == weight.shape}
+
+
+@pytest.mark.parametrize("passed", [True, False], ids=["optimizer passed", "optimizer found"])
+@pytest.mark.parametrize("regrow", ["random", "gradient"])
+@pytest.mark.parametrize("optimizer_name", ["adam", "adam_amsgrad", "adamw", "sgd_momentum_wd"])
+def test_a_dst_step_zeroes_every_moment_at_every_moved_position_whatever_the_state_held(optimizer_name, regrow,
+                                                                                        passed):
+    # State that is non-zero at inactive positions: what a dense checkpoint's optimizer holds. The pre-step
+    # hook zeroes it only before the optimizer's next step, so here the DST step alone must reset it,
+    # at the pruned positions and at the regrown ones alike, and leave every other position as it was.
+    torch.manual_seed(0)
+    net = MaskedNet(MLP(30, (40,), num_classes=4), sparsity=0.7)
+    optimizer = OPTIMIZERS[optimizer_name](net.parameters())
+    generator = torch.Generator().manual_seed(1)
+    batch = torch.randn(16, 30, generator=generator), torch.randint(0, 4, (16,), generator=generator)
+    optimizer.zero_grad()
+    F.cross_entropy(net(batch[0]), batch[1]).backward()
+    optimizer.step()
+    layers = net.masked_layers()
+    before = {}
+    for name, layer in layers.items():
+        state = weight_state(optimizer, layer.weight)
+        assert len(state) == {"adam": 2, "adam_amsgrad": 3, "adamw": 2, "sgd_momentum_wd": 1}[optimizer_name]
+        for value in state.values():  # positive everywhere (Adam's second moments must be)
+            value.copy_(torch.rand(value.shape, generator=generator) + 0.5)
+        before[name] = layer.mask.clone(), {key: value.clone() for key, value in state.items()}
+
+    apply_dst_step(net, prune_ratio=0.3, regrow=regrow, batch=batch, generator=torch.Generator().manual_seed(2),
+                   optimizer=optimizer if passed else None)
+
+    for name, layer in layers.items():
+        old_mask, old_state = before[name]
+        pruned, regrown = old_mask & ~layer.mask, ~old_mask & layer.mask
+        assert pruned.any() and regrown.any(), name
+        for key, value in weight_state(optimizer, layer.weight).items():
+            expected = old_state[key].masked_fill(pruned | regrown, 0.0)
+            assert torch.equal(value, expected), f"{name}: {key} not reset exactly at the moved positions"
+
+
 def test_same_seed_gives_same_masks_choices_and_losses():
     first_net, first_scheduler, first_losses = run_training(OPTIMIZERS["adam"], seed=5)
     second_net, second_scheduler, second_losses = run_training(OPTIMIZERS["adam"], seed=5)
