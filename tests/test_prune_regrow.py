@@ -1,6 +1,7 @@
 """The DST step: counts kept, prune/regrow choices against an oracle, optimizer state reset."""
 
 import copy
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -199,19 +200,38 @@ def test_same_seed_gives_same_masks_choices_and_losses():
 def test_training_resumes_exactly_from_a_checkpoint():
     net, _, _ = run_training(OPTIMIZERS["adam"], steps=10)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    resumed = MaskedNet(MLP(30, (40, 40), num_classes=4), sparsity=0.8, allocation="erk")
-    resumed.load_state_dict(copy.deepcopy(net.state_dict()))
+    generator = torch.Generator().manual_seed(3)
+    inputs, targets = torch.randn(16, 30, generator=generator), torch.randint(0, 4, (16,), generator=generator)
+    for _ in range(2):  # the optimizer has state worth saving
+        optimizer.zero_grad()
+        F.cross_entropy(net(inputs), targets).backward()
+        optimizer.step()
+    buffer = io.BytesIO()  # a checkpoint file: model (masks included) and optimizer state
+    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = MaskedNet(MLP(30, (40, 40), num_classes=4), sparsity=0.8, allocation="erk")  # other masks, weights
+    resumed.load_state_dict(checkpoint["model"])
     resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=1e-2)
-    inputs, targets = torch.randn(16, 30), torch.randint(0, 4, (16,))
-    for model, opt in ((net, optimizer), (resumed, resumed_optimizer)):
-        for _ in range(3):
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    losses = {}
+    for name, model, opt in (("original", net, optimizer), ("resumed", resumed, resumed_optimizer)):
+        losses[name] = []
+        for step in range(6):
             opt.zero_grad()
-            F.cross_entropy(model(inputs), targets).backward()
+            loss = F.cross_entropy(model(inputs), targets)
+            loss.backward()
             opt.step()
-        apply_dst_step(model, 0.2, generator=torch.Generator().manual_seed(9))
+            losses[name].append(loss.item())
+            if step in (1, 4):
+                apply_dst_step(model, 0.2, generator=torch.Generator().manual_seed(9 + step))
+    assert losses["original"] == losses["resumed"]
     for name, layer in net.masked_layers().items():
-        assert torch.equal(layer.mask, resumed.masked_layers()[name].mask)
-        assert torch.allclose(layer.weight, resumed.masked_layers()[name].weight)
+        other = resumed.masked_layers()[name]
+        assert torch.equal(layer.mask, other.mask) and torch.equal(layer.weight, other.weight), name
+    for param, other in zip(net.parameters(), resumed.parameters(), strict=True):
+        for key, value in optimizer.state[param].items():
+            assert torch.equal(value, resumed_optimizer.state[other][key]), key
 
 
 def test_apply_dst_step_on_unmasked_model_is_rejected():

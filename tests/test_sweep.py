@@ -1,5 +1,6 @@
 """The methods sweep: FLOPs against their formulas, rows, the summary over seeds, the figure."""
 
+import copy
 import json
 from dataclasses import replace
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from benchmarks.dst_methods import combine_rows, new_record, row_key, with_settings
+from dst import sweep
+from dst.allocation import active_count
 from dst.masked import MaskedNet
 from dst.methods import METHODS, Target
 from dst.models import SimpleNet, lenet_300_100
@@ -45,8 +48,16 @@ def test_flop_counter_matches_the_layer_formulas():
     assert counter.dense == simplenet
 
 
-def test_training_flops_follow_each_methods_formula(data):
+def test_training_flops_follow_each_methods_formula(data, monkeypatch):
     train, test = data
+    evaluated = []  # each run's trained model as it is tested, for the accuracy oracle below
+    evaluate = sweep.evaluate
+
+    def keep(model, *args):
+        evaluated.append(copy.deepcopy(model))
+        return evaluate(model, *args)
+
+    monkeypatch.setattr(sweep, "evaluate", keep)
     rows = {name: train_run("lenet300-100", method, Target(0.9), RECIPE, train, test)
             for name, method in [("dense", "dense"), ("static", "static"), ("snfs", "snfs"),
                                  ("rigl", replace(METHODS["rigl"], every=2))]}
@@ -63,8 +74,11 @@ def test_training_flops_follow_each_methods_formula(data):
     assert updates == 2  # steps 2 and 4 of 8; the cosine reaches 0 at step 6
     expected = (8 * 3 * sparse + updates * (2 * sparse + dense)) / (8 * 3 * dense)
     assert rows["rigl"]["train_flops_vs_dense"] == pytest.approx(expected, rel=1e-12)
-    for row in rows.values():
-        assert 0.0 <= row["test_acc"] <= 100.0 and row["steps"] == 8
+    images, labels = test[0]
+    for row, model in zip(rows.values(), evaluated, strict=True):
+        with torch.no_grad():
+            right = int((model.eval()(images).argmax(1) == labels).sum())
+        assert row["test_acc"] == 100.0 * right / len(labels) and row["steps"] == 8
 
 
 def test_gmp_row_reaches_the_target_and_counts_its_dense_phase(data):
@@ -75,7 +89,21 @@ def test_gmp_row_reaches_the_target_and_counts_its_dense_phase(data):
     assert row["layer_active"] == {name: layer.active_count for name, layer in expected.masked_layers().items()}
     assert row["final_sparsity"] == pytest.approx(expected.global_sparsity(), rel=1e-12)
     assert row["dense_training"] and row["inference_flops_vs_dense"] == pytest.approx(0.05, rel=1e-3)
-    assert 0.05 < row["train_flops_vs_dense"] < 1.0  # dense for the first steps, sparse from step 6 on
+    # Oracle: 8 steps (2 epochs x 4 batches); pruning after steps start=2 < t < end=6 and at t=6, each layer to
+    # active_count(numel, d_t), d_t = final + (1 - final) (1 - (t - 2) / 4)^3. Step k computes (forward, backward
+    # to the inputs and to the weights) with the counts left by the last pruning before it: dense for steps 1-3.
+    final = Target(0.95, "erk").densities(expected)
+    sizes = {name: layer.mask.numel() for name, layer in expected.masked_layers().items()}
+    dense = sum(sizes.values())
+
+    def active_after(t):
+        return sum(active_count(size, final[name] + (1 - final[name]) * (1 - (t - 2) / 4) ** 3)
+                   for name, size in sizes.items())
+
+    per_step = [dense] * 3 + [active_after(t) for t in (3, 4, 5)] + [active_after(6)] * 2
+    assert active_after(6) == sum(row["layer_active"].values())
+    assert row["train_flops_vs_dense"] == pytest.approx(sum(per_step) / (8 * dense), rel=1e-12)
+    assert row["train_flops"] == 2 * 3 * 16 * sum(per_step)
 
 
 def test_run_sweep_trains_dense_once_per_model_and_seed_and_summarize_averages_seeds(data):
