@@ -243,3 +243,42 @@ def test_comparison_table_never_prints_minus_zero():
     summary = [{"model": "lenet300-100", "method": "dense", "sparsity": 0.0, "seeds": 1, "test_acc": 98.687}]
     published = [{"model": "lenet300-100", "method": "dense", "sparsity": 0.0, "test_acc": 98.69}]
     assert comparison_table(summary, published).splitlines()[2].endswith("| 98.69 | 98.69 | +0.00 |")
+
+
+def test_method_sweep_figure_draws_each_methods_mean_error_spread_and_flops():
+    def row(method, sparsity, seed, accuracy, flops):
+        return {"model": "lenet300-100", "method": method, "sparsity": sparsity, "seed": seed, "test_acc": accuracy,
+                "train_flops_vs_dense": flops, "dense_training": method == "gmp"}
+
+    rows = [row("dense", 0.0, 0, 98.2, 1.0), row("dense", 0.0, 1, 98.4, 1.0),
+            row("set", 0.99, 0, 96.0, 0.011), row("set", 0.9, 0, 97.5, 0.101), row("set", 0.9, 1, 97.9, 0.103),
+            row("set", 0.99, 1, 96.6, 0.013), row("gmp", 0.9, 0, 98.0, 0.4), row("gmp", 0.99, 0, 97.0, 0.3)]
+    fig = plot_method_sweep(rows)
+    lines = [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for ax in fig.axes for line in ax.lines]
+
+    def drawn(x, y):
+        return [label for label, xdata, ydata in lines if xdata == pytest.approx(x, rel=1e-12)
+                and ydata == pytest.approx(y, rel=1e-12)]
+
+    densities = [0.1, 0.01]  # the x axis is the density, 1 - sparsity, in order of sparsity
+    bars = {container.get_label(): container for container in fig.axes[0].containers}
+    for label, errors, spreads in [("SET", [100 - 97.7, 100 - 96.3], [0.4, 0.6]), ("GMP (dense memory)",
+                                                                                 [100 - 98.0, 100 - 97.0], [0, 0])]:
+        # Accuracy axis: the error 100 - mean accuracy over the seeds, with one standard deviation as error bars.
+        data_line, _, (bar_segments,) = bars[label].lines
+        assert list(data_line.get_xdata()) == pytest.approx(densities, rel=1e-12), label
+        assert list(data_line.get_ydata()) == pytest.approx(errors, rel=1e-12), label
+        assert [abs(segment[1][1] - segment[0][1]) / 2 for segment in bar_segments.get_segments()] == pytest.approx(
+            [spread / 2 ** 0.5 for spread in spreads], rel=1e-9), label
+    # FLOPs axis: the mean over seeds, as a fraction of dense.
+    assert "SET" in drawn(densities, [0.102, 0.012])
+    assert "GMP (dense memory)" in drawn(densities, [0.4, 0.3])
+    # Dense: a line at its mean error (98.3 %), with the seeds' spread (one standard deviation) as a band.
+    assert [label for label, _, y in lines if y == pytest.approx([100 - 98.3] * 2, rel=1e-12)] == [
+        "dense (band: ±1 std over seeds)"]
+    spread = abs(98.2 - 98.4) / 2 ** 0.5
+    [band] = fig.axes[0].patches
+    # A Rectangle (matplotlib >= 3.9) or a Polygon (before), spanning the axes' width.
+    low, high = ((band.get_y(), band.get_y() + band.get_height()) if hasattr(band, "get_height")
+                 else sorted({y for _, y in band.get_xy()}))
+    assert (low, high) == pytest.approx(((1.7 - spread) * 0.99, (1.7 + spread) * 1.01), rel=1e-9)
