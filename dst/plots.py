@@ -165,12 +165,13 @@ def plot_sparsity_sweep(rows, save_path=None):
         for row in rows:
             if row["engine"] == engine:
                 sizes.setdefault(row["sparsity"], []).append(row["sparse_bytes"] / 2**20)
-        points = tuple((sparsity, float(f"{np.mean(values):.3g}")) for sparsity, values in sorted(sizes.items()))
-        memory_series.setdefault(points, []).append(engine)
+        points = [(sparsity, float(np.mean(values))) for sparsity, values in sorted(sizes.items())]
+        key = tuple((sparsity, float(f"{size:.3g}")) for sparsity, size in points)
+        memory_series.setdefault(key, [points]).append(engine)
     dense = sorted({(row["sparsity"], row["dense_bytes"]) for row in rows})
     memory_ax.plot([100 * s for s, _ in dense], [size / 2**20 for _, size in dense], "k-o",
                    label="dense weights + mask")
-    for points, names in memory_series.items():
+    for points, *names in memory_series.values():  # drawn at the first engine's exact values
         memory_ax.plot([100 * s for s, _ in points], [size for _, size in points], "o-", color=colors[names[0]],
                        label=f"CSR ({', '.join(names)})")
     memory_ax.set(xlabel="sparsity (%)", ylabel="memory (MiB)", title="Weight memory")

@@ -101,9 +101,42 @@ def test_checkpoint_round_trip_keeps_masks_with_zero_valued_active_weights():
     assert restored.get_sparsity_stats() == masked.get_sparsity_stats()
 
 
-def test_to_device_keeps_masks_on_the_weights_device():
-    masked = MaskedNet(MLP(784, (16,)), 0.5).to("cpu")
-    assert all(layer.mask.device == layer.weight.device for layer in masked.masked_layers().values())
+@pytest.mark.parametrize("device", [
+    "meta",  # a second device on every machine: it holds no values, but tensors left behind would show
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
+])
+def test_to_device_takes_the_masks_to_the_weights_device(device):
+    masked = MaskedNet(MLP(784, (16,)), 0.5)
+    before = {name: layer.mask.clone() for name, layer in masked.masked_layers().items()}
+    masked.to(device)
+    for name, layer in masked.masked_layers().items():
+        assert layer.weight.device.type == layer.mask.device.type == device, name
+        assert layer.mask.dtype == torch.bool, name
+        if device != "meta":
+            assert torch.equal(layer.mask.cpu(), before[name]), name
+
+
+def test_a_dtype_change_keeps_the_masks_boolean_and_inactive_weights_zero_through_training():
+    torch.manual_seed(0)
+    masked = MaskedNet(MLP(20, (16,), num_classes=4), 0.5)
+    before = {name: (layer.mask.clone(), layer.weight.detach().clone())
+              for name, layer in masked.masked_layers().items()}
+    masked.to(torch.float64)
+    for name, layer in masked.masked_layers().items():
+        mask, weight = before[name]
+        assert layer.weight.dtype == torch.float64 and layer.mask.dtype == torch.bool, name
+        assert torch.equal(layer.mask, mask) and torch.equal(layer.weight, weight.double()), name
+    optimizer = torch.optim.Adam(masked.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(4):
+        inputs = torch.randn(8, 20, generator=generator, dtype=torch.float64)
+        optimizer.zero_grad()
+        F.cross_entropy(masked(inputs), torch.randint(0, 4, (8,), generator=generator)).backward()
+        optimizer.step()
+        if step == 1:
+            apply_dst_step(masked, prune_ratio=0.3, generator=generator)
+        assert_inactive_exactly_zero(masked, optimizer)
+    assert all(layer.weight.dtype == torch.float64 for layer in masked.masked_layers().values())
 
 
 @pytest.mark.parametrize("sparsity, error", [(1.0, ValueError), (-0.01, ValueError), ("high", TypeError)])
@@ -212,6 +245,40 @@ def test_conv1d_conv3d_and_linear_subclasses_are_masked_so_sparsity_covers_every
     expected = F.linear(F.conv3d(x, conv.weight * conv.mask, conv.bias).flatten(1),
                         volume.net[2].weight * volume.net[2].mask, volume.net[2].bias)
     torch.testing.assert_close(volume(x), expected)
+
+
+# One net per masked layer type, the layer alone (a Flatten after a conv): (net, input shape, outputs, type).
+ONE_LAYER_NETS = {
+    "Linear": (lambda: nn.Linear(12, 6), (5, 12), 6, MaskedLinear),
+    "Linear subclass": (lambda: nn.modules.linear.NonDynamicallyQuantizableLinear(12, 6), (5, 12), 6, MaskedLinear),
+    "Conv1d": (lambda: nn.Conv1d(2, 4, 3), (5, 2, 6), 4 * 4, MaskedConv1d),
+    "Conv2d": (lambda: nn.Conv2d(2, 4, 3), (5, 2, 4, 4), 4 * 2 * 2, MaskedConv2d),
+    "Conv3d": (lambda: nn.Conv3d(2, 4, 2), (5, 2, 3, 3, 3), 4 * 2 * 2 * 2, MaskedConv3d),
+}
+
+
+@pytest.mark.parametrize("masking", ["gradient", "forward"])
+@pytest.mark.parametrize("kind", sorted(ONE_LAYER_NETS))
+def test_every_masked_layer_type_trains_with_inactive_weights_exactly_zero(kind, masking):
+    make, shape, outputs, masked_class = ONE_LAYER_NETS[kind]
+    torch.manual_seed(0)
+    masked = MaskedNet(nn.Sequential(make(), nn.Flatten()), sparsity=0.6, masking=masking)
+    layer = masked.net[0]
+    assert type(layer) is masked_class and 0 < layer.active_count < layer.mask.numel()
+    optimizer = torch.optim.Adam(masked.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    start = layer.weight.detach().clone()
+    for _ in range(3):
+        inputs = torch.randn(*shape, generator=generator)
+        targets = torch.randint(0, outputs, (shape[0],), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(masked(inputs), targets).backward()
+        assert torch.all(layer.weight.grad[~layer.mask] == 0), f"{kind}: gradient reaches inactive weights"
+        assert torch.any(layer.weight.grad[layer.mask] != 0)
+        optimizer.step()
+        assert torch.all(layer.weight[~layer.mask] == 0), f"{kind}: an inactive weight moved"
+        assert_inactive_exactly_zero(masked, optimizer)
+    assert torch.all(layer.weight[layer.mask] != start[layer.mask]), f"{kind}: an active weight did not train"
 
 
 def test_attention_out_proj_is_masked_and_extra_forward_arguments_reach_the_net():

@@ -18,6 +18,7 @@ from dst.models import MLP
 from dst.optimizer_state import per_weight_state
 from dst.prune_regrow import dense_gradients
 from dst.sparse_momentum import MomentumTracker, redistribute, sparse_momentum_step
+from dst.update_rule import LayerUpdate
 
 STEPS, STEPS_PER_EPOCH = 40, 8
 
@@ -267,6 +268,41 @@ def test_sparse_momentum_step_redistributes_by_mean_momentum_and_regrows_top_mom
         assert torch.equal(tracker.momentum[name].abs()[regrown].sort().values,
                            candidates.topk(regrow[name]).values.sort().values)
         assert torch.all(layer.weight[regrown] == 0)
+    tracker.close()
+
+
+def test_sparse_momentum_shares_regrowth_by_the_mean_momentum_of_the_active_weights_only():
+    # Layer "0": small momentum where its weights are (0.1), large where none are (about 10); layer "2": the
+    # reverse (1.0, about 0.01). Over the active weights "2" moves ten times more and must get the regrowth;
+    # a mean over all positions would rank "0" first by the same factor and hand the regrowth to it instead.
+    net = toy_two_layer_net()
+    layers = net.masked_layers()
+    tracker = MomentumTracker(net)
+    signs = torch.Generator().manual_seed(6)
+    for name, (active_value, inactive_value) in {"0": (0.1, 10.0), "2": (1.0, 0.01)}.items():
+        mask = layers[name].mask
+        spread = 1 + torch.arange(mask.numel(), dtype=torch.float32).view_as(mask) / 1000  # no ties to regrow
+        magnitude = torch.where(mask, torch.tensor(active_value), inactive_value * spread)
+        sign = torch.randint(0, 2, mask.shape, generator=signs) * 2 - 1
+        tracker.momentum[name] = magnitude * sign
+    before = {name: layer.mask.clone() for name, layer in layers.items()}
+    assert {name: int(mask.sum()) for name, mask in before.items()} == {"0": 60, "2": 48}
+    # By hand: prune round(0.25 * 60) = 15 and round(0.25 * 48) = 12; the 27 regrown split 0.1 : 1.0, so
+    # 27 / 11 = 2.45 to "0" and 24.55 to "2", rounded to 2 and 25 (largest remainder).
+    expected_regrown = {"0": 2, "2": 25}
+    over_all_positions = {name: float(tracker.momentum[name].abs().mean()) for name in layers}
+    assert redistribute(27, over_all_positions, {"0": 60, "2": 48}) == {"0": 25, "2": 2}  # what the wrong mean gives
+
+    report = sparse_momentum_step(net, tracker, prune_ratio=0.25)
+
+    for name, layer in layers.items():
+        pruned, regrown = before[name] & ~layer.mask, ~before[name] & layer.mask
+        assert report[name] == LayerUpdate(active=layer.active_count, pruned=int(pruned.sum()),
+                                           regrown=int(regrown.sum()))
+        assert (report[name].pruned, report[name].regrown) == ({"0": 15, "2": 12}[name], expected_regrown[name])
+        candidates = tracker.momentum[name].abs().masked_fill(before[name], -1.0).view(-1)
+        assert set(regrown.view(-1).nonzero().squeeze(1).tolist()) == set(
+            candidates.topk(expected_regrown[name]).indices.tolist())
     tracker.close()
 
 

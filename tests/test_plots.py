@@ -233,3 +233,117 @@ def test_runs_comparison_draws_and_saves_with_missing_speedup(tmp_path):
     assert isinstance(fig, Figure)
     assert path.is_file()
     assert list(fig.axes[0].lines[0].get_xdata()) == [80, 95, 99]  # sorted by sparsity
+
+
+# ----------------------------------------------------------------------------- the data each figure draws
+# Found by what is drawn (a line's data, a bar's height, an image's pixels), not by which axes or in what
+# order, so these survive a figure's layout changing; each expected series is distinct from every other.
+
+def drawn_lines(fig) -> list[tuple[int, str, np.ndarray, np.ndarray]]:
+    """(axes index, label, x, y) of every line on every axes of ``fig``."""
+    return [(index, line.get_label(), np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float))
+            for index, ax in enumerate(fig.axes) for line in ax.lines]
+
+
+def lines_drawing(fig, y, x=None) -> list[tuple[int, str]]:
+    """(axes index, label) of the lines whose y data is exactly ``y`` (NaN equal to NaN), and x data ``x`` if given."""
+    y = np.asarray(y, float)
+    return [(index, label) for index, label, xdata, ydata in drawn_lines(fig)
+            if ydata.shape == y.shape and np.array_equal(ydata, y, equal_nan=True)
+            and (x is None or np.array_equal(xdata, np.asarray(x, float)))]
+
+
+def test_dense_vs_masked_comparison_draws_each_curve_and_masked_minus_dense():
+    rng = np.random.default_rng(0)
+    series = {f"{net}_{split}_{metric}": rng.uniform(1, 99, 5).round(2).tolist()
+              for net in ("dense", "masked") for split in ("train", "test") for metric in ("losses", "accs")}
+    fig = plots.plot_dense_vs_masked_comparison(**series)
+    epochs = [1, 2, 3, 4, 5]
+    for name, values in series.items():
+        assert len(lines_drawing(fig, values, epochs)) == 1, f"{name} is not drawn once against the epochs"
+    for split in ("train", "test"):
+        for metric in ("losses", "accs"):
+            dense, masked = (np.array(series[f"{net}_{split}_{metric}"]) for net in ("dense", "masked"))
+            [(dense_axes, _)], [(masked_axes, _)] = lines_drawing(fig, dense), lines_drawing(fig, masked)
+            assert dense_axes == masked_axes, f"dense and masked {split} {metric} are not on one axes"
+            assert len(lines_drawing(fig, masked - dense, epochs)) == 1, f"masked minus dense {split} {metric}"
+            assert not lines_drawing(fig, dense - masked), f"{split} {metric}: the difference's sign is flipped"
+
+
+def test_benchmark_bars_are_the_medians_and_the_memory_bars_each_layers_kib():
+    timings = {"Dense+Mask (CPU)": timing(4.0), "Truly Sparse CSR (CPU)": timing(0.8),
+               "Truly Sparse torch.sparse (CPU)": timing(10.0)}
+    layers = {"conv1": {"dense_bytes": 2048, "sparse_bytes": 512}, "fc1": {"dense_bytes": 1003520,
+                                                                          "sparse_bytes": 80796}}
+    memory = {"dense_bytes": 1005568, "sparse_bytes": 81308, "layers": layers}
+    fig = plots.plot_benchmark(timings, memory)
+    heights = [[patch.get_height() for patch in ax.patches] for ax in fig.axes]
+    assert [4.0, 0.8, 10.0] in heights  # the time bars, in the order given
+    memory_bars = next(bars for bars in heights if len(bars) == 4)
+    dense, sparse = [2048 / 1024, 1003520 / 1024], [512 / 1024, 80796 / 1024]
+    assert sorted(memory_bars) == sorted(dense + sparse)
+    memory_ax = fig.axes[heights.index(memory_bars)]
+    by_label = {container.get_label(): [bar.get_height() for bar in container] for container in memory_ax.containers}
+    assert dense in by_label.values() and sparse in by_label.values()
+    assert [label for label, bars in by_label.items() if bars == sparse][0].startswith("CSR")
+
+
+def test_sparsity_sweep_draws_each_rows_speedup_and_memory_sorted_by_sparsity():
+    factor = {("scipy", 1): 1.0, ("scipy", 64): 1.5, ("torch", 1): 0.5, ("torch", 64): 0.75}
+    rows = [{"sparsity": sparsity, "batch_size": batch_size, "backend": backend,
+             "speedup": factor[backend, batch_size] / (1 - sparsity), "dense_bytes": 5_000_000,
+             "sparse_bytes": int((8_000_000 if backend == "scipy" else 6_000_000) * (1 - sparsity))}
+            for backend, batch_size in factor for sparsity in (0.99, 0.5, 0.9)]  # out of order: the figure sorts
+    fig = plots.plot_sparsity_sweep(rows)
+    percents = [50, 90, 99]
+    for (backend, batch_size), scale in factor.items():
+        speedups = [scale / (1 - sparsity) for sparsity in (0.5, 0.9, 0.99)]
+        drawn = lines_drawing(fig, speedups, percents)
+        assert [label for _, label in drawn] == [f"{backend}, uniform"]  # one panel per batch size
+        assert fig.axes[drawn[0][0]].get_title().startswith(f"batch {batch_size}:")
+    for backend, size in (("scipy", 8_000_000), ("torch", 6_000_000)):
+        sparse_mib = [int(size * (1 - sparsity)) / 2**20 for sparsity in (0.5, 0.9, 0.99)]
+        assert [label for _, label in lines_drawing(fig, sparse_mib, percents)] == [f"CSR ({backend})"]
+    assert len(lines_drawing(fig, [5_000_000 / 2**20] * 3, percents)) == 1  # dense weights + mask
+
+
+def test_runs_comparison_draws_each_runs_accuracy_and_ratios_with_gaps_for_missing_ones():
+    runs = [{"sparsity": sparsity, "label": f"s={sparsity}", "dense_test_acc": dense, "masked_test_acc": masked,
+             "speedup": speedup, "memory_ratio": memory_ratio}
+            for sparsity, dense, masked, speedup, memory_ratio in [(0.99, 98.7, 95.1, None, 50.0),
+                                                                   (0.8, 98.9, 98.2, 0.7, 2.9),
+                                                                   (0.95, 98.8, 97.4, 2.1, None)]]
+    fig = plots.plot_runs_comparison(runs)
+    percents = [80, 95, 99]
+    for values in ([98.9, 98.8, 98.7], [98.2, 97.4, 95.1], [0.7, 2.1, np.nan], [2.9, np.nan, 50.0]):
+        assert len(lines_drawing(fig, values, percents)) == 1, values
+    [(dense_axes, _)], [(masked_axes, _)] = lines_drawing(fig, [98.9, 98.8, 98.7]), lines_drawing(fig, [98.2, 97.4,
+                                                                                                         95.1])
+    assert dense_axes == masked_axes
+
+
+def test_mask_evolution_per_epoch_draws_each_layers_sparsity_and_turnover():
+    masks = random_masks(epochs=4, shapes={"conv1": (4, 9), "fc1": (8, 300), "fc2": (10, 8)}, density=0.3, seed=3)
+    sparsity = [{name: float(1 - mask.mean()) for name, mask in epoch.items()} for epoch in masks]
+    fig = mask_plots.plot_mask_evolution_per_epoch(sparsity, masks)
+    for name in masks[0]:
+        percent = [100 * epoch[name] for epoch in sparsity]
+        assert [label for _, label in lines_drawing(fig, percent, [1, 2, 3, 4])] == [name]
+        # Oracle: the share of the previous epoch's active connections that are off now, a bar at each epoch.
+        turnover = [100 * (before[name] & ~after[name]).sum() / before[name].sum()
+                    for before, after in zip(masks, masks[1:])]
+        (bars,) = [container for container in fig.axes[1].containers if container.get_label() == name]
+        assert {round(bar.get_x() + bar.get_width() / 2): bar.get_height() for bar in bars} == dict(
+            zip([2, 3, 4], turnover))
+
+
+def test_mask_2d_evolution_draws_each_transition_at_its_layer_and_epoch():
+    masks = random_masks(epochs=3, shapes={"conv1": (4, 9), "fc1": (8, 30)}, seed=4)
+    masks[2] = {name: mask.copy() for name, mask in masks[1].items()}  # epoch 3 unchanged: not drawn
+    fig = mask_plots.plot_mask_2d_evolution(masks)
+    drawn = [np.asarray(image.get_array()) for ax in fig.axes for image in ax.images]
+    expected = [mask_plots.mask_transition_image(masks[max(epoch - 1, 0)][name], masks[epoch][name])
+                for name in ("conv1", "fc1") for epoch in (0, 1)]
+    assert len(drawn) == len(expected)
+    for image in expected:
+        assert sum(np.array_equal(image, pixels) for pixels in drawn) == 1

@@ -1,6 +1,7 @@
 """The DST step: counts kept, prune/regrow choices against an oracle, optimizer state reset."""
 
 import copy
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,49 @@ def test_regrown_connections_start_with_fresh_optimizer_state():
     assert torch.any(buffer[before & layer.mask] != 0)  # survivors keep their momentum
 
 
+def weight_state(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The optimizer's state tensors shaped like ``weight`` (momentum, Adam's moments), by their key."""
+    return {key: value for key, value in optimizer.state[weight].items()
+            if torch.is_tensor(value) and value.shape == weight.shape}
+
+
+@pytest.mark.parametrize("passed", [True, False], ids=["optimizer passed", "optimizer found"])
+@pytest.mark.parametrize("regrow", ["random", "gradient"])
+@pytest.mark.parametrize("optimizer_name", ["adam", "adam_amsgrad", "adamw", "sgd_momentum_wd"])
+def test_a_dst_step_zeroes_every_moment_at_every_moved_position_whatever_the_state_held(optimizer_name, regrow,
+                                                                                        passed):
+    # State that is non-zero at inactive positions: what a dense checkpoint's optimizer holds. The pre-step
+    # hook zeroes it only before the optimizer's next step, so here the DST step alone must reset it,
+    # at the pruned positions and at the regrown ones alike, and leave every other position as it was.
+    torch.manual_seed(0)
+    net = MaskedNet(MLP(30, (40,), num_classes=4), sparsity=0.7)
+    optimizer = OPTIMIZERS[optimizer_name](net.parameters())
+    generator = torch.Generator().manual_seed(1)
+    batch = torch.randn(16, 30, generator=generator), torch.randint(0, 4, (16,), generator=generator)
+    optimizer.zero_grad()
+    F.cross_entropy(net(batch[0]), batch[1]).backward()
+    optimizer.step()
+    layers = net.masked_layers()
+    before = {}
+    for name, layer in layers.items():
+        state = weight_state(optimizer, layer.weight)
+        assert len(state) == {"adam": 2, "adam_amsgrad": 3, "adamw": 2, "sgd_momentum_wd": 1}[optimizer_name]
+        for value in state.values():  # positive everywhere (Adam's second moments must be)
+            value.copy_(torch.rand(value.shape, generator=generator) + 0.5)
+        before[name] = layer.mask.clone(), {key: value.clone() for key, value in state.items()}
+
+    apply_dst_step(net, prune_ratio=0.3, regrow=regrow, batch=batch, generator=torch.Generator().manual_seed(2),
+                   optimizer=optimizer if passed else None)
+
+    for name, layer in layers.items():
+        old_mask, old_state = before[name]
+        pruned, regrown = old_mask & ~layer.mask, ~old_mask & layer.mask
+        assert pruned.any() and regrown.any(), name
+        for key, value in weight_state(optimizer, layer.weight).items():
+            expected = old_state[key].masked_fill(pruned | regrown, 0.0)
+            assert torch.equal(value, expected), f"{name}: {key} not reset exactly at the moved positions"
+
+
 def test_same_seed_gives_same_masks_choices_and_losses():
     first_net, first_scheduler, first_losses = run_training(OPTIMIZERS["adam"], seed=5)
     second_net, second_scheduler, second_losses = run_training(OPTIMIZERS["adam"], seed=5)
@@ -156,19 +200,38 @@ def test_same_seed_gives_same_masks_choices_and_losses():
 def test_training_resumes_exactly_from_a_checkpoint():
     net, _, _ = run_training(OPTIMIZERS["adam"], steps=10)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    resumed = MaskedNet(MLP(30, (40, 40), num_classes=4), sparsity=0.8, allocation="erk")
-    resumed.load_state_dict(copy.deepcopy(net.state_dict()))
+    generator = torch.Generator().manual_seed(3)
+    inputs, targets = torch.randn(16, 30, generator=generator), torch.randint(0, 4, (16,), generator=generator)
+    for _ in range(2):  # the optimizer has state worth saving
+        optimizer.zero_grad()
+        F.cross_entropy(net(inputs), targets).backward()
+        optimizer.step()
+    buffer = io.BytesIO()  # a checkpoint file: model (masks included) and optimizer state
+    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = MaskedNet(MLP(30, (40, 40), num_classes=4), sparsity=0.8, allocation="erk")  # other masks, weights
+    resumed.load_state_dict(checkpoint["model"])
     resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=1e-2)
-    inputs, targets = torch.randn(16, 30), torch.randint(0, 4, (16,))
-    for model, opt in ((net, optimizer), (resumed, resumed_optimizer)):
-        for _ in range(3):
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    losses = {}
+    for name, model, opt in (("original", net, optimizer), ("resumed", resumed, resumed_optimizer)):
+        losses[name] = []
+        for step in range(6):
             opt.zero_grad()
-            F.cross_entropy(model(inputs), targets).backward()
+            loss = F.cross_entropy(model(inputs), targets)
+            loss.backward()
             opt.step()
-        apply_dst_step(model, 0.2, generator=torch.Generator().manual_seed(9))
+            losses[name].append(loss.item())
+            if step in (1, 4):
+                apply_dst_step(model, 0.2, generator=torch.Generator().manual_seed(9 + step))
+    assert losses["original"] == losses["resumed"]
     for name, layer in net.masked_layers().items():
-        assert torch.equal(layer.mask, resumed.masked_layers()[name].mask)
-        assert torch.allclose(layer.weight, resumed.masked_layers()[name].weight)
+        other = resumed.masked_layers()[name]
+        assert torch.equal(layer.mask, other.mask) and torch.equal(layer.weight, other.weight), name
+    for param, other in zip(net.parameters(), resumed.parameters(), strict=True):
+        for key, value in optimizer.state[param].items():
+            assert torch.equal(value, resumed_optimizer.state[other][key]), key
 
 
 def test_apply_dst_step_on_unmasked_model_is_rejected():

@@ -1,6 +1,7 @@
 """The fast CPU training path computes exactly what the plain one does: layouts, masking modes, two nets at once."""
 
 import copy
+import threading
 from collections import OrderedDict
 
 import pytest
@@ -126,7 +127,7 @@ def test_a_shared_loader_is_refused_and_errors_in_a_thread_reach_the_caller():
         train_side_by_side([runs[0], Run(runs[1].model, runs[1].optimizer, runs[0].train_loader)], test,
                            F.cross_entropy, "cpu")
     bad = TensorLoader(torch.randn(8, 1, 28, 28), torch.full((8,), 12), batch_size=4)  # label 12 of 10 classes
-    with pytest.raises((IndexError, ValueError, RuntimeError)):
+    with pytest.raises(IndexError, match="Target 12 is out of bounds"):  # cross_entropy's own error, as raised
         train_side_by_side([runs[0], Run(runs[1].model, runs[1].optimizer, bad)], test, F.cross_entropy, "cpu",
                            progress=False)
 
@@ -172,3 +173,30 @@ def test_loaders_shuffling_from_the_global_generator_are_refused_and_own_generat
     with pytest.raises(TypeError, match="re-iterable with a length .* got a generator"):
         train_side_by_side([runs[0], Run(runs[1].model, runs[1].optimizer, batches)], test, F.cross_entropy, "cpu",
                            progress=False)
+
+
+class FailingLoader:
+    """Yields one batch of ``loader``, then raises an error that names the thread it was raised in."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        yield next(iter(self.loader))
+        raise OSError(f"disk gone while reading batch 2 in {threading.current_thread().name}")
+
+
+def test_an_error_in_a_worker_thread_reaches_the_caller_as_raised(monkeypatch):
+    runs, test = runs_and_loaders()
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the concurrent path, whatever this machine has
+    try:
+        with pytest.raises(OSError, match="disk gone while reading batch 2 in ") as caught:
+            train_side_by_side([runs[0], Run(runs[1].model, runs[1].optimizer, FailingLoader(runs[1].train_loader))],
+                               test, F.cross_entropy, "cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert not str(caught.value).endswith(threading.main_thread().name)  # raised in a worker, re-raised here

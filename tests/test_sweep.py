@@ -1,5 +1,6 @@
 """The methods sweep: FLOPs against their formulas, rows, the summary over seeds, the figure."""
 
+import copy
 import json
 import os
 from dataclasses import replace
@@ -19,6 +20,8 @@ from benchmarks.dst_methods import (
     with_settings,
     write_atomically,
 )
+from dst import sweep
+from dst.allocation import active_count
 from dst.masked import MaskedNet
 from dst.methods import METHODS, Target
 from dst.models import SimpleNet, lenet_300_100
@@ -56,8 +59,16 @@ def test_flop_counter_matches_the_layer_formulas():
     assert counter.dense == simplenet
 
 
-def test_training_flops_follow_each_methods_formula(data):
+def test_training_flops_follow_each_methods_formula(data, monkeypatch):
     train, test = data
+    evaluated = []  # each run's trained model as it is tested, for the accuracy oracle below
+    evaluate = sweep.evaluate
+
+    def keep(model, *args):
+        evaluated.append(copy.deepcopy(model))
+        return evaluate(model, *args)
+
+    monkeypatch.setattr(sweep, "evaluate", keep)
     rows = {name: train_run("lenet300-100", method, Target(0.9), RECIPE, train, test)
             for name, method in [("dense", "dense"), ("static", "static"), ("snfs", "snfs"),
                                  ("rigl", replace(METHODS["rigl"], every=2))]}
@@ -74,8 +85,11 @@ def test_training_flops_follow_each_methods_formula(data):
     assert updates == 2  # steps 2 and 4 of 8; the cosine reaches 0 at step 6
     expected = (8 * 3 * sparse + updates * (2 * sparse + dense)) / (8 * 3 * dense)
     assert rows["rigl"]["train_flops_vs_dense"] == pytest.approx(expected, rel=1e-12)
-    for row in rows.values():
-        assert 0.0 <= row["test_acc"] <= 100.0 and row["steps"] == 8
+    images, labels = test[0]
+    for row, model in zip(rows.values(), evaluated, strict=True):
+        with torch.no_grad():
+            right = int((model.eval()(images).argmax(1) == labels).sum())
+        assert row["test_acc"] == 100.0 * right / len(labels) and row["steps"] == 8
 
 
 def test_gmp_row_reaches_the_target_and_counts_its_dense_phase(data):
@@ -86,7 +100,21 @@ def test_gmp_row_reaches_the_target_and_counts_its_dense_phase(data):
     assert row["layer_active"] == {name: layer.active_count for name, layer in expected.masked_layers().items()}
     assert row["final_sparsity"] == pytest.approx(expected.global_sparsity(), rel=1e-12)
     assert row["dense_training"] and row["inference_flops_vs_dense"] == pytest.approx(0.05, rel=1e-3)
-    assert 0.05 < row["train_flops_vs_dense"] < 1.0  # dense for the first steps, sparse from step 6 on
+    # Oracle: 8 steps (2 epochs x 4 batches); pruning after steps start=2 < t < end=6 and at t=6, each layer to
+    # active_count(numel, d_t), d_t = final + (1 - final) (1 - (t - 2) / 4)^3. Step k computes (forward, backward
+    # to the inputs and to the weights) with the counts left by the last pruning before it: dense for steps 1-3.
+    final = Target(0.95, "erk").densities(expected)
+    sizes = {name: layer.mask.numel() for name, layer in expected.masked_layers().items()}
+    dense = sum(sizes.values())
+
+    def active_after(t):
+        return sum(active_count(size, final[name] + (1 - final[name]) * (1 - (t - 2) / 4) ** 3)
+                   for name, size in sizes.items())
+
+    per_step = [dense] * 3 + [active_after(t) for t in (3, 4, 5)] + [active_after(6)] * 2
+    assert active_after(6) == sum(row["layer_active"].values())
+    assert row["train_flops_vs_dense"] == pytest.approx(sum(per_step) / (8 * dense), rel=1e-12)
+    assert row["train_flops"] == 2 * 3 * 16 * sum(per_step)
 
 
 def test_run_sweep_trains_dense_once_per_model_and_seed_and_summarize_averages_seeds(data):
@@ -336,3 +364,42 @@ def test_merged_rows_must_match_their_own_files_settings_and_malformed_files_are
     os.mkfifo(fifo)
     with pytest.raises(SystemExit, match="not a regular file"):
         read_results(fifo)
+
+
+def test_method_sweep_figure_draws_each_methods_mean_error_spread_and_flops():
+    def row(method, sparsity, seed, accuracy, flops):
+        return {"model": "lenet300-100", "method": method, "sparsity": sparsity, "seed": seed, "test_acc": accuracy,
+                "train_flops_vs_dense": flops, "dense_training": method == "gmp"}
+
+    rows = [row("dense", 0.0, 0, 98.2, 1.0), row("dense", 0.0, 1, 98.4, 1.0),
+            row("set", 0.99, 0, 96.0, 0.011), row("set", 0.9, 0, 97.5, 0.101), row("set", 0.9, 1, 97.9, 0.103),
+            row("set", 0.99, 1, 96.6, 0.013), row("gmp", 0.9, 0, 98.0, 0.4), row("gmp", 0.99, 0, 97.0, 0.3)]
+    fig = plot_method_sweep(rows)
+    lines = [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for ax in fig.axes for line in ax.lines]
+
+    def drawn(x, y):
+        return [label for label, xdata, ydata in lines if xdata == pytest.approx(x, rel=1e-12)
+                and ydata == pytest.approx(y, rel=1e-12)]
+
+    densities = [0.1, 0.01]  # the x axis is the density, 1 - sparsity, in order of sparsity
+    bars = {container.get_label(): container for container in fig.axes[0].containers}
+    for label, errors, spreads in [("SET", [100 - 97.7, 100 - 96.3], [0.4, 0.6]), ("GMP (dense memory)",
+                                                                                 [100 - 98.0, 100 - 97.0], [0, 0])]:
+        # Accuracy axis: the error 100 - mean accuracy over the seeds, with one standard deviation as error bars.
+        data_line, _, (bar_segments,) = bars[label].lines
+        assert list(data_line.get_xdata()) == pytest.approx(densities, rel=1e-12), label
+        assert list(data_line.get_ydata()) == pytest.approx(errors, rel=1e-12), label
+        assert [abs(segment[1][1] - segment[0][1]) / 2 for segment in bar_segments.get_segments()] == pytest.approx(
+            [spread / 2 ** 0.5 for spread in spreads], rel=1e-9), label
+    # FLOPs axis: the mean over seeds, as a fraction of dense.
+    assert "SET" in drawn(densities, [0.102, 0.012])
+    assert "GMP (dense memory)" in drawn(densities, [0.4, 0.3])
+    # Dense: a line at its mean error (98.3 %), with the seeds' spread (one standard deviation) as a band.
+    assert [label for label, _, y in lines if y == pytest.approx([100 - 98.3] * 2, rel=1e-12)] == [
+        "dense (band: ±1 std over seeds)"]
+    spread = abs(98.2 - 98.4) / 2 ** 0.5
+    [band] = fig.axes[0].patches
+    # A Rectangle (matplotlib >= 3.9) or a Polygon (before), spanning the axes' width.
+    low, high = ((band.get_y(), band.get_y() + band.get_height()) if hasattr(band, "get_height")
+                 else sorted({y for _, y in band.get_xy()}))
+    assert (low, high) == pytest.approx(((1.7 - spread) * 0.99, (1.7 + spread) * 1.01), rel=1e-9)

@@ -330,7 +330,7 @@ def test_wrong_input_shape_names_the_layer():
 def test_raw_integer_pixels_are_refused_like_the_torch_model_does(backend):
     model = masked(SimpleNet(), 0.9)
     pixels = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"Input type \(unsigned char\)"):
         model(pixels)  # the reference: torch refuses them
     sparse = SparseNet.from_masked(model, backend)
     for raw in (pixels, pixels.numpy(), pixels.numpy().astype(np.int64)):
@@ -440,9 +440,22 @@ def wrong_value_type(header, arrays):
     arrays["values"] = arrays["values"].astype(np.float64)
 
 
-CORRUPTIONS = [past_the_width, huge_index, giant_shape, falling_row_pointers, nnz_beyond_the_arrays,
-               conv_shape_off_its_kernel, unsorted_columns, unknown_step, extra_array, truncated_values,
-               wrong_value_type]
+# Each crafted file and the reason it must be refused for: another check refusing it would hide a missing one.
+CORRUPTIONS = {
+    past_the_width: r"layer '4': column indices must lie in \[0, 32\), got \[0, 200\]",
+    huge_index: r"layer '4': column indices must lie in \[0, 32\), got \[0, 2147483648\]",
+    giant_shape: r"shape .*layer '4'.* \[3, 1000000000000\]",
+    falling_row_pointers: r"layer '0': row pointers must rise",
+    # row pointers are read and checked first, against the entries the header declares
+    nnz_beyond_the_arrays: r"layer '4': row pointers must rise from 0 to its \d+ entries",
+    conv_shape_off_its_kernel: r"conv '0' has a weight of shape \(2, 9\), but 2 input channels and a 3x3 kernel "
+                               r"make 18 columns",
+    unsorted_columns: r"layer '0': column indices must rise strictly within each row",
+    unknown_step: r"unknown type 'softmax'",
+    extra_array: r"the arrays \[.*'payload\.npy'.*\] are not the ones its header describes",
+    truncated_values: r"array 'values' must be a 1-D float32 \.npy of 57 entries, got float32 of shape \(56,\)",
+    wrong_value_type: r"array 'values' must be a 1-D float32 \.npy of 57 entries, got float64",
+}
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -452,7 +465,7 @@ def test_a_crafted_file_is_refused_before_any_matrix_is_built(tmp_path, corrupt,
     write(tmp_path / "intact.npz", header, arrays)
     SparseNet.load(tmp_path / "intact.npz", backend)  # the rewrite itself is faithful
     corrupt(header, arrays)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=CORRUPTIONS[corrupt]):
         SparseNet.load(write(tmp_path / "crafted.npz", header, arrays), backend)
 
 
@@ -469,7 +482,7 @@ def test_files_that_are_not_sparse_models_are_named(tmp_path):
     for name, match in cases.items():
         with pytest.raises(ValueError, match=match):
             SparseNet.load(tmp_path / name)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="no such file: .*missing.npz"):
         SparseNet.load(tmp_path / "missing.npz")
 
 
