@@ -24,7 +24,7 @@ layer, before anything changes. Frozen layers (``requires_grad=False`` weight)
 are left out of DST, and so, under RigL, are layers the loss does not reach.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,20 +34,8 @@ from dst.checks import is_count
 from dst.masked import MaskedNet
 from dst.masked_layers import MaskedLayer
 from dst.optimizer_state import check_optimizer, fill_at, optimizers_of, reset_optimizer_state
+from dst.training import Batch, split_batch
 from dst.update_rule import LayerUpdate, check_prune_ratio, choose_moves, get_regrow, moved_count
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def split_batch(batch) -> Batch:
-    """``(inputs, targets)`` of one batch, or a clear error for anything else (a dict, a bare tensor)."""
-    if isinstance(batch, Mapping):
-        raise TypeError(f"expected each batch as an (inputs, targets) pair, got a dict with keys "
-                        f"{sorted(map(str, batch))}; make the loader yield (inputs, targets) tuples")
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        items = f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""
-        raise TypeError(f"expected each batch as an (inputs, targets) pair, got a {type(batch).__name__}{items}")
-    return batch[0], batch[1]
 
 
 def dense_gradients(masked_net: MaskedNet, batch: Batch,
