@@ -10,10 +10,10 @@ from torch import nn
 
 import dst
 import utils
-from dst.data import TensorLoader
-from dst.masked import MaskedNet
-from dst.models import SimpleNet
-from dst.prune_regrow import update_layer
+from dst.core.data import TensorLoader
+from dst.core.models import SimpleNet
+from dst.engine.masked import MaskedNet
+from dst.engine.prune_regrow import update_layer
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "dst_tutorial.ipynb"
 SEED_NAMES = ["SimpleNet", "MaskedNet", "train_epoch", "evaluate", "apply_dst_step", "benchmark_inference",

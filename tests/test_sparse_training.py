@@ -11,17 +11,17 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dst import update_rule
+from dst.core.models import MLP
 from dst.csr import backends
 from dst.csr.backends import TRAINING_BACKENDS, get_backend, numba_available
 from dst.csr.comparison import masked_dense_nbytes, train_masked_mlp, train_sparse_mlp
 from dst.csr.mlp import SparseMLP
 from dst.csr.optimizers import OptimizerConfig, torch_optimizer
-from dst.masked import MaskedNet
-from dst.models import MLP
-from dst.prune_regrow import apply_dst_step
-from dst.schedule import DSTConfig
-from dst.update_rule import sample_inactive
+from dst.engine import update_rule
+from dst.engine.masked import MaskedNet
+from dst.engine.prune_regrow import apply_dst_step
+from dst.engine.schedule import DSTConfig
+from dst.engine.update_rule import sample_inactive
 
 BACKENDS = ["scipy", pytest.param("numba", marks=pytest.mark.skipif(
     importlib.util.find_spec("numba") is None, reason="numba is not installed (optional backend)"))]

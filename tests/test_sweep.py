@@ -19,10 +19,10 @@ from benchmarks.dst_methods import (
     with_settings,
     write_atomically,
 )
-from dst.masked import MaskedNet
-from dst.methods import METHODS, Target
-from dst.models import SimpleNet, lenet_300_100
-from dst.sweep import (
+from dst.core.models import SimpleNet, lenet_300_100
+from dst.engine.masked import MaskedNet
+from dst.methods.catalog import METHODS, Target
+from dst.methods.sweep import (
     FlopCounter,
     Recipe,
     accuracy_table,
@@ -32,7 +32,7 @@ from dst.sweep import (
     summarize,
     train_run,
 )
-from dst.sweep_figure import plot_method_sweep
+from dst.tutorial.sweep_figure import plot_method_sweep
 from tests.conftest import synthetic_mnist
 
 RECIPE = Recipe(epochs=2, batch_size=16, lr=0.05, max_batches_per_epoch=4)

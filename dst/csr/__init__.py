@@ -1,5 +1,9 @@
 """The truly sparse (CSR) engine: whole CNNs at inference, MLPs in training, on one set of array backends.
 
+It may import ``dst.core`` and ``dst.engine`` (the masked model it converts, the update rule and schedule it shares
+with the simulated engine); it never imports the methods (``dst.methods``, its sibling) nor the tutorial's
+bookkeeping (``dst.tutorial``, above it).
+
 Modules, one concept each:
     backends       the one backend registry (scipy, numba, cupy, torch) and the Protocol callers use
     numba_backend  the numba backend: its conv and linear steps and its training products

@@ -25,8 +25,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from dst.core.gpu import require_cupy
 from dst.csr.steps import ConvStep, LinearStep
-from dst.gpu import require_cupy
 
 # The numpy SDDMM works on chunks of this many gathered floats per operand: 1 Mi floats
 # (4 MiB) stays in cache; one whole-matrix gather was 5-10x slower here.

@@ -10,7 +10,7 @@ before a matrix is built, so a crafted file gets a ``ValueError`` instead of
 reads outside an array. No array is allocated before its size is checked: each
 member's .npy header against the model's header, the member's size in the archive
 and what its compressed bytes can hold; the JSON header may nest at most 32
-levels (``dst.checks.MAX_JSON_DEPTH``). ``check_model`` is the part every
+levels (``dst.core.checks.MAX_JSON_DEPTH``). ``check_model`` is the part every
 ``SparseNet`` runs, whatever built it. Arrays are parsed by hand, never unpickled: no code runs.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dst.checks import load_json
+from dst.core.checks import load_json
 
 FILE_FORMAT = "dst-truly-sparse-csr-1"
 INDEX_TYPES = ("uint8", "uint16", "uint32", "uint64")

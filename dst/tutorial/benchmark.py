@@ -21,12 +21,12 @@ import numpy as np
 import scipy
 import torch
 
-from dst import benchmark_rows as rows
-from dst.checks import check_positive_int
+from dst.core.checks import check_positive_int
+from dst.core.gpu import CUPY_GPU_AVAILABLE
 from dst.csr.backends import default_cpu_backend, numba_available
 from dst.csr.model import SparseNet
-from dst.gpu import CUPY_GPU_AVAILABLE
-from dst.masked import MaskedNet
+from dst.engine.masked import MaskedNet
+from dst.tutorial import benchmark_rows as rows
 
 
 def time_forward(forward: Callable[[], object], runs: int = 10, warmup: int = 3,
@@ -103,7 +103,7 @@ def benchmark_inference(model: MaskedNet, loader: Iterable, device, num_samples:
 
     Returns:
         ``{row name: {'mean', 'std', 'median', 'min', 'runs'}}`` in milliseconds per
-        forward of the whole ``num_samples`` batch; row names are ``dst.benchmark_rows``'
+        forward of the whole ``num_samples`` batch; row names are ``dst.tutorial.benchmark_rows``'
         constants. Always present: ``DENSE_CPU`` (the same weights without the mask step,
         i.e. a plain dense net), ``MASKED_CPU``, ``CSR_CPU`` (the default CPU engine:
         numba's fused kernels on numba's threads where numba is installed, else scipy),
@@ -116,7 +116,7 @@ def benchmark_inference(model: MaskedNet, loader: Iterable, device, num_samples:
         by tens of milliseconds and slow the single-threaded scipy row run after them.
     """
     if not isinstance(model, MaskedNet):
-        raise TypeError(f"benchmark_inference needs a dst.masked.MaskedNet, got {type(model).__name__}")
+        raise TypeError(f"benchmark_inference needs a dst.engine.masked.MaskedNet, got {type(model).__name__}")
     with torch.no_grad():
         return time_interleaved(inference_forwards(model, first_samples(loader, num_samples), device), runs, warmup)
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dst.checks import is_positive_int
-from dst.prune_regrow import Batch, apply_dst_step
-from dst.update_rule import LayerUpdate, RegrowCriterion, check_prune_ratio, get_regrow
+from dst.core.checks import is_positive_int
+from dst.engine.prune_regrow import Batch, apply_dst_step
+from dst.engine.update_rule import LayerUpdate, RegrowCriterion, check_prune_ratio, get_regrow
 
 SCHEDULES = ("constant", "cosine")
 UNITS = ("epoch", "step")
@@ -22,7 +22,7 @@ class DSTConfig:
     # Fraction of each layer's active weights moved per update. 0.1 is the seed's;
     # RigL uses 0.3 and lets the cosine schedule decay it.
     prune_ratio: float = 0.1
-    # A criterion of dst.update_rule.REGROW: "random" (SET) or "gradient" (RigL), or a RegrowCriterion of
+    # A criterion of dst.engine.update_rule.REGROW: "random" (SET) or "gradient" (RigL), or a RegrowCriterion of
     # your own. Every criterion keeps the active count.
     regrow: str | RegrowCriterion = "random"
     # "constant" (the seed) or "cosine": ratio * (1 + cos(pi * t / end)) / 2, zero from `end` on,

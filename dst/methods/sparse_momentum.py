@@ -18,7 +18,7 @@ at inactive positions before the optimizer sees it, so inactive weights and
 their optimizer state stay exactly zero. The tracker keeps
 ``m = beta * m + gradient`` (SGD's momentum buffer without the weight-decay term,
 which is zero at inactive positions anyway). It costs a dense weight gradient
-every step: training FLOPs count it (``dst.sweep``).
+every step: training FLOPs count it (``dst.methods.sweep``).
 """
 
 import math
@@ -27,9 +27,9 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from dst.distributed import check_ranks_agree, collective_device, is_distributed
-from dst.masked import MaskedLayer, MaskedNet
-from dst.prune_regrow import LayerUpdate, update_layer_counts
+from dst.engine.distributed import check_ranks_agree, collective_device, is_distributed
+from dst.engine.masked import MaskedLayer, MaskedNet
+from dst.engine.prune_regrow import LayerUpdate, update_layer_counts
 
 
 class MomentumTracker:

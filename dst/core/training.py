@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dst.progress import Progress
+from dst.core.progress import Progress
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -45,7 +45,7 @@ def train_epoch(model: nn.Module, loader, criterion, optimizer: torch.optim.Opti
 
     Batches are (inputs, targets) with class-index targets. With ``dst``, its
     step-based updates run after each optimizer step. ``progress=False`` turns the
-    progress line off. It is ``dst.progress.Progress``: text, not a Jupyter widget (text
+    progress line off. It is ``dst.core.progress.Progress``: text, not a Jupyter widget (text
     survives a browser reload mid-training, where a widget whose state the kernel has
     not sent again shows "Error displaying widget: model not found").
     """
