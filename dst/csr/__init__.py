@@ -5,7 +5,8 @@ with the simulated engine); it never imports the methods (``dst.methods``, its s
 bookkeeping (``dst.tutorial``, above it).
 
 Modules, one concept each:
-    backends       the one backend registry (scipy, numba, cupy, torch) and the Protocol callers use
+    array_ops      what a backend is: the Protocol callers use, ArrayOps (scipy, cupy), the training products
+    backends       the one backend registry (scipy, numba, cupy, torch)
     numba_backend  the numba backend: its conv and linear steps and its training products
     numba_kernels  the compiled kernels behind it
     torch_backend  the torch.sparse backend (inference only)

@@ -18,7 +18,7 @@ numba compiles each kernel on its first call (cached on disk); time a forward on
 
 import numpy as np
 
-from dst.csr.backends import ArrayOps, TrainingProducts
+from dst.csr.array_ops import ArrayOps, TrainingProducts
 from dst.csr.numba_kernels import conv_pool, linear, train_matmul, train_matmul_transposed, train_sddmm
 from dst.csr.steps import LinearStep, MaskNumberedWeight, conv_output_shape
 
