@@ -192,8 +192,8 @@ def local_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
         if name not in moving:
             report[name] = LayerUpdate(active=layer.active_count, pruned=0, regrown=0)
             continue
-        optimizers = optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set())
-        report[name] = update_layer(layer, prune_ratio, regrow, gradients.get(name), optimizers, generator)
+        report[name] = update_layer(layer, prune_ratio, regrow, gradients.get(name),
+                                    _optimizers_of(layer, optimizer), generator)
     return report
 
 
@@ -227,6 +227,10 @@ def update_layer_counts(layer: MaskedLayer, prune_count: int, regrow_count: int,
         if not is_count(count) or count > most:
             raise ValueError(f"{name} must be a whole number of weights in [0, {most}] for this layer "
                              f"({active} of {numel} active), got {count!r}")
-    optimizers = optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set())
     return _move(layer, prune_count, regrow_count, get_regrow("random" if scores is None else "gradient"),
-                 scores, optimizers, generator)
+                 scores, _optimizers_of(layer, optimizer), generator)
+
+
+def _optimizers_of(layer: MaskedLayer, optimizer: torch.optim.Optimizer | None) -> set:
+    """Optimizers whose state at a layer's moved positions is reset: every one that stepped it, and ``optimizer``."""
+    return optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set())

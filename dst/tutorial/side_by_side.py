@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from dst.core.progress import Progress
-from dst.core.training import evaluate, train_epoch
+from dst.core.training import train_and_evaluate
 
 _RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 
@@ -58,13 +58,8 @@ def train_side_by_side(runs: Sequence[Run], test_loader, criterion, device: torc
         try:
             if concurrent:
                 torch.set_num_threads(1)  # OpenMP's thread count is per calling thread: set it in this one too
-            start = time.perf_counter()
-            train_loss, train_acc = train_epoch(run.model, _Counting(run.train_loader, done, index), criterion,
-                                                run.optimizer, device, progress=False)
-            seconds = time.perf_counter() - start
-            test_acc, test_loss = evaluate(run.model, test_loader, device, criterion)
-            results[index] = {"train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
-                              "test_acc": test_acc, "train_seconds": seconds}
+            results[index] = train_and_evaluate(run.model, _Counting(run.train_loader, done, index), test_loader,
+                                                criterion, run.optimizer, device, progress=False)
         except Exception as error:  # re-raised in the caller's thread below
             errors.append(error)
 
