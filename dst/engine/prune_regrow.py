@@ -105,7 +105,8 @@ def _move(layer: MaskedLayer, prune_count: int, regrow_count: int, criterion, sc
     return LayerUpdate(active=layer.active_count, pruned=prune_count, regrown=regrow_count)
 
 
-def _check_finite(name: str, values: torch.Tensor, what: str) -> None:
+def check_finite(name: str, values: torch.Tensor, what: str) -> None:
+    """Raise, naming the layer, if ``values`` (its weights, gradients, momentum) hold a NaN or an inf."""
     bad = int((~torch.isfinite(values)).sum())
     if bad:
         raise ValueError(f"layer {name!r} has {bad:,} non-finite {what} (NaN or inf) out of {values.numel():,}: "
@@ -184,9 +185,9 @@ def local_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
     moving = {name: layer for name, layer in layers.items()
               if layer.weight.requires_grad and (not criterion.needs_gradient or name in gradients)}
     for name, layer in moving.items():  # every check before the first change
-        _check_finite(name, layer.weight.detach(), "weights")
+        check_finite(name, layer.weight.detach(), "weights")
         if name in gradients:
-            _check_finite(name, gradients[name], "RigL gradients")
+            check_finite(name, gradients[name], "RigL gradients")
     report = {}
     for name, layer in layers.items():
         if name not in moving:
