@@ -18,6 +18,16 @@ import torch
 
 from dst.csr.steps import ConvStep, LinearStep
 
+
+def narrowest_dtype(largest: int, dtypes: tuple) -> type:
+    """The first of ``dtypes`` (narrowest first) that holds ``largest``, else the last one.
+
+    The engine's one index-width rule: numba's 16-bit column indices, SparseLinear's int32 arrays
+    (int64 beyond), and the compact unsigned indices of the .npz file.
+    """
+    return next((dtype for dtype in dtypes if largest <= np.iinfo(dtype).max), dtypes[-1])
+
+
 # The numpy SDDMM works on chunks of this many gathered floats per operand: 1 Mi floats
 # (4 MiB) stays in cache; one whole-matrix gather was 5-10x slower here.
 SDDMM_CHUNK_FLOATS = 1 << 20

@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 
+from dst.csr.array_ops import narrowest_dtype
 from dst.csr.backends import Backend, require_training
 from dst.engine.allocation import active_count
 from dst.engine.update_rule import (
@@ -50,7 +51,7 @@ def trainable_regrow(regrow: str) -> RegrowCriterion:
 
 def index_dtype(numel: int) -> type:
     """int32 while every index fits, as scipy itself would pick; int64 beyond."""
-    return np.int32 if numel < 2**31 else np.int64
+    return narrowest_dtype(numel, (np.int32, np.int64))
 
 
 class SparseLinear:
