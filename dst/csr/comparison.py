@@ -20,7 +20,7 @@ from dst.core.models import MLP
 from dst.core.training import evaluate, train_epoch
 from dst.csr.mlp import DEFAULT_OPTIMIZER, SET_DST, SparseMLP, host_array
 from dst.csr.optimizers import OptimizerConfig, torch_optimizer
-from dst.engine.allocation import ALLOCATIONS, check_sparsity
+from dst.engine.allocation import check_allocation, check_sparsity
 from dst.engine.masked import MaskedNet
 from dst.engine.prune_regrow import apply_dst_step
 from dst.engine.schedule import DSTConfig, DSTScheduler
@@ -49,8 +49,7 @@ class MLPRun:
     def __post_init__(self):
         object.__setattr__(self, "hidden", check_hidden(self.hidden))
         check_sparsity(self.sparsity)
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {sorted(ALLOCATIONS)}")
+        check_allocation(self.allocation)
         check_positive_int(epochs=self.epochs, batch_size=self.batch_size)
         if self.max_batches is not None:
             check_positive_int(max_batches=self.max_batches)

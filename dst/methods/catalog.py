@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dst.core.checks import check_fraction, check_steps
-from dst.engine.allocation import ALLOCATIONS, check_sparsity, layer_densities
+from dst.engine.allocation import check_allocation, check_sparsity, layer_densities
 from dst.engine.masked import MaskedNet
 from dst.engine.schedule import SCHEDULES, DSTConfig, DSTScheduler
 from dst.engine.update_rule import RegrowCriterion, check_prune_ratio, get_regrow
@@ -39,8 +39,7 @@ class Target:
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
-        if not isinstance(self.allocation, str) or self.allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {sorted(ALLOCATIONS)}")
+        check_allocation(self.allocation)
         object.__setattr__(self, "keep_dense", (self.keep_dense,) if isinstance(self.keep_dense, str)
                            else tuple(self.keep_dense))
 
