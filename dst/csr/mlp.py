@@ -211,11 +211,11 @@ class SparseMLP:
                 losses.append(self.train_step(features[batch], labels[batch]))
                 bar.update()
                 if scheduler is not None:
-                    timed(scheduler.after_step, None)
+                    timed(scheduler.after_step)
             if losses:
                 history["epoch_losses"].append(float(np.mean(losses)))
             if scheduler is not None:
-                timed(scheduler.after_epoch, ())
+                timed(scheduler.after_epoch)
         history["train_time_s"] = time.perf_counter() - start
         bar.close()
         history["steps"] = self.steps - steps_before

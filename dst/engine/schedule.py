@@ -104,15 +104,21 @@ class DSTScheduler:
     steps: int = 0
     epochs: int = 0
 
-    def after_step(self, batch: Batch) -> DSTEvent | None:
-        """Count one optimizer step; update if step-based updates are due."""
+    def after_step(self, batch: Batch | None = None) -> DSTEvent | None:
+        """Count one optimizer step; update if step-based updates are due (RigL takes its gradient on ``batch``).
+
+        ``batch`` may be left out where no criterion needs a gradient (the truly sparse trainer forms none).
+        """
         self.steps += 1
         if self.config.unit != "step":
             return None
         return self._maybe_update(self.steps, lambda: batch)
 
-    def after_epoch(self, loader: Iterable[Batch]) -> DSTEvent | None:
-        """Count one epoch; update if epoch-based updates are due (RigL draws one batch from loader)."""
+    def after_epoch(self, loader: Iterable[Batch] | None = None) -> DSTEvent | None:
+        """Count one epoch; update if epoch-based updates are due (RigL draws one batch from ``loader``).
+
+        ``loader`` may be left out where no criterion needs a gradient (the truly sparse trainer forms none).
+        """
         self.epochs += 1
         if self.config.unit != "epoch":
             return None
@@ -131,9 +137,9 @@ class DSTScheduler:
         return event
 
 
-def _first_batch(loader: Iterable[Batch]) -> Batch:
-    batch = next(iter(loader), None)
+def _first_batch(loader: Iterable[Batch] | None) -> Batch:
+    batch = None if loader is None else next(iter(loader), None)
     if batch is None:
         raise ValueError("a regrow criterion that needs gradients (RigL) draws one batch from the loader given to "
-                         "after_epoch, but that loader yielded none")
+                         "after_epoch, but it was given none or that loader yielded none")
     return batch
