@@ -2,6 +2,8 @@
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,14 @@ def test_every_public_name_is_described_and_importable():
 def test_utils_keeps_the_seed_notebooks_names():
     assert set(SEED_NAMES) <= set(utils.__all__)
     assert all(hasattr(utils, name) for name in utils.__all__)
+
+
+def test_importing_utils_probes_no_gpu_until_cupy_gpu_available_is_read():
+    code = ("import utils\nfrom dst.core import gpu\nassert gpu.cupy_gpu_available.cache_info().misses == 0\n"
+            "from utils import CUPY_GPU_AVAILABLE\nassert isinstance(CUPY_GPU_AVAILABLE, bool)\n"
+            "assert gpu.cupy_gpu_available.cache_info().misses == 1\n"
+            "assert utils.CUPY_GPU_AVAILABLE is gpu.CUPY_GPU_AVAILABLE is CUPY_GPU_AVAILABLE\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=NOTEBOOK.parent)
 
 
 def heart_cell() -> str:

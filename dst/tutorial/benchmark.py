@@ -22,7 +22,7 @@ import scipy
 import torch
 
 from dst.core.checks import check_positive_int
-from dst.core.gpu import CUPY_GPU_AVAILABLE
+from dst.core.gpu import cupy_gpu_available
 from dst.csr.backends import default_cpu_backend, numba_available
 from dst.csr.model import SparseNet
 from dst.engine.masked import MaskedNet
@@ -143,7 +143,7 @@ def inference_forwards(model: MaskedNet, inputs: torch.Tensor, device) -> dict[s
         gpu = torch.device(device)
         dense_gpu, inputs_gpu = copy.deepcopy(dense).to(gpu), inputs.to(gpu)
         forwards[rows.MASKED_GPU] = (lambda: dense_gpu(inputs_gpu), lambda: torch.cuda.synchronize(gpu))
-        if CUPY_GPU_AVAILABLE:
+        if cupy_gpu_available():
             forwards[rows.CSR_GPU] = _sparse_forward(dense, "cupy", gpu, inputs)
         forwards[rows.TORCH_SPARSE_GPU] = _sparse_forward(dense, "torch", gpu, inputs)
     return forwards
@@ -195,7 +195,7 @@ def benchmark_environment(device=None) -> dict:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     reason = _gpu_rows_reason(device)
-    cupy_reason = None if CUPY_GPU_AVAILABLE else "cupy is not installed or sees no GPU"
+    cupy_reason = None if cupy_gpu_available() else "cupy is not installed or sees no GPU"
     return {
         "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
         "python": platform.python_version(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
