@@ -88,6 +88,16 @@ class MaskedNet(nn.Module):
     A ``DisconnectedWarning`` says when the masks leave an output unit of the last masked
     layer, or an input feature of the first, without any connection; an ``UntrainedWarning``
     when ``UNTRAINED_AFTER`` training forwards have run and no optimizer has stepped a masked weight.
+
+    Optimizer hooks: the first masked layer built in a process installs torch's two global
+    optimizer step hooks (``register_optimizer_step_pre_hook`` and ``..._post_hook``; see
+    ``dst.engine.optimizer_state``). Around every ``optimizer.step()`` they remember which
+    optimizer stepped a masked weight (so a DST step resets state in optimizers nobody passed it)
+    and zero state that disagrees with a mask (a freshly loaded checkpoint). They act on masked
+    weights only, and cost an optimizer holding none one cached lookup per step. There is no
+    switch to turn them off while a masked net is alive, since the zero-state guarantee rests on
+    them; they are removed when the last masked layer is garbage-collected (``del`` every masked
+    net, and copies of it), after which torch's optimizers run exactly as without this package.
     """
 
     _training_forwards = 0  # counted up to UNTRAINED_AFTER (a class default: older pickles lack it)
