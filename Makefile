@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 data: install
-	$(BIN)/python -m dst.data data
+	$(BIN)/python -m dst.core.data data
 
 lint: install
 	$(BIN)/ruff check .

@@ -30,9 +30,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dst.benchmark import benchmark_environment, time_interleaved
-from dst.data import TensorLoader, ensure_mnist, load_mnist_tensors
-from dst.distributed import (
+from dst.core.data import TensorLoader, ensure_mnist, load_mnist_tensors
+from dst.core.models import SimpleNet
+from dst.core.training import evaluate, seed_everything, train_epoch
+from dst.engine.distributed import (
     check_ranks_agree,
     distributed_dst_step,
     load_checkpoint,
@@ -40,11 +41,10 @@ from dst.distributed import (
     shared_generator,
     wrap_ddp,
 )
-from dst.masked import MaskedNet
-from dst.models import SimpleNet
-from dst.prune_regrow import apply_dst_step
-from dst.schedule import DSTConfig, DSTScheduler
-from dst.training import evaluate, seed_everything, train_epoch
+from dst.engine.masked import MaskedNet
+from dst.engine.prune_regrow import apply_dst_step
+from dst.engine.schedule import DSTConfig, DSTScheduler
+from dst.tutorial.benchmark import benchmark_environment, time_interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

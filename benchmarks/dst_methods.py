@@ -1,6 +1,6 @@
 """A decade of DST in one figure: every method at every sparsity, trained the same way, on MNIST.
 
-Methods (``dst.methods``): dense, static, set, rigl, snfs, gmp. Models: LeNet-300-100
+Methods (``dst.methods.catalog``): dense, static, set, rigl, snfs, gmp. Models: LeNet-300-100
 (784-300-100-10, the MLP of the DST papers' MNIST tables) and the tutorial's SimpleNet.
 Writes benchmarks/results/dst_methods_<mode>.json (every run's row, the summary over
 seeds, the recipes, the published numbers) and .png (the figure), and prints the
@@ -48,11 +48,11 @@ from pathlib import Path
 
 import torch
 
-from dst.allocation import check_sparsity
-from dst.data import TensorLoader, load_mnist_tensors
-from dst.methods import METHODS, Method
-from dst.sweep import MODELS, Recipe, accuracy_table, comparison_table, run_sweep, summarize
-from dst.sweep_figure import plot_method_sweep
+from dst.core.data import TensorLoader, load_mnist_tensors
+from dst.engine.allocation import check_sparsity
+from dst.methods.catalog import METHODS, Method
+from dst.methods.sweep import MODELS, Recipe, accuracy_table, comparison_table, run_sweep, summarize
+from dst.tutorial.sweep_figure import plot_method_sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
@@ -295,7 +295,7 @@ def main() -> None:
     train_x, train_y = load_mnist_tensors("./data", train=True)
     test_loader = TensorLoader(*load_mnist_tensors("./data", train=False), batch_size=1000)
     started = time.perf_counter()
-    # Not dst.benchmark.benchmark_environment: asking numba for its thread count starts an OpenMP pool that
+    # Not dst.tutorial.benchmark.benchmark_environment: asking numba for its thread count starts an OpenMP pool that
     # then ran beside torch's single thread (a second busy core) and changed the floats of every run.
     environment = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
                    "torch_threads": torch.get_num_threads(), "processor": platform.processor()}

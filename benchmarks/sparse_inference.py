@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from dst import benchmark_rows
-from dst.benchmark import benchmark_environment, inference_forwards, time_interleaved
+from dst.core.models import SimpleNet
 from dst.csr.backends import default_cpu_backend, numba_available
 from dst.csr.model import SparseNet, memory_report
-from dst.masked import MaskedNet
-from dst.models import SimpleNet
-from dst.plots import plot_sparsity_sweep
+from dst.engine.masked import MaskedNet
+from dst.tutorial import benchmark_rows
+from dst.tutorial.benchmark import benchmark_environment, inference_forwards, time_interleaved
+from dst.tutorial.plots import plot_sparsity_sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # backend (as named in dst.csr.backends.BACKENDS and in the JSON) -> benchmark_inference's row; the

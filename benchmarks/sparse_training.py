@@ -13,7 +13,7 @@ the masked net (``masked_dense_nbytes``); ``sparse_bytes`` is what the sparse la
 hold (``SparseMLP.nbytes``). A dense net that would not fit in this machine's memory
 is not built, and one whose step would take too long is not timed; the JSON says why.
 
-``--mnist`` also trains on MNIST (files in ./data, see ``dst.data``): the truly sparse
+``--mnist`` also trains on MNIST (files in ./data, see ``dst.core.data``): the truly sparse
 and the masked MLP side by side for one epoch, and a truly sparse MLP wider than any
 masked one that fits in memory. Results go to benchmarks/results/sparse_training.json,
 .png and _mnist.json (``--quick``: sparse_training_quick.*).
@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from dst.benchmark import benchmark_environment, time_interleaved
+from dst.core.models import MLP
 from dst.csr.comparison import masked_dense_nbytes
 from dst.csr.mlp import DEFAULT_OPTIMIZER, SET_DST, SparseMLP
 from dst.csr.optimizers import torch_optimizer
-from dst.masked import MaskedNet
-from dst.models import MLP
+from dst.engine.masked import MaskedNet
+from dst.tutorial.benchmark import benchmark_environment, time_interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 128
@@ -263,8 +263,8 @@ def plot(rows: list[dict], memory_limit: int):
 
 def mnist_runs(quick: bool) -> dict:
     """Accuracy next to the masked net after one epoch, and a net too wide to be masked."""
+    from dst.core.data import load_mnist_tensors
     from dst.csr.comparison import train_masked_mlp, train_sparse_mlp
-    from dst.data import load_mnist_tensors
 
     train_x, train_y = load_mnist_tensors("data", train=True)
     test_x, test_y = load_mnist_tensors("data", train=False)

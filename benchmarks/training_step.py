@@ -4,15 +4,15 @@ One training step (zero_grad, forward, backward, fused Adam) of the dense Simple
 its masked copy (95 % sparsity, ERK), batch 64, for each layout, cumulatively:
 
 - seed:           NCHW batches, conv -> ReLU -> pool (the seed's order), mask by torch.where in the forward;
-- channels-last:  batches in channels-last memory order (dst.data.channels_last), so every activation is NHWC;
-- pool first:     conv -> pool -> ReLU, the same function with the ReLU on 4x fewer values (dst.models.SimpleNet);
+- channels-last:  batches in channels-last memory order (dst.core.data.channels_last), so every activation is NHWC;
+- pool first:     conv -> pool -> ReLU, the same function with the ReLU on 4x fewer values (dst.core.models.SimpleNet);
 - gradient mask:  the masked net computes with its stored (zero-filled) weights and masks the gradient
                   (MaskedNet's default masking; "forward" is the torch.where variant);
 - parametrize:    for the record, the where() mask as a torch.nn.utils.parametrize parametrization on the
                   shipped layout (the alternative to MaskedNet's layer subclasses, which keep state_dict keys);
 
 and then the dense and the masked step of the shipped layout side by side, each in its own thread with
-one intra-op thread (dst.side_by_side), against the two one after the other on torch's threads.
+one intra-op thread (dst.tutorial.side_by_side), against the two one after the other on torch's threads.
 
 Variants take turns, one step each per round, so a busy machine slows them alike; times are medians over
 rounds, after warm-up steps. The floor is the step's multiply-adds (forward, and twice that for the
@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dst.benchmark import benchmark_environment
-from dst.data import channels_last
-from dst.masked import MaskedNet
-from dst.models import SimpleNet
+from dst.core.data import channels_last
+from dst.core.models import SimpleNet
+from dst.engine.masked import MaskedNet
+from dst.tutorial.benchmark import benchmark_environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED_ORDER = ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "flatten", "fc1", "relu3", "fc2", "relu4",

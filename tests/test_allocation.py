@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dst.allocation import DisconnectedWarning, active_count, connectivity, erk_densities, layer_densities
+from dst.engine.allocation import DisconnectedWarning, active_count, connectivity, erk_densities, layer_densities
 
 SIMPLENET_SHAPES = {"conv1": (16, 1, 3, 3), "conv2": (32, 16, 3, 3), "fc1": (128, 1568),
                     "fc2": (1000, 128), "fc3": (1000, 1000), "fc4": (10, 1000)}
@@ -154,8 +154,8 @@ def test_connectivity_counts_match_loops_for_linear_and_grouped_convs(groups):
 
 
 def test_lenet_uniform_99_warns_about_classes_cut_off_and_erk_or_a_dense_last_layer_does_not():
-    from dst.masked import MaskedNet
-    from dst.models import lenet_300_100
+    from dst.core.models import lenet_300_100
+    from dst.engine.masked import MaskedNet
 
     with pytest.warns(DisconnectedWarning) as caught:
         net = MaskedNet(lenet_300_100(), 0.99, "uniform", generator=torch.Generator().manual_seed(0))
@@ -175,8 +175,8 @@ def test_lenet_uniform_99_warns_about_classes_cut_off_and_erk_or_a_dense_last_la
 
 
 def test_no_warning_when_everything_is_connected():
-    from dst.masked import MaskedNet
-    from dst.models import lenet_300_100
+    from dst.core.models import lenet_300_100
+    from dst.engine.masked import MaskedNet
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", DisconnectedWarning)

@@ -5,17 +5,17 @@ import pytest
 import torch
 from torch import nn
 
-from dst import benchmark, benchmark_rows
-from dst.benchmark import (
+from dst.csr.backends import numba_available
+from dst.engine.masked import MaskedNet
+from dst.tutorial import benchmark, benchmark_rows
+from dst.tutorial.benchmark import (
     benchmark_environment,
     benchmark_inference,
     first_samples,
     time_forward,
     time_interleaved,
 )
-from dst.benchmark_rows import CSR_SCIPY_CPU as SCIPY_ROW
-from dst.csr.backends import numba_available
-from dst.masked import MaskedNet
+from dst.tutorial.benchmark_rows import CSR_SCIPY_CPU as SCIPY_ROW
 
 SEED_ROWS = {"Dense, no mask (CPU)", "Dense+Mask (CPU)", "Truly Sparse CSR (CPU)", "Truly Sparse torch.sparse (CPU)"}
 # With numba, 'Truly Sparse CSR (CPU)' is numba's engine and scipy's reference gets a row of its own.

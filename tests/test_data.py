@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import torch
 
-from dst import data
+from dst.core import data
 
 # ---- TensorLoader ------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dst.distributed import (
+from dst.engine.distributed import (
     RankMismatchError,
     broadcast_from_rank0,
     check_ranks_agree,
@@ -32,10 +32,10 @@ from dst.distributed import (
     unwrap,
     wrap_ddp,
 )
-from dst.masked import MaskedNet
-from dst.prune_regrow import apply_dst_step, dense_gradients, local_dst_step
-from dst.schedule import DSTConfig, DSTScheduler
-from dst.sparse_momentum import MomentumTracker, sparse_momentum_step
+from dst.engine.masked import MaskedNet
+from dst.engine.prune_regrow import apply_dst_step, dense_gradients, local_dst_step
+from dst.engine.schedule import DSTConfig, DSTScheduler
+from dst.methods.sparse_momentum import MomentumTracker, sparse_momentum_step
 
 BATCH = 8  # per rank; one process gets 2 * BATCH
 STEPS = 8

@@ -2,6 +2,8 @@
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,10 +12,10 @@ from torch import nn
 
 import dst
 import utils
-from dst.data import TensorLoader
-from dst.masked import MaskedNet
-from dst.models import SimpleNet
-from dst.prune_regrow import update_layer
+from dst.core.data import TensorLoader
+from dst.core.models import SimpleNet
+from dst.engine.masked import MaskedNet
+from dst.engine.prune_regrow import update_layer
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "dst_tutorial.ipynb"
 SEED_NAMES = ["SimpleNet", "MaskedNet", "train_epoch", "evaluate", "apply_dst_step", "benchmark_inference",
@@ -33,6 +35,14 @@ def test_every_public_name_is_described_and_importable():
 def test_utils_keeps_the_seed_notebooks_names():
     assert set(SEED_NAMES) <= set(utils.__all__)
     assert all(hasattr(utils, name) for name in utils.__all__)
+
+
+def test_importing_utils_probes_no_gpu_until_cupy_gpu_available_is_read():
+    code = ("import utils\nfrom dst.core import gpu\nassert gpu.cupy_gpu_available.cache_info().misses == 0\n"
+            "from utils import CUPY_GPU_AVAILABLE\nassert isinstance(CUPY_GPU_AVAILABLE, bool)\n"
+            "assert gpu.cupy_gpu_available.cache_info().misses == 1\n"
+            "assert utils.CUPY_GPU_AVAILABLE is gpu.CUPY_GPU_AVAILABLE is CUPY_GPU_AVAILABLE\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=NOTEBOOK.parent)
 
 
 def heart_cell() -> str:

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dst.allocation import active_count, layer_densities
-from dst.masked import MaskedNet
-from dst.masked_layers import MaskedConv1d, MaskedConv2d, MaskedConv3d, MaskedLinear
-from dst.models import MLP, SimpleNet
-from dst.prune_regrow import apply_dst_step
+from dst.core.models import MLP, SimpleNet
+from dst.engine.allocation import active_count, layer_densities
+from dst.engine.masked import MaskedNet
+from dst.engine.masked_layers import MaskedConv1d, MaskedConv2d, MaskedConv3d, MaskedLinear
+from dst.engine.prune_regrow import apply_dst_step
 
 
 def test_simplenet_has_the_tutorials_parameter_count():
@@ -386,7 +386,7 @@ def test_an_allocation_that_is_not_a_name_lists_the_choices():
 def test_an_optimizer_built_on_the_base_net_is_caught_after_a_hundred_training_passes():
     import warnings
 
-    from dst.masked import UNTRAINED_AFTER, UntrainedWarning
+    from dst.engine.masked import UNTRAINED_AFTER, UntrainedWarning
 
     base = MLP(6, (5,), 3)
     wrong = torch.optim.SGD(base.parameters(), lr=0.1)  # built before wrapping: steps the original
@@ -409,8 +409,8 @@ def test_an_optimizer_built_on_the_base_net_is_caught_after_a_hundred_training_p
 def test_dense_gradient_passes_are_not_counted_as_untrained_training():
     import warnings
 
-    from dst.masked import UNTRAINED_AFTER, UntrainedWarning
-    from dst.prune_regrow import dense_gradients
+    from dst.engine.masked import UNTRAINED_AFTER, UntrainedWarning
+    from dst.engine.prune_regrow import dense_gradients
 
     net = MaskedNet(MLP(6, (5,), 3), 0.5, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():

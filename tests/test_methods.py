@@ -10,15 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dst.allocation import active_count, layer_densities
-from dst.gradual_pruning import GradualPruning, cubic_density
-from dst.masked import MaskedLayer, MaskedNet
-from dst.methods import METHODS, Target, get_method
-from dst.models import MLP
-from dst.optimizer_state import per_weight_state
-from dst.prune_regrow import dense_gradients
-from dst.sparse_momentum import MomentumTracker, redistribute, sparse_momentum_step
-from dst.update_rule import LayerUpdate
+from dst.core.models import MLP
+from dst.engine.allocation import active_count, layer_densities
+from dst.engine.masked import MaskedLayer, MaskedNet
+from dst.engine.optimizer_state import per_weight_state
+from dst.engine.prune_regrow import dense_gradients
+from dst.engine.update_rule import LayerUpdate
+from dst.methods.catalog import METHODS, Target, get_method
+from dst.methods.gradual_pruning import GradualPruning, cubic_density
+from dst.methods.sparse_momentum import MomentumTracker, redistribute, sparse_momentum_step
 
 STEPS, STEPS_PER_EPOCH = 40, 8
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import dst
-from dst import report
+from dst.tutorial import report
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

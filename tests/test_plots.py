@@ -1,4 +1,4 @@
-"""Tests for dst.plots: the mask colouring against an oracle, and that every figure draws and saves."""
+"""Tests for dst.tutorial.plots: the mask colouring against an oracle, and that every figure draws and saves."""
 
 import matplotlib
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from dst import mask_plots, plots  # noqa: E402
+from dst.tutorial import mask_plots, plots  # noqa: E402
 
 BLACK, WHITE, RED, GREEN = (tuple(color) for color in mask_plots.TRANSITION_COLORS)
 

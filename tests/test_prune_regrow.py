@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dst.masked import MaskedNet
-from dst.models import MLP, SimpleNet
-from dst.prune_regrow import apply_dst_step
-from dst.schedule import DSTConfig, DSTScheduler
-from dst.update_rule import LayerUpdate
+from dst.core.models import MLP, SimpleNet
+from dst.engine.masked import MaskedNet
+from dst.engine.prune_regrow import apply_dst_step
+from dst.engine.schedule import DSTConfig, DSTScheduler
+from dst.engine.update_rule import LayerUpdate
 
 
 def toy_net(weights: torch.Tensor, mask: torch.Tensor) -> MaskedNet:
@@ -420,9 +420,9 @@ def test_inactive_weights_and_state_stay_zero_whatever_the_resume_order(order):
 
 
 def test_optimizer_hooks_come_with_the_first_masked_weight_not_with_an_import():
-    code = ("import torch, dst, utils\nfrom dst import optimizer_state\n"
+    code = ("import torch, dst, utils\nfrom dst.engine import optimizer_state\n"
             "before = len(optimizer_state._HOOKS)\n"
-            "from dst.masked import MaskedNet\nfrom dst.models import MLP\nMaskedNet(MLP(4, (3,)), 0.5)\n"
+            "from dst.engine.masked import MaskedNet\nfrom dst.core.models import MLP\nMaskedNet(MLP(4, (3,)), 0.5)\n"
             "print(before, len(optimizer_state._HOOKS))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
@@ -450,8 +450,8 @@ def test_a_channels_last_model_takes_dst_steps_like_a_contiguous_one(regrow):
 
 
 def test_optimizer_hooks_go_when_the_last_masked_layer_does():
-    code = ("import gc, torch\nfrom dst import optimizer_state\nfrom dst.masked import MaskedNet\n"
-            "from dst.models import MLP\n"
+    code = ("import gc, torch\nfrom dst.engine import optimizer_state\nfrom dst.engine.masked import MaskedNet\n"
+            "from dst.core.models import MLP\n"
             "first, second = MaskedNet(MLP(4, (3,)), 0.5), MaskedNet(MLP(4, (3,)), 0.5)\n"
             "counts = [len(optimizer_state._HOOKS)]\n"
             "del first\ngc.collect()\ncounts.append(len(optimizer_state._HOOKS))\n"
@@ -464,7 +464,7 @@ def test_optimizer_hooks_go_when_the_last_masked_layer_does():
 
 
 def test_an_optimizer_without_masked_weights_is_not_searched_at_every_step(monkeypatch):
-    from dst import optimizer_state
+    from dst.engine import optimizer_state
 
     masked = MaskedNet(MLP(6, (5,), 3), 0.5, generator=torch.Generator().manual_seed(0))
     plain = nn.Sequential(*[nn.Linear(3, 3) for _ in range(20)])
@@ -490,7 +490,7 @@ def test_an_optimizer_without_masked_weights_is_not_searched_at_every_step(monke
 @pytest.mark.parametrize("prune, regrow, named", [(1.5, 0, "prune_count"), (-1, 0, "prune_count"),
                                                   (0, 10**6, "regrow_count"), (True, 0, "prune_count")])
 def test_update_layer_counts_refuses_counts_that_are_not_whole_numbers_in_range(prune, regrow, named):
-    from dst.prune_regrow import update_layer_counts
+    from dst.engine.prune_regrow import update_layer_counts
 
     layer = MaskedNet(MLP(6, (5,), 3), 0.5, generator=torch.Generator().manual_seed(0)).masked_layers()["fc1"]
     with pytest.raises(ValueError, match=f"{named} must be a whole number of weights in"):

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import dst
-from dst import mask_plots, plots, progress, report
-from dst.masked import MaskedNet
-from dst.methods import METHODS
-from dst.models import lenet_300_100
-from dst.prune_regrow import apply_dst_step
-from dst.update_rule import RegrowCriterion
+from dst.core import progress
+from dst.core.models import lenet_300_100
+from dst.engine.masked import MaskedNet
+from dst.engine.prune_regrow import apply_dst_step
+from dst.engine.update_rule import RegrowCriterion
+from dst.methods.catalog import METHODS
+from dst.tutorial import mask_plots, plots, report
 
 
 def test_show_displays_one_png_and_closes_the_figure(monkeypatch, tmp_path):
@@ -226,7 +227,7 @@ def test_a_criterion_that_answers_wrong_is_refused_with_what_is_wrong(answer, re
 
     criterion = RegrowCriterion("mine", "an attendee's", needs_gradient=False, uses_random=False,
                                 choose=criterion_choose)
-    from dst.update_rule import choose_moves
+    from dst.engine.update_rule import choose_moves
 
     active = np.array([0, 5, 7], dtype=np.int64)
     with pytest.raises(ValueError, match=f"regrow criterion 'mine' must return 3 distinct inactive positions in "

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from dst import plots
-from dst.results import (
+from dst.tutorial import plots
+from dst.tutorial.results import (
     SAME_SPEED_TOLERANCE,
     check_label,
     format_table,

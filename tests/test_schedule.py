@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dst.masked import MaskedNet
-from dst.models import MLP
-from dst.schedule import DSTConfig, DSTScheduler
+from dst.core.models import MLP
+from dst.engine.masked import MaskedNet
+from dst.engine.schedule import DSTConfig, DSTScheduler
 
 
 def test_constant_schedule_updates_every_n_units():

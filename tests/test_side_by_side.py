@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dst.data import TensorLoader, channels_last
-from dst.masked import MaskedNet
-from dst.models import SimpleNet
-from dst.side_by_side import Run, train_side_by_side
-from dst.training import train_and_evaluate
+from dst.core.data import TensorLoader, channels_last
+from dst.core.models import SimpleNet
+from dst.core.training import train_and_evaluate
+from dst.engine.masked import MaskedNet
+from dst.tutorial.side_by_side import Run, train_side_by_side
 
 SEED_ORDER = ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "flatten", "fc1", "relu3", "fc2", "relu4",
               "fc3", "relu5", "fc4"]

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from dst.core.models import SimpleNet
 from dst.csr import backends as sparse_backends
 from dst.csr.backends import default_cpu_backend, numba_available
 from dst.csr.model import SparseNet, memory_report
-from dst.masked import MaskedNet
-from dst.models import SimpleNet
+from dst.engine.masked import MaskedNet
 
 pytestmark = pytest.mark.skipif(not numba_available(), reason="numba is not installed")
 

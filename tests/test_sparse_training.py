@@ -12,17 +12,17 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dst import update_rule
-from dst.csr import backends, comparison
+from dst.core.models import MLP
+from dst.csr import backends, comparison, optimizers
 from dst.csr.backends import TRAINING_BACKENDS, get_backend, numba_available
 from dst.csr.comparison import masked_dense_nbytes, train_masked_mlp, train_sparse_mlp
 from dst.csr.mlp import SparseMLP
 from dst.csr.optimizers import OptimizerConfig, torch_optimizer
-from dst.masked import MaskedNet
-from dst.models import MLP
-from dst.prune_regrow import apply_dst_step
-from dst.schedule import DSTConfig
-from dst.update_rule import sample_inactive
+from dst.engine import update_rule
+from dst.engine.masked import MaskedNet
+from dst.engine.prune_regrow import apply_dst_step
+from dst.engine.schedule import DSTConfig
+from dst.engine.update_rule import sample_inactive
 
 BACKENDS = ["scipy", pytest.param("numba", marks=pytest.mark.skipif(
     importlib.util.find_spec("numba") is None, reason="numba is not installed (optional backend)"))]
@@ -314,6 +314,12 @@ def test_first_call_costs_are_reported_apart_from_the_step_time(trainer, tiny_lo
 def test_bad_arguments_raise_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_a_sparse_optimizer_without_a_torch_twin_is_refused_by_name(monkeypatch):
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "rmsprop", optimizers.SparseSGD)  # added, its twin forgotten
+    with pytest.raises(ValueError, match=r"'rmsprop' has no torch twin; those with one are \['adam', 'sgd'\]"):
+        torch_optimizer(OptimizerConfig(name="rmsprop"), [torch.zeros(1, requires_grad=True)])
 
 
 TINY = (np.zeros((6, 10), np.float32), np.array([0, 1, 2, 0, 1, 2]))

@@ -20,12 +20,12 @@ from benchmarks.dst_methods import (
     with_settings,
     write_atomically,
 )
-from dst import sweep
-from dst.allocation import active_count
-from dst.masked import MaskedNet
-from dst.methods import METHODS, Target
-from dst.models import SimpleNet, lenet_300_100
-from dst.sweep import (
+from dst.core.models import SimpleNet, lenet_300_100
+from dst.engine.allocation import active_count
+from dst.engine.masked import MaskedNet
+from dst.methods import sweep
+from dst.methods.catalog import METHODS, Target
+from dst.methods.sweep import (
     FlopCounter,
     Recipe,
     accuracy_table,
@@ -35,7 +35,7 @@ from dst.sweep import (
     summarize,
     train_run,
 )
-from dst.sweep_figure import plot_method_sweep
+from dst.tutorial.sweep_figure import plot_method_sweep
 from tests.conftest import synthetic_mnist
 
 RECIPE = Recipe(epochs=2, batch_size=16, lr=0.05, max_batches_per_epoch=4)

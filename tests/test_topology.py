@@ -9,11 +9,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dst import mask_plots  # noqa: E402
-from dst.masked import MaskedNet  # noqa: E402
-from dst.models import MLP, SimpleNet  # noqa: E402
-from dst.prune_regrow import apply_dst_step  # noqa: E402
-from dst.topology import mask_changes, turnover_percent  # noqa: E402
+from dst.core.models import MLP, SimpleNet  # noqa: E402
+from dst.engine.masked import MaskedNet  # noqa: E402
+from dst.engine.prune_regrow import apply_dst_step  # noqa: E402
+from dst.tutorial import mask_plots  # noqa: E402
+from dst.tutorial.topology import mask_changes, turnover_percent  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dst.masked import MaskedNet
-from dst.models import SimpleNet
-from dst.training import evaluate, train_epoch
+from dst.core.models import SimpleNet
+from dst.core.training import evaluate, train_epoch
+from dst.engine.masked import MaskedNet
 
 
 class FixedLogits(nn.Module):

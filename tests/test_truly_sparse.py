@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from dst.core.gpu import CUPY_GPU_AVAILABLE
+from dst.core.models import MLP, SimpleNet
 from dst.csr.backends import BACKENDS, numba_available
 from dst.csr.model import SparseNet, memory_report
-from dst.gpu import CUPY_GPU_AVAILABLE
-from dst.masked import MaskedNet
-from dst.models import MLP, SimpleNet
+from dst.engine.masked import MaskedNet
 
 needs_numba = pytest.mark.skipif(not numba_available(), reason="numba is not installed")
 CPU_BACKENDS = ["scipy", "torch", pytest.param("numba", marks=needs_numba)]

@@ -1,7 +1,12 @@
 """The truly sparse (CSR) engine: whole CNNs at inference, MLPs in training, on one set of array backends.
 
+It may import ``dst.core`` and ``dst.engine`` (the masked model it converts, the update rule and schedule it shares
+with the simulated engine); it never imports the methods (``dst.methods``, its sibling) nor the tutorial's
+bookkeeping (``dst.tutorial``, above it).
+
 Modules, one concept each:
-    backends       the one backend registry (scipy, numba, cupy, torch) and the Protocol callers use
+    array_ops      what a backend is: the Protocol callers use, ArrayOps (scipy, cupy), the training products
+    backends       the one backend registry (scipy, numba, cupy, torch)
     numba_backend  the numba backend: its conv and linear steps and its training products
     numba_kernels  the compiled kernels behind it
     torch_backend  the torch.sparse backend (inference only)

@@ -14,16 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dst.allocation import ALLOCATIONS, check_sparsity
-from dst.checks import check_data, check_hidden, check_positive_int
+from dst.core.checks import check_data, check_hidden, check_positive_int
+from dst.core.data import TensorLoader
+from dst.core.models import MLP
+from dst.core.training import evaluate, train_epoch
 from dst.csr.mlp import DEFAULT_OPTIMIZER, SET_DST, SparseMLP, host_array
 from dst.csr.optimizers import OptimizerConfig, torch_optimizer
-from dst.data import TensorLoader
-from dst.masked import MaskedNet
-from dst.models import MLP
-from dst.prune_regrow import apply_dst_step
-from dst.schedule import DSTConfig, DSTScheduler
-from dst.training import evaluate, train_epoch
+from dst.engine.allocation import check_allocation, check_sparsity
+from dst.engine.masked import MaskedNet
+from dst.engine.prune_regrow import apply_dst_step
+from dst.engine.schedule import DSTConfig, DSTScheduler
 
 NUM_CLASSES = 10  # MNIST; the trainers below are for the tutorial's data
 
@@ -49,8 +49,7 @@ class MLPRun:
     def __post_init__(self):
         object.__setattr__(self, "hidden", check_hidden(self.hidden))
         check_sparsity(self.sparsity)
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {sorted(ALLOCATIONS)}")
+        check_allocation(self.allocation)
         check_positive_int(epochs=self.epochs, batch_size=self.batch_size)
         if self.max_batches is not None:
             check_positive_int(max_batches=self.max_batches)
@@ -82,7 +81,7 @@ def train_sparse_mlp(train_x, train_y, test_x, test_y, run: MLPRun | None = None
     (its mean per step, timed after ``SparseMLP.warm_up`` so no compilation is in it),
     warmup_s (that first-call cost, on its own), weight_optimizer_bytes (weights, indices, gradient and optimizer
     state as held), dense_weight_optimizer_bytes (what the masked dense net would hold),
-    active_weights, total_weights, steps, dst_updates. ``progress``: a line counting the steps (``dst.progress``).
+    active_weights, total_weights, steps, dst_updates. ``progress``: a line counting the steps (``dst.core.progress``).
     """
     run = replace(run or MLPRun(), **settings)
     train_y = check_data(train_x, train_y, "training", NUM_CLASSES)

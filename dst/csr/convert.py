@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dst.masked import MaskedNet
-from dst.masked_layers import MaskedConv2d, MaskedLayer, MaskedLinear
+from dst.engine.masked import MaskedNet
+from dst.engine.masked_layers import MaskedConv2d, MaskedLayer, MaskedLinear
 
 SUPPORTED_LAYERS = ("MaskedConv2d", "MaskedLinear", "ReLU", "MaxPool2d", "Flatten", "Dropout", "Identity")
 
@@ -27,7 +27,7 @@ def describe(masked_net: MaskedNet) -> tuple[list[dict], dict[str, dict]]:
     the mask (explicit zeros kept).
     """
     if not isinstance(masked_net, MaskedNet):
-        raise TypeError(f"expected a dst.masked.MaskedNet, got {type(masked_net).__name__}")
+        raise TypeError(f"expected a dst.engine.masked.MaskedNet, got {type(masked_net).__name__}")
     architecture, weights = [], {}
     places: dict[int, str] = {}  # id of each masked layer -> where the chain first uses it
     for name, module in _layer_chain(masked_net.net, ""):

@@ -15,7 +15,7 @@ one contiguous run of ``batch`` floats. The products are the backend's training
 capability (``dst.csr.backends``: scipy, numba or cupy); everything else is written
 once against the backend's array module.
 
-The DST topology update is ``dst.update_rule``'s, the simulated engine's rule: it
+The DST topology update is ``dst.engine.update_rule``'s, the simulated engine's rule: it
 works on sorted flat positions ``row * in + col``, from which the CSR arrays are
 rebuilt, so nothing in it is the size of the dense matrix either.
 """
@@ -24,9 +24,10 @@ import math
 
 import numpy as np
 
-from dst.allocation import active_count
+from dst.csr.array_ops import narrowest_dtype
 from dst.csr.backends import Backend, require_training
-from dst.update_rule import (
+from dst.engine.allocation import active_count
+from dst.engine.update_rule import (
     REGROW,
     LayerUpdate,
     RandomSource,
@@ -50,7 +51,7 @@ def trainable_regrow(regrow: str) -> RegrowCriterion:
 
 def index_dtype(numel: int) -> type:
     """int32 while every index fits, as scipy itself would pick; int64 beyond."""
-    return np.int32 if numel < 2**31 else np.int64
+    return narrowest_dtype(numel, (np.int32, np.int64))
 
 
 class SparseLinear:
@@ -138,9 +139,9 @@ class SparseLinear:
         return self.products.matmul_transposed(self, grad_outputs) if need_input_grad else None
 
     def prune_and_regrow(self, prune_ratio: float, random: RandomSource, regrow: str = "random") -> LayerUpdate:
-        """One DST step on this layer by ``dst.update_rule``: prune the smallest magnitudes, regrow as many.
+        """One DST step on this layer by ``dst.engine.update_rule``: prune the smallest magnitudes, regrow as many.
 
-        ``dst.prune_regrow.apply_dst_step``'s rule and choices: ``moved_count`` weights move,
+        ``dst.engine.prune_regrow.apply_dst_step``'s rule and choices: ``moved_count`` weights move,
         regrowth picks among the positions inactive before this update. Regrown weights start
         at zero, which leaves the network's function unchanged at the update (SET's random
         values make the loss jump) and keeps this trainer comparable with the masked one;

@@ -1,13 +1,13 @@
 """Truly sparse training of an MLP on the CPU: no dense weight, gradient or optimizer state, ever.
 
-The masked layers of ``dst.masked`` simulate sparsity and save nothing. Here,
+The masked layers of ``dst.engine.masked`` simulate sparsity and save nothing. Here,
 as in SET (Mocanu et al. 2018) and "Truly Sparse Neural Networks at Scale"
 (Curci, Mocanu and Pechenizkiy 2021), every weight matrix is a CSR structure
 (``dst.csr.linear.SparseLinear``) holding only its active weights and their
 optimizer state, so the cost of a step and the memory both scale with the
 number of active weights instead of with the width squared. The DST topology
-update is the simulated engine's rule (``dst.update_rule``), run on those
-structures directly, and ``dst.schedule.DSTScheduler`` decides when it runs
+update is the simulated engine's rule (``dst.engine.update_rule``), run on those
+structures directly, and ``dst.engine.schedule.DSTScheduler`` decides when it runs
 (``sparse_dst_step`` is this engine's step).
 
 ``SparseMLP.from_masked`` and ``SparseMLP.to_masked`` convert to and from a
@@ -22,29 +22,29 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from dst.allocation import check_sparsity, layer_densities
-from dst.checks import check_data, check_hidden, check_positive_int, class_labels, is_positive_int
+from dst.core.checks import check_data, check_hidden, check_positive_int, class_labels, is_positive_int
+from dst.core.models import MLP
+from dst.core.progress import Progress
 from dst.csr.backends import get_backend
 from dst.csr.linear import SparseLinear, trainable_regrow
 from dst.csr.optimizers import OPTIMIZERS, OptimizerConfig
-from dst.masked import MaskedNet
-from dst.masked_layers import MaskedLinear
-from dst.models import MLP
-from dst.progress import Progress
-from dst.schedule import DSTConfig, DSTScheduler
-from dst.update_rule import LayerUpdate, RandomSource, check_prune_ratio
+from dst.engine.allocation import check_sparsity, layer_densities
+from dst.engine.masked import MaskedNet
+from dst.engine.masked_layers import MaskedLinear
+from dst.engine.schedule import DSTConfig, DSTScheduler
+from dst.engine.update_rule import LayerUpdate, RandomSource, check_prune_ratio
 
 DEFAULT_OPTIMIZER = OptimizerConfig()
 
 # SET-style topology updates for one-epoch MNIST runs (~470 steps of 128): 4 updates, each
-# moving 20% of every layer's connections. Regrown weights start at zero (see dst.prune_regrow).
+# moving 20% of every layer's connections. Regrown weights start at zero (see dst.engine.prune_regrow).
 SET_DST = DSTConfig(prune_ratio=0.2, regrow="random", every=100, unit="step")
 
 
 class SparseMLP:
     """An MLP (ReLU between layers, softmax cross-entropy) whose weights are ``SparseLinear`` layers.
 
-    Layers are named ``fc1``, ``fc2``, ... like ``dst.models.MLP``'s. ``rng`` (a
+    Layers are named ``fc1``, ``fc2``, ... like ``dst.core.models.MLP``'s. ``rng`` (a
     numpy Generator from ``seed``, an int or a Generator) drives the initial topology
     and values, the batch order in ``fit`` and the random regrowth, so a seed
     reproduces a run.
@@ -181,7 +181,7 @@ class SparseMLP:
         """Shuffled mini-batch training with DST updates; returns the loss history and timings.
 
         ``dst=None`` keeps the topology fixed; ``max_batches`` caps each epoch (quick runs),
-        like ``dst.data.TensorLoader``'s. The updates come from a ``DSTScheduler``, as for
+        like ``dst.core.data.TensorLoader``'s. The updates come from a ``DSTScheduler``, as for
         the masked net; its step count continues this model's. ``progress``: a line counting steps.
         """
         check_positive_int(epochs=epochs, batch_size=batch_size)
@@ -211,11 +211,11 @@ class SparseMLP:
                 losses.append(self.train_step(features[batch], labels[batch]))
                 bar.update()
                 if scheduler is not None:
-                    timed(scheduler.after_step, None)
+                    timed(scheduler.after_step)
             if losses:
                 history["epoch_losses"].append(float(np.mean(losses)))
             if scheduler is not None:
-                timed(scheduler.after_epoch, ())
+                timed(scheduler.after_epoch)
         history["train_time_s"] = time.perf_counter() - start
         bar.close()
         history["steps"] = self.steps - steps_before

@@ -22,8 +22,8 @@ from dst.csr.backends import get_backend
 from dst.csr.convert import describe
 from dst.csr.npz import check_model, read_npz, write_npz
 from dst.csr.steps import ConvStep, Flatten, LinearStep, MaxPool, ReLU
-from dst.masked import MaskedNet
-from dst.masked_layers import MaskedLayer
+from dst.engine.masked import MaskedNet
+from dst.engine.masked_layers import MaskedLayer
 
 # ----------------------------------------------------------------------------- the model
 

@@ -10,7 +10,7 @@ before a matrix is built, so a crafted file gets a ``ValueError`` instead of
 reads outside an array. No array is allocated before its size is checked: each
 member's .npy header against the model's header, the member's size in the archive
 and what its compressed bytes can hold; the JSON header may nest at most 32
-levels (``dst.checks.MAX_JSON_DEPTH``). ``check_model`` is the part every
+levels (``dst.core.checks.MAX_JSON_DEPTH``). ``check_model`` is the part every
 ``SparseNet`` runs, whatever built it. Arrays are parsed by hand, never unpickled: no code runs.
 """
 
@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dst.checks import load_json
+from dst.core.checks import load_json
+from dst.csr.array_ops import narrowest_dtype
 
 FILE_FORMAT = "dst-truly-sparse-csr-1"
 INDEX_TYPES = ("uint8", "uint16", "uint32", "uint64")
+UNSIGNED = tuple(np.dtype(name).type for name in INDEX_TYPES)
 STEP_TYPES = ("conv", "linear", "relu", "maxpool", "flatten")
 # The sparse kernels index rows, columns and entries with int32.
 MAX_INDEX = 2**31 - 1
@@ -48,8 +50,8 @@ def write_npz(path, architecture: list[dict], host_weights: dict[str, dict], com
     """
     layers, arrays = [], {"values": [], "bias": []}
     for name, host in host_weights.items():
-        index_type = np.dtype(_narrowest_uint(host["shape"][1] - 1)).name
-        pointer_type = np.dtype(_narrowest_uint(host["values"].size)).name
+        index_type = np.dtype(narrowest_dtype(host["shape"][1] - 1, UNSIGNED)).name
+        pointer_type = np.dtype(narrowest_dtype(host["values"].size, UNSIGNED)).name
         arrays["values"].append(host["values"].astype(np.float32))
         arrays.setdefault(f"col_indices_{index_type}", []).append(host["col_indices"].astype(index_type))
         arrays.setdefault(f"row_pointers_{pointer_type}", []).append(host["row_pointers"].astype(pointer_type))
@@ -300,10 +302,3 @@ def _read_member(archive: zipfile.ZipFile, key: str, dtype, length: int, path: P
         raise ValueError(f"{problem}: its data holds {'more than' if extra else received} bytes, not "
                          f"{expected_bytes}")
     return array
-
-
-def _narrowest_uint(max_value: int):
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if max_value <= np.iinfo(dtype).max:
-            return dtype
-    return np.uint64

@@ -18,7 +18,7 @@ numba compiles each kernel on its first call (cached on disk); time a forward on
 
 import numpy as np
 
-from dst.csr.backends import ArrayOps, TrainingProducts
+from dst.csr.array_ops import ArrayOps, TrainingProducts, narrowest_dtype
 from dst.csr.numba_kernels import conv_pool, linear, train_matmul, train_matmul_transposed, train_sddmm
 from dst.csr.steps import LinearStep, MaskNumberedWeight, conv_output_shape
 
@@ -29,7 +29,7 @@ ACCUMULATOR_FLOATS = 4096
 
 def index_type(columns: int) -> type:
     """The narrowest column index type the kernels take for a layer with ``columns`` columns."""
-    return np.uint16 if columns <= np.iinfo(np.uint16).max + 1 else np.int32
+    return narrowest_dtype(columns - 1, (np.uint16, np.int32))
 
 
 class CSR:

@@ -97,9 +97,17 @@ class SparseAdam:
 OPTIMIZERS = {"sgd": SparseSGD, "adam": SparseAdam}
 
 
+# name -> the torch twin of each sparse optimizer, built from the same config.
+TORCH_OPTIMIZERS = {
+    "sgd": lambda config, params: torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                                                  weight_decay=config.weight_decay),
+    "adam": lambda config, params: torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps,
+                                                    weight_decay=config.weight_decay),
+}
+
+
 def torch_optimizer(config: OptimizerConfig, params) -> torch.optim.Optimizer:
-    """The torch optimizer that ``config`` describes, for the masked dense net."""
-    if config.name == "adam":
-        return torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps,
-                                weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    """The torch optimizer that ``config`` describes, for the masked dense net; a ``ValueError`` if it has none."""
+    if config.name not in TORCH_OPTIMIZERS:
+        raise ValueError(f"optimizer {config.name!r} has no torch twin; those with one are {sorted(TORCH_OPTIMIZERS)}")
+    return TORCH_OPTIMIZERS[config.name](config, params)

@@ -15,8 +15,8 @@ materialised), and output channels with no active weight are never computed. See
 ``ConvStep`` for the details. ``ReLU`` and ``MaxPool`` are the unfolded steps.
 
 Every step has ``prepare(shape) -> (out_shape, buffers)``, called once per input
-shape to allocate its work buffers, and ``step(x, buffers)``, the forward. Each runs
-on the array operations ``ops`` of one backend (``dst.csr.backends``).
+shape to allocate its work buffers, and is called as ``step(x, buffers)`` (its ``__call__``)
+for the forward. Each runs on the array operations ``ops`` of one backend (``dst.csr.array_ops``).
 """
 
 import math

@@ -9,7 +9,7 @@ epoch of both nets about 1.5x faster than one after the other on two threads eac
 (benchmarks/training_step.py). Each net's arithmetic is the same as when it trains
 alone on one thread, so results do not depend on the timing of the threads.
 
-Each run needs its own loader: loaders made with the same seed (``dst.data.load_mnist``)
+Each run needs its own loader: loaders made with the same seed (``dst.core.data.load_mnist``)
 give the same batches in the same order, so both nets still see the same data.
 """
 
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
-from dst.progress import Progress
-from dst.training import evaluate, train_epoch
+from dst.core.progress import Progress
+from dst.core.training import train_and_evaluate
 
 _RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 
@@ -58,13 +58,8 @@ def train_side_by_side(runs: Sequence[Run], test_loader, criterion, device: torc
         try:
             if concurrent:
                 torch.set_num_threads(1)  # OpenMP's thread count is per calling thread: set it in this one too
-            start = time.perf_counter()
-            train_loss, train_acc = train_epoch(run.model, _Counting(run.train_loader, done, index), criterion,
-                                                run.optimizer, device, progress=False)
-            seconds = time.perf_counter() - start
-            test_acc, test_loss = evaluate(run.model, test_loader, device, criterion)
-            results[index] = {"train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
-                              "test_acc": test_acc, "train_seconds": seconds}
+            results[index] = train_and_evaluate(run.model, _Counting(run.train_loader, done, index), test_loader,
+                                                criterion, run.optimizer, device, progress=False)
         except Exception as error:  # re-raised in the caller's thread below
             errors.append(error)
 
@@ -101,7 +96,7 @@ def _check_runs(runs: Sequence[Run]) -> None:
     loaders shuffling from one random source get whichever shuffle their thread draws first.
     """
     if isinstance(runs, Run) or not all(isinstance(run, Run) for run in runs):
-        raise TypeError("runs must be a list of dst.side_by_side.Run(model, optimizer, train_loader)")
+        raise TypeError("runs must be a list of dst.tutorial.side_by_side.Run(model, optimizer, train_loader)")
     owners: dict[int, int] = {}
     for index, run in enumerate(runs):
         optimizer_params = [param for group in run.optimizer.param_groups for param in group["params"]]
@@ -126,7 +121,7 @@ def _check_runs(runs: Sequence[Run]) -> None:
         # Not iter(loader): that would start a DataLoader's worker processes.
         if not (hasattr(loader, "__iter__") and hasattr(loader, "__len__")) or isinstance(loader, Iterator):
             raise TypeError(f"run {index}'s train_loader must be re-iterable with a length (a DataLoader or "
-                            f"dst.data.TensorLoader), got a {type(loader).__name__}")
+                            f"dst.core.data.TensorLoader), got a {type(loader).__name__}")
         for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None),
                                                                   "sampler", None)):
             if not isinstance(sampler, _RANDOM_SAMPLERS):

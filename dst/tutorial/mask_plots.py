@@ -2,8 +2,8 @@
 
 Each function takes plain data (mask snapshots as 2-D boolean arrays, as
 ``MaskedNet.get_masks_as_2d`` returns them; sparsities as fractions) and returns
-the Figure, drawn like every figure of ``dst.plots``; ``save_path`` additionally
-writes it to disk. The numbers drawn are ``dst.topology.mask_changes``'s.
+the Figure, drawn like every figure of ``dst.tutorial.plots``; ``save_path`` additionally
+writes it to disk. The numbers drawn are ``dst.tutorial.topology.mask_changes``'s.
 """
 
 import math
@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Patch
 
-from dst.plots import check_lengths, finish, lecture_style
-from dst.topology import as_2d_masks, mask_changes, turnover_percent
+from dst.tutorial.plots import check_lengths, finish, lecture_style
+from dst.tutorial.topology import as_2d_masks, mask_changes, turnover_percent
 
 # Codes ordered by display priority, so a block of pixels takes the maximum code:
 # one regrown connection must stay visible among thousands of kept ones.

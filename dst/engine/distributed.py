@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dst.masked import MaskedNet
-from dst.masked_layers import MaskedLayer
-from dst.prune_regrow import Batch, apply_dst_step, dense_gradients, local_dst_step
-from dst.update_rule import LayerUpdate, get_regrow
+from dst.engine.masked import MaskedNet
+from dst.engine.masked_layers import MaskedLayer
+from dst.engine.prune_regrow import Batch, apply_dst_step, dense_gradients, local_dst_step
+from dst.engine.update_rule import LayerUpdate, get_regrow
 
 # Position hashes are ((index + 1) * multiplier) mod a prime: for layers below 2**31 weights
 # they are distinct and nonzero (so every weight counts), and sums of 2**31 of them fit in int64.

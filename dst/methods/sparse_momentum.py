@@ -18,7 +18,7 @@ at inactive positions before the optimizer sees it, so inactive weights and
 their optimizer state stay exactly zero. The tracker keeps
 ``m = beta * m + gradient`` (SGD's momentum buffer without the weight-decay term,
 which is zero at inactive positions anyway). It costs a dense weight gradient
-every step: training FLOPs count it (``dst.sweep``).
+every step: training FLOPs count it (``dst.methods.sweep``).
 """
 
 import math
@@ -27,9 +27,9 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from dst.distributed import check_ranks_agree, collective_device, is_distributed
-from dst.masked import MaskedLayer, MaskedNet
-from dst.prune_regrow import LayerUpdate, update_layer_counts
+from dst.engine.distributed import check_ranks_agree, collective_device, is_distributed
+from dst.engine.masked import MaskedLayer, MaskedNet
+from dst.engine.prune_regrow import LayerUpdate, check_finite, update_layer_counts
 
 
 class MomentumTracker:
@@ -114,10 +114,8 @@ def sparse_momentum_step(masked_net: MaskedNet, tracker: MomentumTracker, prune_
         # is the momentum of the averaged gradients (the average is linear), and every rank then ranks alike.
         _average_over_ranks(tracker)
     for name, layer in layers.items():
-        for what, values in (("weights", layer.weight.detach()), ("momentum", tracker.momentum[name])):
-            if not torch.isfinite(values).all():
-                raise ValueError(f"layer {name!r} has non-finite {what} (NaN or inf): training has probably "
-                                 "diverged; nothing was changed")
+        check_finite(name, layer.weight.detach(), "weights")
+        check_finite(name, tracker.momentum[name], "momentum")
     active = {name: layer.active_count for name, layer in layers.items()}
     inactive = {name: layer.mask.numel() - active[name] for name, layer in layers.items()}
     prune = {name: max(0, min(round(prune_ratio * active[name]), inactive[name], active[name] - 1))

@@ -21,12 +21,12 @@ import numpy as np
 import scipy
 import torch
 
-from dst import benchmark_rows as rows
-from dst.checks import check_positive_int
+from dst.core.checks import check_positive_int
+from dst.core.gpu import cupy_gpu_available
 from dst.csr.backends import default_cpu_backend, numba_available
 from dst.csr.model import SparseNet
-from dst.gpu import CUPY_GPU_AVAILABLE
-from dst.masked import MaskedNet
+from dst.engine.masked import MaskedNet
+from dst.tutorial import benchmark_rows as rows
 
 
 def time_forward(forward: Callable[[], object], runs: int = 10, warmup: int = 3,
@@ -103,7 +103,7 @@ def benchmark_inference(model: MaskedNet, loader: Iterable, device, num_samples:
 
     Returns:
         ``{row name: {'mean', 'std', 'median', 'min', 'runs'}}`` in milliseconds per
-        forward of the whole ``num_samples`` batch; row names are ``dst.benchmark_rows``'
+        forward of the whole ``num_samples`` batch; row names are ``dst.tutorial.benchmark_rows``'
         constants. Always present: ``DENSE_CPU`` (the same weights without the mask step,
         i.e. a plain dense net), ``MASKED_CPU``, ``CSR_CPU`` (the default CPU engine:
         numba's fused kernels on numba's threads where numba is installed, else scipy),
@@ -116,7 +116,7 @@ def benchmark_inference(model: MaskedNet, loader: Iterable, device, num_samples:
         by tens of milliseconds and slow the single-threaded scipy row run after them.
     """
     if not isinstance(model, MaskedNet):
-        raise TypeError(f"benchmark_inference needs a dst.masked.MaskedNet, got {type(model).__name__}")
+        raise TypeError(f"benchmark_inference needs a dst.engine.masked.MaskedNet, got {type(model).__name__}")
     with torch.no_grad():
         return time_interleaved(inference_forwards(model, first_samples(loader, num_samples), device), runs, warmup)
 
@@ -143,7 +143,7 @@ def inference_forwards(model: MaskedNet, inputs: torch.Tensor, device) -> dict[s
         gpu = torch.device(device)
         dense_gpu, inputs_gpu = copy.deepcopy(dense).to(gpu), inputs.to(gpu)
         forwards[rows.MASKED_GPU] = (lambda: dense_gpu(inputs_gpu), lambda: torch.cuda.synchronize(gpu))
-        if CUPY_GPU_AVAILABLE:
+        if cupy_gpu_available():
             forwards[rows.CSR_GPU] = _sparse_forward(dense, "cupy", gpu, inputs)
         forwards[rows.TORCH_SPARSE_GPU] = _sparse_forward(dense, "torch", gpu, inputs)
     return forwards
@@ -195,7 +195,7 @@ def benchmark_environment(device=None) -> dict:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     reason = _gpu_rows_reason(device)
-    cupy_reason = None if CUPY_GPU_AVAILABLE else "cupy is not installed or sees no GPU"
+    cupy_reason = None if cupy_gpu_available() else "cupy is not installed or sees no GPU"
     return {
         "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
         "python": platform.python_version(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),

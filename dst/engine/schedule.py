@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dst.checks import is_positive_int
-from dst.prune_regrow import Batch, apply_dst_step
-from dst.update_rule import LayerUpdate, RegrowCriterion, check_prune_ratio, get_regrow
+from dst.core.checks import is_positive_int
+from dst.engine.prune_regrow import Batch, apply_dst_step
+from dst.engine.update_rule import LayerUpdate, RegrowCriterion, check_prune_ratio, get_regrow
 
 SCHEDULES = ("constant", "cosine")
 UNITS = ("epoch", "step")
@@ -22,7 +22,7 @@ class DSTConfig:
     # Fraction of each layer's active weights moved per update. 0.1 is the seed's;
     # RigL uses 0.3 and lets the cosine schedule decay it.
     prune_ratio: float = 0.1
-    # A criterion of dst.update_rule.REGROW: "random" (SET) or "gradient" (RigL), or a RegrowCriterion of
+    # A criterion of dst.engine.update_rule.REGROW: "random" (SET) or "gradient" (RigL), or a RegrowCriterion of
     # your own. Every criterion keeps the active count.
     regrow: str | RegrowCriterion = "random"
     # "constant" (the seed) or "cosine": ratio * (1 + cos(pi * t / end)) / 2, zero from `end` on,
@@ -104,15 +104,21 @@ class DSTScheduler:
     steps: int = 0
     epochs: int = 0
 
-    def after_step(self, batch: Batch) -> DSTEvent | None:
-        """Count one optimizer step; update if step-based updates are due."""
+    def after_step(self, batch: Batch | None = None) -> DSTEvent | None:
+        """Count one optimizer step; update if step-based updates are due (RigL takes its gradient on ``batch``).
+
+        ``batch`` may be left out where no criterion needs a gradient (the truly sparse trainer forms none).
+        """
         self.steps += 1
         if self.config.unit != "step":
             return None
         return self._maybe_update(self.steps, lambda: batch)
 
-    def after_epoch(self, loader: Iterable[Batch]) -> DSTEvent | None:
-        """Count one epoch; update if epoch-based updates are due (RigL draws one batch from loader)."""
+    def after_epoch(self, loader: Iterable[Batch] | None = None) -> DSTEvent | None:
+        """Count one epoch; update if epoch-based updates are due (RigL draws one batch from ``loader``).
+
+        ``loader`` may be left out where no criterion needs a gradient (the truly sparse trainer forms none).
+        """
         self.epochs += 1
         if self.config.unit != "epoch":
             return None
@@ -131,9 +137,9 @@ class DSTScheduler:
         return event
 
 
-def _first_batch(loader: Iterable[Batch]) -> Batch:
-    batch = next(iter(loader), None)
+def _first_batch(loader: Iterable[Batch] | None) -> Batch:
+    batch = None if loader is None else next(iter(loader), None)
     if batch is None:
         raise ValueError("a regrow criterion that needs gradients (RigL) draws one batch from the loader given to "
-                         "after_epoch, but that loader yielded none")
+                         "after_epoch, but it was given none or that loader yielded none")
     return batch

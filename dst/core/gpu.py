@@ -1,9 +1,17 @@
-"""Whether the optional GPU pieces (cupy and a CUDA device) can be used."""
+"""Whether the optional GPU pieces (cupy and a CUDA device) can be used.
 
+``CUPY_GPU_AVAILABLE`` is probed on its first read, not when this module is imported: importing
+cupy and asking the CUDA driver takes a while, and most imports (``utils``, ``dst.tutorial.benchmark``)
+never need the answer.
+"""
+
+import functools
 import importlib
 
 
-def _cupy_gpu_available() -> bool:
+@functools.cache
+def cupy_gpu_available() -> bool:
+    """Whether cupy imports and sees a CUDA device (probed once, on the first call)."""
     try:
         cupy = importlib.import_module("cupy")
     except ImportError:
@@ -14,7 +22,10 @@ def _cupy_gpu_available() -> bool:
         return False
 
 
-CUPY_GPU_AVAILABLE: bool = _cupy_gpu_available()
+def __getattr__(name: str):
+    if name == "CUPY_GPU_AVAILABLE":  # the module constant of earlier versions, now read lazily
+        return cupy_gpu_available()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def require_cupy():
@@ -25,6 +36,6 @@ def require_cupy():
         raise RuntimeError(
             "the cupy backend needs the cupy package and a CUDA GPU: cupy is not installed "
             "(pip install -r requirements-gpu.txt on a machine with CUDA 12)") from error
-    if not CUPY_GPU_AVAILABLE:
+    if not cupy_gpu_available():
         raise RuntimeError("the cupy backend needs a CUDA GPU: cupy is installed but no CUDA device answered")
     return cupy

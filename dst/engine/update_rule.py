@@ -5,7 +5,7 @@ A layer is described by the sorted flat positions of its active weights
 its size ``numel``. ``choose_moves`` picks the ``count`` active weights of smallest
 magnitude to prune and asks a regrow criterion for ``count`` positions that were inactive
 *before* the step (a weight pruned now is not regrown now, so the step really moves
-``count`` connections). The simulated engine (``dst.prune_regrow``, boolean masks
+``count`` connections). The simulated engine (``dst.engine.prune_regrow``, boolean masks
 over torch weights) and the truly sparse one (``dst.csr.linear``, CSR arrays) both
 call it, so they make the same choices on the same layer and random stream.
 

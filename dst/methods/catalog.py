@@ -18,13 +18,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from dst.allocation import ALLOCATIONS, check_sparsity, layer_densities
-from dst.checks import check_fraction, check_steps
-from dst.gradual_pruning import GradualPruning
-from dst.masked import MaskedNet
-from dst.schedule import SCHEDULES, DSTConfig, DSTScheduler
-from dst.sparse_momentum import SparseMomentumStep
-from dst.update_rule import RegrowCriterion, check_prune_ratio, get_regrow
+from dst.core.checks import check_fraction, check_steps
+from dst.engine.allocation import check_allocation, check_sparsity, layer_densities
+from dst.engine.masked import MaskedNet
+from dst.engine.schedule import SCHEDULES, DSTConfig, DSTScheduler
+from dst.engine.update_rule import RegrowCriterion, check_prune_ratio, get_regrow
+from dst.methods.gradual_pruning import GradualPruning
+from dst.methods.sparse_momentum import SparseMomentumStep
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ class Target:
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
-        if not isinstance(self.allocation, str) or self.allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {sorted(ALLOCATIONS)}")
+        check_allocation(self.allocation)
         object.__setattr__(self, "keep_dense", (self.keep_dense,) if isinstance(self.keep_dense, str)
                            else tuple(self.keep_dense))
 

@@ -1,7 +1,7 @@
 """Simulated sparsity for a whole model: ``MaskedNet`` masks every trainable Conv1d/2d/3d and Linear.
 
 The masked layers themselves (a layer owning a boolean mask buffer) are in
-``dst.masked_layers``; this module puts them into any model and sizes their masks.
+``dst.engine.masked_layers``; this module puts them into any model and sizes their masks.
 
 ``MaskedNet`` masks every trainable Conv1d/2d/3d and Linear, subclasses included
 when they keep the base class's forward. A masked layer takes over the original
@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
-from dst.allocation import active_count, check_sparsity, layer_densities, warn_if_disconnected
-from dst.masked_layers import MASKED_TYPES, MaskedLayer, masked_type
-from dst.optimizer_state import optimizers_of
+from dst.engine.allocation import active_count, check_sparsity, layer_densities, warn_if_disconnected
+from dst.engine.masked_layers import MASKED_TYPES, MaskedLayer, masked_type
+from dst.engine.optimizer_state import optimizers_of
 
 # MultiheadAttention passes out_proj.weight to its functional form instead of calling
 # out_proj: the mask then acts on that weight's gradient only (see MaskedLayer.mask_gradient).
@@ -81,13 +81,23 @@ class MaskedNet(nn.Module):
         generator: random source for the masks (default: torch's global one).
         masking: "gradient" (default) or "forward", see ``MASKING``; both compute the same network.
         keep_dense: "first" and/or "last" masked layer, or layer names, kept dense; the others share the
-            rest of the budget (see ``dst.allocation.layer_densities``).
+            rest of the budget (see ``dst.engine.allocation.layer_densities``).
 
     Layers that are frozen (``requires_grad=False`` weight) stay dense and out of
     DST; any other weight left unmasked is listed in a warning and by ``skipped_weights()``.
     A ``DisconnectedWarning`` says when the masks leave an output unit of the last masked
     layer, or an input feature of the first, without any connection; an ``UntrainedWarning``
     when ``UNTRAINED_AFTER`` training forwards have run and no optimizer has stepped a masked weight.
+
+    Optimizer hooks: the first masked layer built in a process installs torch's two global
+    optimizer step hooks (``register_optimizer_step_pre_hook`` and ``..._post_hook``; see
+    ``dst.engine.optimizer_state``). Around every ``optimizer.step()`` they remember which
+    optimizer stepped a masked weight (so a DST step resets state in optimizers nobody passed it)
+    and zero state that disagrees with a mask (a freshly loaded checkpoint). They act on masked
+    weights only, and cost an optimizer holding none one cached lookup per step. There is no
+    switch to turn them off while a masked net is alive, since the zero-state guarantee rests on
+    them; they are removed when the last masked layer is garbage-collected (``del`` every masked
+    net, and copies of it), after which torch's optimizers run exactly as without this package.
     """
 
     _training_forwards = 0  # counted up to UNTRAINED_AFTER (a class default: older pickles lack it)

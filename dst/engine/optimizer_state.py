@@ -20,7 +20,7 @@ nobody passed:
 The hooks are torch's global optimizer step hooks
 (``torch.optim.optimizer.register_optimizer_step_pre_hook`` and ``..._post_hook``).
 They are installed by the first ``register_masked_weight`` call, i.e. when the
-first ``MaskedNet`` masks a weight (``dst.masked_layers.MaskedLayer.watch``), not
+first ``MaskedNet`` masks a weight (``dst.engine.masked_layers.MaskedLayer.watch``), not
 when this module is imported, and removed again once no masked layer is alive.
 They only act on masked weights, and cost an optimizer that holds none (another
 model's, in the same process) one cached lookup per step: which of an optimizer's
@@ -47,7 +47,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils.weak import WeakIdKeyDictionary
 
 # Weight Parameter -> weakref to the masked layer that masks it. Filled by the layers
-# (dst.masked_layers) when they are built, copied or loaded; weak on both sides so neither
+# (dst.engine.masked_layers) when they are built, copied or loaded; weak on both sides so neither
 # a weight nor a layer is kept alive by this index.
 _MASKED_WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # Every optimizer that has stepped a weight (the seed notebook calls apply_dst_step without one).
@@ -68,7 +68,7 @@ LBFGS_REFUSED = ("torch.optim.LBFGS cannot train masked weights: it keeps a flat
 
 
 def register_masked_weight(weight: torch.Tensor, layer) -> None:
-    """Record that ``layer`` (a dst.masked_layers.MaskedLayer) masks ``weight``; the first call installs the hooks."""
+    """Record that ``layer`` (a ``MaskedLayer``) masks ``weight``; the first call installs the hooks."""
     if not _HOOKS:
         _HOOKS.extend([register_optimizer_step_pre_hook(_agree_with_masks),
                        register_optimizer_step_post_hook(_remember_optimizer)])

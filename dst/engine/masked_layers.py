@@ -5,13 +5,13 @@ tensor, a boolean mask says which of them exist, the gradient of every inactive
 weight is made exactly zero, and the stored weight is kept exactly zero wherever
 the mask is off, so the network really is the sparse network it claims to be.
 It saves nothing: the dense weight, the mask and dense products are all still
-there, plus the masking itself on every training step. ``dst.masked.MASKING``
+there, plus the masking itself on every training step. ``dst.engine.masked.MASKING``
 names the two ways to apply the mask (``where(mask, weight, 0)`` in every
 forward, or on the gradient only); both compute the same network.
 
-Each layer registers its weight with ``dst.optimizer_state`` when it is built,
+Each layer registers its weight with ``dst.engine.optimizer_state`` when it is built,
 copied or loaded (``MaskedLayer.watch``), so that optimizers keep their state of
-inactive weights at zero. ``dst.masked.MaskedNet`` puts these layers into a model.
+inactive weights at zero. ``dst.engine.masked.MaskedNet`` puts these layers into a model.
 
 Why subclasses and not ``torch.nn.utils.parametrize``: a training step costs the
 same with either (``python -m benchmarks.training_step``), while a parametrization
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from dst.optimizer_state import register_masked_weight
+from dst.engine.optimizer_state import register_masked_weight
 
 # Weight objects whose gradient hook is registered. Hooks are not copied with a weight (deepcopy,
 # pickle), and a copy is a new object, absent from this weak index, so watch() hooks it again.
@@ -71,7 +71,7 @@ class MaskedLayer(nn.Module):
         self.watch()
 
     def watch(self) -> None:
-        """Register the weight with ``dst.optimizer_state`` (the first registration installs its optimizer
+        """Register the weight with ``dst.engine.optimizer_state`` (the first registration installs its optimizer
         step hooks), and hook the gradient if ``mask_gradient``; idempotent."""
         register_masked_weight(self.weight, self)
         if self.mask_gradient and self.weight.requires_grad and self.weight not in _GRADIENT_HOOKED:

@@ -25,7 +25,7 @@ import torch
 import torchvision
 from torch.utils.data import TensorDataset
 
-from dst.checks import is_positive_int
+from dst.core.checks import is_positive_int
 
 MNIST_MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -226,7 +226,7 @@ class TensorLoader:
         """A loader over the same tensors (not copied) with its own generator, restarted from ``seed``.
 
         A fresh clone yields the same batches, in the same order, as a fresh loader: what two nets
-        trained side by side need (``dst.side_by_side``), each drawing its own shuffles.
+        trained side by side need (``dst.tutorial.side_by_side``), each drawing its own shuffles.
         """
         twin = copy.copy(self)
         twin.generator = torch.Generator().manual_seed(self.seed)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dst import benchmark_rows
-from dst.checks import load_json
+from dst.core.checks import load_json
+from dst.tutorial import benchmark_rows
 
 # Two medians closer than this are reported as "about the same": these machines are noisy.
 SAME_SPEED_TOLERANCE = 0.10
@@ -113,7 +113,7 @@ def load_runs(folder: str | Path = "results") -> list[dict]:
     """Every run record in ``folder``, sorted by sparsity then label.
 
     A file that is not a regular file, not readable JSON (or nested deeper than
-    ``dst.checks.MAX_JSON_DEPTH``), or not a run record of this notebook (every field the
+    ``dst.core.checks.MAX_JSON_DEPTH``), or not a run record of this notebook (every field the
     table reads is checked: its type and range) is skipped with a warning that names it,
     so one stray or crafted file cannot break the table of all runs.
     """

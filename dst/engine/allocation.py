@@ -57,6 +57,12 @@ def erk_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[s
 ALLOCATIONS = {"uniform": uniform_densities, "erk": erk_densities}
 
 
+def check_allocation(allocation) -> None:
+    """Raise ``ValueError`` listing ``ALLOCATIONS`` unless ``allocation`` is one of their names (a string)."""
+    if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; choose one of {sorted(ALLOCATIONS)} (a string)")
+
+
 def layer_densities(shapes: Mapping[str, Sequence[int]], sparsity: float,
                     allocation: str = "uniform", keep_dense: str | Collection[str] = ()) -> dict[str, float]:
     """Per-layer density (fraction of weights kept) for a global ``sparsity``.
@@ -65,8 +71,7 @@ def layer_densities(shapes: Mapping[str, Sequence[int]], sparsity: float,
     collection of these; those layers keep every weight and the others share the rest
     of the budget by ``allocation``, so the total still meets ``sparsity``.
     """
-    if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
-        raise ValueError(f"unknown allocation {allocation!r}; choose one of {sorted(ALLOCATIONS)} (a string)")
+    check_allocation(allocation)
     check_sparsity(sparsity)
     dense = dense_layer_names(list(shapes), keep_dense)
     if not dense:

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dst.allocation import active_count
-from dst.masked import MaskedNet
-from dst.prune_regrow import update_layer_counts
-from dst.schedule import DSTEvent
+from dst.engine.allocation import active_count
+from dst.engine.masked import MaskedNet
+from dst.engine.prune_regrow import update_layer_counts
+from dst.engine.schedule import DSTEvent
 
 
 def cubic_density(t: int, final: float, start: int, end: int) -> float:

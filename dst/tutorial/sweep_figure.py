@@ -1,7 +1,7 @@
 """The decade in one figure: test accuracy and training FLOPs against sparsity, one line per method.
 
-Takes the rows of ``dst.sweep`` (one per run) and returns a matplotlib Figure, like
-``dst.plots``: one column per model; the top row is test accuracy (mean over seeds,
+Takes the rows of ``dst.methods.sweep`` (one per run) and returns a matplotlib Figure, like
+``dst.tutorial.plots``: one column per model; the top row is test accuracy (mean over seeds,
 error bars one standard deviation, dense as a band), the bottom row the training
 FLOPs as a fraction of dense. The x axis is the density on a log scale, labelled by
 sparsity, so 90 %, 99 % and 99.9 % are evenly spaced. The accuracy axis is the test
@@ -12,8 +12,8 @@ both stay readable, where a linear axis squeezes every DST method into its top s
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from dst.plots import check_rows, finish, lecture_style
-from dst.sweep import density_ticks, summarize
+from dst.methods.sweep import density_ticks, summarize
+from dst.tutorial.plots import check_rows, finish, lecture_style
 
 METHOD_STYLE = {"static": ("tab:gray", "v"), "set": ("tab:blue", "o"), "rigl": ("tab:red", "s"),
                 "snfs": ("tab:green", "D"), "gmp": ("tab:purple", "^")}

@@ -4,8 +4,10 @@ A doorway like ``utils.py``: it holds no logic of its own and re-exports, so a
 notebook cell reads ``report.save_run(record)`` without a long import list.
 """
 
-from dst.benchmark import benchmark_environment
-from dst.benchmark_rows import (
+from dst.csr.model import memory_report
+from dst.methods.sweep import describe_sweep
+from dst.tutorial.benchmark import benchmark_environment
+from dst.tutorial.benchmark_rows import (
     COMPARISONS,
     CPU,
     CSR_CPU,
@@ -19,8 +21,7 @@ from dst.benchmark_rows import (
     TORCH_SPARSE_GPU,
     device_of,
 )
-from dst.csr.model import memory_report
-from dst.results import (
+from dst.tutorial.results import (
     describe_benchmark,
     describe_crossovers,
     describe_mask_overhead,
@@ -34,20 +35,19 @@ from dst.results import (
     save_run,
     speed_sentence,
 )
-from dst.sweep import describe_sweep
-from dst.topology import mask_changes
+from dst.tutorial.topology import mask_changes
 
 __all__ = [
-    # benchmark_inference's row names (dst.benchmark_rows) and the pairs the notebook compares
+    # benchmark_inference's row names (dst.tutorial.benchmark_rows) and the pairs the notebook compares
     "COMPARISONS", "CPU", "CSR_CPU", "CSR_GPU", "CSR_SCIPY_CPU", "DENSE_CPU", "GPU", "MASKED_CPU", "MASKED_GPU",
     "TORCH_SPARSE_CPU", "TORCH_SPARSE_GPU", "device_of",
     # what a run measured beside its timings
     "benchmark_environment", "mask_changes", "memory_report",
-    # a run's label, its file, and every saved run (dst.results)
+    # a run's label, its file, and every saved run (dst.tutorial.results)
     "run_label", "run_path", "save_run", "load_runs",
-    # the table across runs and the sentences computed from measurements (dst.results)
+    # the table across runs and the sentences computed from measurements (dst.tutorial.results)
     "runs_table", "format_table", "describe_speedup", "describe_benchmark", "describe_crossovers", "describe_memory",
     "describe_mask_overhead", "speed_sentence",
-    # the sweep of methods, in sentences (dst.sweep)
+    # the sweep of methods, in sentences (dst.methods.sweep)
     "describe_sweep",
 ]

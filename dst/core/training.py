@@ -2,14 +2,33 @@
 
 import random
 import time
+from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from dst.progress import Progress
-from dst.prune_regrow import split_batch
-from dst.schedule import DSTScheduler
+from dst.core.progress import Progress
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def split_batch(batch) -> Batch:
+    """``(inputs, targets)`` of one batch, or a clear error for anything else (a dict, a bare tensor)."""
+    if isinstance(batch, Mapping):
+        raise TypeError(f"expected each batch as an (inputs, targets) pair, got a dict with keys "
+                        f"{sorted(map(str, batch))}; make the loader yield (inputs, targets) tuples")
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        items = f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""
+        raise TypeError(f"expected each batch as an (inputs, targets) pair, got a {type(batch).__name__}{items}")
+    return batch[0], batch[1]
+
+
+class AfterStep(Protocol):
+    """What ``train_epoch`` calls after each optimizer step: ``DSTScheduler`` is one."""
+
+    def after_step(self, batch: Batch) -> object: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -20,13 +39,13 @@ def seed_everything(seed: int) -> None:
 
 
 def train_epoch(model: nn.Module, loader, criterion, optimizer: torch.optim.Optimizer,
-                device: torch.device | str, dst: DSTScheduler | None = None,
+                device: torch.device | str, dst: AfterStep | None = None,
                 progress: bool = True) -> tuple[float, float]:
     """Train for one pass over ``loader``; returns ``(mean loss, accuracy in %)``, the seed's order.
 
     Batches are (inputs, targets) with class-index targets. With ``dst``, its
     step-based updates run after each optimizer step. ``progress=False`` turns the
-    progress line off. It is ``dst.progress.Progress``: text, not a Jupyter widget (text
+    progress line off. It is ``dst.core.progress.Progress``: text, not a Jupyter widget (text
     survives a browser reload mid-training, where a widget whose state the kernel has
     not sent again shows "Error displaying widget: model not found").
     """
@@ -112,7 +131,7 @@ def check_targets(outputs: torch.Tensor, targets: torch.Tensor, check_range: boo
 
 def train_and_evaluate(model: nn.Module, train_loader, test_loader, criterion,
                        optimizer: torch.optim.Optimizer, device: torch.device | str,
-                       dst: DSTScheduler | None = None, progress: bool = True) -> dict[str, float]:
+                       dst: AfterStep | None = None, progress: bool = True) -> dict[str, float]:
     """One epoch of training then a test pass: losses, accuracies (%) and training seconds."""
     start = time.perf_counter()
     train_loss, train_acc = train_epoch(model, train_loader, criterion, optimizer, device, dst, progress)

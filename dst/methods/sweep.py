@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dst.allocation import DisconnectedWarning, active_count, connectivity
-from dst.checks import check_fraction, check_steps
-from dst.data import TensorLoader
-from dst.masked import MaskedLayer, MaskedNet
-from dst.methods import SNFS, Method, Target, get_method
-from dst.models import SimpleNet, lenet_300_100
-from dst.progress import Progress
-from dst.training import evaluate, seed_everything
+from dst.core.checks import check_fraction, check_steps
+from dst.core.data import TensorLoader
+from dst.core.models import SimpleNet, lenet_300_100
+from dst.core.progress import Progress
+from dst.core.training import evaluate, seed_everything
+from dst.engine.allocation import DisconnectedWarning, active_count, connectivity
+from dst.engine.masked import MaskedLayer, MaskedNet
+from dst.methods.catalog import SNFS, Method, Target, get_method
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"lenet300-100": lenet_300_100, "simplenet": SimpleNet}
 
@@ -224,7 +224,7 @@ def run_sweep(models: Iterable[str], methods: Iterable[str | Method], sparsities
 
     ``threads``: torch's CPU threads during the sweep (restored after). One is as fast for these
     small nets and, on a machine shared with other jobs, avoids threads waiting for each other.
-    ``progress``: one line counting the runs (``dst.progress``).
+    ``progress``: one line counting the runs (``dst.core.progress``).
     """
     methods = [get_method(method) for method in methods]
     sparsities = list(sparsities)

@@ -1,4 +1,4 @@
-"""Figures for the tutorial: dense vs masked curves, benchmarks, runs; the mask figures are in ``dst.mask_plots``.
+"""Figures for the tutorial: dense vs masked curves, benchmarks, runs; the mask figures are in ``mask_plots``.
 
 Every function takes plain data and returns the Figure; ``save_path``
 additionally writes it to disk. ``show`` displays a figure once, as a PNG, and
@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from dst import benchmark_rows
-from dst.results import speed_phrase
+from dst.tutorial import benchmark_rows
+from dst.tutorial.results import speed_phrase
 
 # Text sizes for a figure shown on a lecture-hall projector: saved at 120 dpi and scaled to a
 # ~1300 px wide screen, 12-13 pt stays about as large as a slide's body text.

@@ -1,6 +1,6 @@
 """The DST step of the simulated engine: ``apply_dst_step`` on every masked layer of a MaskedNet.
 
-Each layer moves connections by the rule both engines share (``dst.update_rule``):
+Each layer moves connections by the rule both engines share (``dst.engine.update_rule``):
 prune the active weights of smallest magnitude, regrow as many at positions that
 were inactive before the step, chosen by a regrow criterion (``REGROW``: ``"random"``
 for SET, ``"gradient"`` for RigL, whose dense gradients ``dense_gradients`` computes
@@ -14,7 +14,7 @@ steps decide what the connection is worth.
 
 Moved connections also start with zero optimizer state (momentum, Adam's moments),
 in the optimizer passed to ``apply_dst_step`` and in every optimizer that has stepped
-the layer's weight: ``dst.optimizer_state`` finds those, so the seed's call
+the layer's weight: ``dst.engine.optimizer_state`` finds those, so the seed's call
 ``apply_dst_step(masked_net, prune_ratio=0.1)`` is correct without one.
 
 Every count is exact whatever the weights hold: pruning picks among the active
@@ -24,30 +24,18 @@ layer, before anything changes. Frozen layers (``requires_grad=False`` weight)
 are left out of DST, and so, under RigL, are layers the loss does not reach.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dst.checks import is_count
-from dst.masked import MaskedNet
-from dst.masked_layers import MaskedLayer
-from dst.optimizer_state import check_optimizer, fill_at, optimizers_of, reset_optimizer_state
-from dst.update_rule import LayerUpdate, check_prune_ratio, choose_moves, get_regrow, moved_count
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def split_batch(batch) -> Batch:
-    """``(inputs, targets)`` of one batch, or a clear error for anything else (a dict, a bare tensor)."""
-    if isinstance(batch, Mapping):
-        raise TypeError(f"expected each batch as an (inputs, targets) pair, got a dict with keys "
-                        f"{sorted(map(str, batch))}; make the loader yield (inputs, targets) tuples")
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        items = f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else ""
-        raise TypeError(f"expected each batch as an (inputs, targets) pair, got a {type(batch).__name__}{items}")
-    return batch[0], batch[1]
+from dst.core.checks import is_count
+from dst.core.training import Batch, split_batch
+from dst.engine.masked import MaskedNet
+from dst.engine.masked_layers import MaskedLayer
+from dst.engine.optimizer_state import check_optimizer, fill_at, optimizers_of, reset_optimizer_state
+from dst.engine.update_rule import LayerUpdate, check_prune_ratio, choose_moves, get_regrow, moved_count
 
 
 def dense_gradients(masked_net: MaskedNet, batch: Batch,
@@ -83,7 +71,7 @@ def dense_gradients(masked_net: MaskedNet, batch: Batch,
 def update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str = "random",
                  gradient: torch.Tensor | None = None, optimizers=(),
                  generator: torch.Generator | None = None) -> LayerUpdate:
-    """One DST step on one masked layer (``dst.update_rule``'s choices), its moved weights and their state zeroed.
+    """One DST step on one masked layer (``update_rule``'s choices), its moved weights and their state zeroed.
 
     ``gradient`` is the layer's dense loss gradient (criteria that need one);
     ``optimizers`` are those whose state at the moved positions is reset.
@@ -117,7 +105,8 @@ def _move(layer: MaskedLayer, prune_count: int, regrow_count: int, criterion, sc
     return LayerUpdate(active=layer.active_count, pruned=prune_count, regrown=regrow_count)
 
 
-def _check_finite(name: str, values: torch.Tensor, what: str) -> None:
+def check_finite(name: str, values: torch.Tensor, what: str) -> None:
+    """Raise, naming the layer, if ``values`` (its weights, gradients, momentum) hold a NaN or an inf."""
     bad = int((~torch.isfinite(values)).sum())
     if bad:
         raise ValueError(f"layer {name!r} has {bad:,} non-finite {what} (NaN or inf) out of {values.numel():,}: "
@@ -139,17 +128,17 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
     (momentum, Adam moments) is reset in ``optimizer`` and in every optimizer
     that has stepped the layer, so no optimizer revives a pruned weight (an
     optimizer that has not stepped yet is made to agree before its first step,
-    see ``dst.optimizer_state``). Frozen layers, and under RigL layers the batch's
+    see ``dst.engine.optimizer_state``). Frozen layers, and under RigL layers the batch's
     loss does not reach, are reported with nothing moved.
 
     Args:
         prune_ratio: fraction of each layer's active weights to move, in [0, 1].
-        regrow: a criterion of ``dst.update_rule.REGROW``: "random" (SET) or "gradient"
+        regrow: a criterion of ``dst.engine.update_rule.REGROW``: "random" (SET) or "gradient"
             (RigL; needs ``batch`` or ``gradients``).
         batch: (inputs, targets) for a criterion that needs gradients.
         optimizer: the optimizer training ``masked_net``; pass it, so the reset is visible at
             the call. Optimizers that have already stepped these weights are found without it
-            (``dst.optimizer_state``). Refused if it is a torch.optim.LBFGS (its history cannot
+            (``dst.engine.optimizer_state``). Refused if it is a torch.optim.LBFGS (its history cannot
             be reset per weight).
         generator: random source for "random" regrowth (default: torch's global one).
         gradients: precomputed dense gradients by layer name (as in ``masked_layers()``)
@@ -196,16 +185,16 @@ def local_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
     moving = {name: layer for name, layer in layers.items()
               if layer.weight.requires_grad and (not criterion.needs_gradient or name in gradients)}
     for name, layer in moving.items():  # every check before the first change
-        _check_finite(name, layer.weight.detach(), "weights")
+        check_finite(name, layer.weight.detach(), "weights")
         if name in gradients:
-            _check_finite(name, gradients[name], "RigL gradients")
+            check_finite(name, gradients[name], "RigL gradients")
     report = {}
     for name, layer in layers.items():
         if name not in moving:
             report[name] = LayerUpdate(active=layer.active_count, pruned=0, regrown=0)
             continue
-        optimizers = optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set())
-        report[name] = update_layer(layer, prune_ratio, regrow, gradients.get(name), optimizers, generator)
+        report[name] = update_layer(layer, prune_ratio, regrow, gradients.get(name),
+                                    _optimizers_of(layer, optimizer), generator)
     return report
 
 
@@ -227,7 +216,7 @@ def update_layer_counts(layer: MaskedLayer, prune_count: int, regrow_count: int,
                         generator: torch.Generator | None = None) -> LayerUpdate:
     """Prune and regrow one layer with counts the caller chose, which may differ.
 
-    The same rule as a DST step (``dst.update_rule``'s choices: magnitude pruning among active
+    The same rule as a DST step (``dst.engine.update_rule``'s choices: magnitude pruning among active
     weights, regrowth among positions inactive before the step; moved weights and their
     optimizer state zeroed), for the methods whose per-layer counts are not "regrow what was
     pruned": sparse momentum moves regrowth between layers, gradual pruning regrows nothing.
@@ -239,6 +228,10 @@ def update_layer_counts(layer: MaskedLayer, prune_count: int, regrow_count: int,
         if not is_count(count) or count > most:
             raise ValueError(f"{name} must be a whole number of weights in [0, {most}] for this layer "
                              f"({active} of {numel} active), got {count!r}")
-    optimizers = optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set())
     return _move(layer, prune_count, regrow_count, get_regrow("random" if scores is None else "gradient"),
-                 scores, optimizers, generator)
+                 scores, _optimizers_of(layer, optimizer), generator)
+
+
+def _optimizers_of(layer: MaskedLayer, optimizer: torch.optim.Optimizer | None) -> set:
+    """Optimizers whose state at a layer's moved positions is reset: every one that stepped it, and ``optimizer``."""
+    return optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set())
