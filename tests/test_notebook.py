@@ -221,4 +221,4 @@ def test_the_first_cell_says_what_to_install_when_the_notebook_is_opened_on_its_
     assert "git clone" in alone.stderr and "REPOSITORY_URL" in alone.stderr
     here = subprocess.run([sys.executable, "-c", source(cell)], cwd=ROOT, capture_output=True, text=True, env=env,
                           timeout=60)
-    assert here.returncode == 0 and "package is importable" in here.stdout
+    assert here.returncode == 0 and "package (dst/ and utils.py) is importable" in here.stdout

@@ -267,7 +267,8 @@ def describe_benchmark(timings: dict[str, dict]) -> list[str]:
         if benchmark_rows.is_baseline(row):
             baseline = benchmark_rows.row(benchmark_rows.DENSE, device)
             if baseline in timings:
-                sentences.append(describe_speedup(timings, baseline, row) + ": what the mask costs")
+                sentences.append(describe_speedup(timings, baseline, row)
+                                 + ": simulated sparsity at inference, all weights through the same dense kernels")
             continue
         baseline = benchmark_rows.row(benchmark_rows.MASKED, device)
         if baseline in timings and not row.startswith(benchmark_rows.DENSE):
