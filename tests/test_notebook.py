@@ -80,7 +80,7 @@ def test_markdown_points_only_at_things_that_exist_and_states_no_timing_a_run_co
             assert (ROOT / path).exists(), path
         if cell["cell_type"] == "markdown":
             # Measured times belong in printed output; the exercises' planned budgets are the one exception.
-            stripped = re.sub(r"\(about \d+ minutes; under a minute of compute\)", "", text)
+            stripped = re.sub(r"\(time budget: \d+ minutes; compute: under a minute\)", "", text)
             assert not re.search(r"\b\d+(\.\d+)? ?(ms|s|min|minutes|seconds)\b", stripped), stripped[:200]
 
 
