@@ -365,15 +365,10 @@ def describe_sweep(summary: list[dict]) -> list[str]:
             if dense is not None:
                 text += f" (dense {dense['test_acc']:.2f} %)"
             if static is not None:
-                gains = ", ".join(f"{row['method']} {_signed(row['test_acc'] - static['test_acc'])}"
+                gains = ", ".join(f"{row['method']} {_difference(row['test_acc'], static['test_acc'])}"
                                   for row in rows if row is not static)
                 text += f"; against the static mask ({static['test_acc']:.2f} %): {gains} points"
             seeds = sorted({row["seeds"] for row in rows})
             text += f" [{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}]"
             sentences.append(text)
     return sentences
-
-
-def _signed(value: float) -> str:
-    """'+0.20' or '-1.30', never '-0.00'."""
-    return f"{value + 0.0:+.2f}" if round(value, 2) != 0 else "+0.00"

@@ -102,11 +102,22 @@ def save_run(record: dict, folder: str | Path = "results") -> Path:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
                                      delete=False) as handle:
         handle.write(json.dumps(_plain(record), indent=2))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(handle.name, 0o666 & ~umask)
+    os.chmod(handle.name, 0o666 & ~_umask())
     os.replace(handle.name, path)
     return path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (setting it, even briefly, races threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def load_runs(folder: str | Path = "results") -> list[dict]:
