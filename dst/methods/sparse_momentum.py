@@ -145,16 +145,20 @@ def _average_over_ranks(tracker: MomentumTracker) -> None:
 
 
 class SparseMomentumStep:
-    """``sparse_momentum_step`` as a ``DSTScheduler.dst_step``: the scheduler decides when and how much."""
+    """``sparse_momentum_step`` as a ``TopologyUpdate`` for ``DSTScheduler``: the scheduler decides when and how much.
 
-    def __init__(self, masked_net: MaskedNet, beta: float = 0.9):
+    The momentum, not a batch's gradient or chance, decides regrowth, so no batch is asked for.
+    ``close()`` removes the tracker's hooks.
+    """
+
+    needs_batch = False
+
+    def __init__(self, masked_net: MaskedNet, beta: float = 0.9, optimizer: torch.optim.Optimizer | None = None):
+        self.masked_net, self.optimizer = masked_net, optimizer
         self.tracker = MomentumTracker(masked_net, beta)
 
-    def __call__(self, masked_net: MaskedNet, prune_ratio: float, optimizer: torch.optim.Optimizer | None = None,
-                 **_scheduler_arguments) -> dict[str, LayerUpdate]:
-        # regrow, batch, loss_fn and generator are the scheduler's arguments for SET and RigL; the
-        # momentum, not a batch's gradient or chance, decides regrowth here.
-        return sparse_momentum_step(masked_net, self.tracker, prune_ratio, optimizer)
+    def __call__(self, prune_ratio: float, batch=None) -> dict[str, LayerUpdate]:
+        return sparse_momentum_step(self.masked_net, self.tracker, prune_ratio, self.optimizer)
 
     def close(self) -> None:
         """Stop tracking (see ``MomentumTracker.close``)."""
