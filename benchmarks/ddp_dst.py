@@ -9,7 +9,7 @@ Run from the repository root, unchanged on CPUs (gloo) and GPUs (nccl, one proce
 ``--batch-size`` is per process: every step the processes take consecutive shares of
 one global batch drawn from a permutation shared by all of them, so 2 processes
 with batch b see the same samples, in the same steps, as 1 process with batch 2b.
-The DST updates go through ``DSTScheduler(dst_step=distributed_dst_step)``: every
+The DST updates go through ``DSTScheduler(config, DistributedDSTStep(...))``: every
 process takes the same step and checks that it did. ``--checkpoint`` is written
 from rank 0 after every epoch; ``--resume`` restarts from it on any number of
 processes. ``--data synthetic`` trains on random MNIST-shaped tensors (no download).
@@ -34,6 +34,7 @@ from dst.core.data import TensorLoader, ensure_mnist, load_mnist_tensors
 from dst.core.models import SimpleNet
 from dst.core.training import evaluate, seed_everything, train_epoch
 from dst.engine.distributed import (
+    DistributedDSTStep,
     check_ranks_agree,
     distributed_dst_step,
     load_checkpoint,
@@ -122,7 +123,7 @@ def train(args, rank: int, world_size: int, device: torch.device) -> None:
     if args.resume:
         first_epoch = load_checkpoint(args.resume, model, optimizer, generator)["epoch"] + 1
     config = DSTConfig(prune_ratio=args.prune_ratio, regrow=args.regrow, every=args.dst_every, unit="epoch")
-    scheduler = DSTScheduler(masked_net, config, optimizer, generator=generator, dst_step=distributed_dst_step,
+    scheduler = DSTScheduler(config, DistributedDSTStep(masked_net, config.regrow, optimizer, generator=generator),
                              epochs=first_epoch - 1)
     for epoch in range(first_epoch, args.epochs + 1):
         loader = GlobalBatchShards(train_images, train_labels, args.batch_size, epoch, args.seed, rank, world_size,

@@ -33,7 +33,7 @@ from dst.engine.distributed import (
     wrap_ddp,
 )
 from dst.engine.masked import MaskedNet
-from dst.engine.prune_regrow import apply_dst_step, dense_gradients, local_dst_step
+from dst.engine.prune_regrow import apply_dst_step, dense_gradients, local_dst_step, masked_scheduler
 from dst.engine.schedule import DSTConfig, DSTScheduler
 from dst.methods.sparse_momentum import MomentumTracker, sparse_momentum_step
 
@@ -312,10 +312,22 @@ def test_precomputed_gradients_give_the_same_rigl_step_and_are_validated():
 
 def test_scheduler_takes_its_updates_through_the_given_step():
     calls = []
-    net = build(seed=5)
-    scheduler = DSTScheduler(net, DSTConfig(every=1, unit="step"), dst_step=lambda *a, **k: calls.append(k) or {})
-    scheduler.after_step(local_batch(1, 0, 1))
+
+    class Recording:  # a TopologyUpdate that records what the scheduler hands it
+        needs_batch = True
+
+        def __call__(self, prune_ratio, batch=None):
+            calls.append({"prune_ratio": prune_ratio, "batch": batch})
+            return {}
+
+        def close(self):
+            pass
+
+    scheduler = DSTScheduler(DSTConfig(every=1, unit="step"), Recording())
+    batch = local_batch(1, 0, 1)
+    scheduler.after_step(batch)
     assert len(calls) == 1 and calls[0]["prune_ratio"] == 0.1 and scheduler.history[0].layers == {}
+    assert calls[0]["batch"] is batch
 
 
 def test_checkpoint_round_trip_and_bad_input_on_one_process(tmp_path):
@@ -360,9 +372,9 @@ def momentum_and_local_steps(rank: int, world_size: int) -> dict:
         mismatch = str(error)
     tracker.close()
     refusals = {}
-    scheduler = DSTScheduler(model, DSTConfig(regrow="gradient", every=1, unit="step"), optimizer=optimizer)
+    scheduler = masked_scheduler(masked_net, DSTConfig(regrow="gradient", every=1, unit="step"), optimizer=optimizer)
     for case, step in (("apply_dst_step", lambda: apply_dst_step(masked_net, 0.3, "random")),
-                       ("DSTScheduler's default step", lambda: scheduler.after_step(local_batch(5, rank, world_size)))):
+                       ("masked_scheduler's step", lambda: scheduler.after_step(local_batch(5, rank, world_size)))):
         try:
             step()
             refusals[case] = None

@@ -82,3 +82,13 @@ def test_no_module_imports_another_in_a_circle():
     for name in sorted(MODULES):
         if name not in state:
             visit(name, [name])
+
+
+def test_the_scheduler_does_not_reach_the_simulated_engines_step():
+    # DSTScheduler drives any TopologyUpdate: the truly sparse trainer uses it without the masked net's step.
+    reached, frontier = set(), {"dst.engine.schedule"}
+    while frontier:
+        name = frontier.pop()
+        reached.add(name)
+        frontier |= (imported_modules(name) & set(MODULES)) - reached
+    assert "dst.engine.prune_regrow" not in reached, sorted(reached)

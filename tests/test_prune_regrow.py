@@ -15,8 +15,8 @@ from torch import nn
 
 from dst.core.models import MLP, SimpleNet
 from dst.engine.masked import MaskedNet
-from dst.engine.prune_regrow import apply_dst_step
-from dst.engine.schedule import DSTConfig, DSTScheduler
+from dst.engine.prune_regrow import apply_dst_step, masked_scheduler
+from dst.engine.schedule import DSTConfig
 from dst.engine.update_rule import LayerUpdate
 
 
@@ -87,7 +87,7 @@ def run_training(optimizer_factory, steps=40, unit_every=7, regrow="random", see
     torch.manual_seed(seed)
     net = MaskedNet(MLP(30, (40, 40), num_classes=4), sparsity=0.8, allocation="erk", masking=masking)
     optimizer = optimizer_factory(net.parameters())
-    scheduler = DSTScheduler(net, DSTConfig(prune_ratio=0.3, regrow=regrow, every=unit_every, unit="step"))
+    scheduler = masked_scheduler(net, DSTConfig(prune_ratio=0.3, regrow=regrow, every=unit_every, unit="step"))
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
@@ -342,7 +342,7 @@ def test_batches_that_are_not_pairs_are_named(batch, match):
 
 
 def test_gradient_regrow_on_an_empty_loader_says_so():
-    scheduler = DSTScheduler(MaskedNet(MLP(10, (5,)), 0.5), DSTConfig(every=1, regrow="gradient"))
+    scheduler = masked_scheduler(MaskedNet(MLP(10, (5,)), 0.5), DSTConfig(every=1, regrow="gradient"))
     with pytest.raises(ValueError, match="loader yielded none"):
         scheduler.after_epoch([])
 

@@ -16,15 +16,15 @@ Modules, one concept each:
     npz            its .npz file, read as untrusted input
     linear         SparseLinear: a CSR weight trained without ever being dense
     optimizers     SGD and Adam on arrays of active weights; their torch twins
-    mlp            SparseMLP: the truly sparse trainer, and sparse_dst_step for DSTScheduler
+    mlp            SparseMLP: the truly sparse trainer, and SparseMLPStep for DSTScheduler
     comparison     the same MLP run trained truly sparse and masked, with comparable metrics
 """
 
 from dst.csr.backends import BACKENDS, default_cpu_backend, get_backend
 from dst.csr.comparison import MLPRun, train_masked_mlp, train_sparse_mlp
-from dst.csr.mlp import SparseMLP, sparse_dst_step
+from dst.csr.mlp import SparseMLP, SparseMLPStep
 from dst.csr.model import SparseNet, memory_report
 from dst.csr.optimizers import OptimizerConfig
 
-__all__ = ["BACKENDS", "MLPRun", "OptimizerConfig", "SparseMLP", "SparseNet", "default_cpu_backend", "get_backend",
-           "memory_report", "sparse_dst_step", "train_masked_mlp", "train_sparse_mlp"]
+__all__ = ["BACKENDS", "MLPRun", "OptimizerConfig", "SparseMLP", "SparseMLPStep", "SparseNet", "default_cpu_backend",
+           "get_backend", "memory_report", "train_masked_mlp", "train_sparse_mlp"]

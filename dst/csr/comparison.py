@@ -22,8 +22,8 @@ from dst.csr.mlp import DEFAULT_OPTIMIZER, SET_DST, SparseMLP, host_array
 from dst.csr.optimizers import OptimizerConfig, torch_optimizer
 from dst.engine.allocation import check_allocation, check_sparsity
 from dst.engine.masked import MaskedNet
-from dst.engine.prune_regrow import apply_dst_step
-from dst.engine.schedule import DSTConfig, DSTScheduler
+from dst.engine.prune_regrow import apply_dst_step, masked_scheduler
+from dst.engine.schedule import DSTConfig
 
 NUM_CLASSES = 10  # MNIST; the trainers below are for the tutorial's data
 
@@ -122,8 +122,8 @@ def train_masked_mlp(train_x, train_y, test_x, test_y, run: MLPRun | None = None
         net = MaskedNet(MLP(widths[0], hidden, NUM_CLASSES), sparsity, run.allocation,
                         generator=torch.Generator().manual_seed(seed)).to(device)
     torch_opt = torch_optimizer(optimizer, net.parameters())
-    scheduler = None if run.dst is None else DSTScheduler(net, run.dst, torch_opt,
-                                                          generator=torch.Generator().manual_seed(seed))
+    scheduler = None if run.dst is None else masked_scheduler(net, run.dst, torch_opt,
+                                                              generator=torch.Generator().manual_seed(seed))
     history = {"epoch_losses": [], "warmup_s": _warm_up_torch(net, torch_opt, loader)}
     start = time.perf_counter()
     for _ in range(run.epochs):

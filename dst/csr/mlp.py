@@ -8,7 +8,7 @@ optimizer state, so the cost of a step and the memory both scale with the
 number of active weights instead of with the width squared. The DST topology
 update is the simulated engine's rule (``dst.engine.update_rule``), run on those
 structures directly, and ``dst.engine.schedule.DSTScheduler`` decides when it runs
-(``sparse_dst_step`` is this engine's step).
+(``SparseMLPStep`` is this engine's step).
 
 ``SparseMLP.from_masked`` and ``SparseMLP.to_masked`` convert to and from a
 ``MaskedNet(MLP(...))``, which is how the tests check that one step here
@@ -32,7 +32,7 @@ from dst.engine.allocation import check_sparsity, layer_densities
 from dst.engine.masked import MaskedNet
 from dst.engine.masked_layers import MaskedLinear
 from dst.engine.schedule import DSTConfig, DSTScheduler
-from dst.engine.update_rule import LayerUpdate, RandomSource, check_prune_ratio
+from dst.engine.update_rule import LayerUpdate, RandomSource, RegrowCriterion, check_prune_ratio
 
 DEFAULT_OPTIMIZER = OptimizerConfig()
 
@@ -192,7 +192,7 @@ class SparseMLP:
         labels = check_data(x, y, "training", self._num_classes())
         features = host_array(x, np.float32).reshape(len(x), -1)
         history = {"epoch_losses": [], "dst_updates": 0, "update_time_s": 0.0}
-        scheduler = None if dst is None else DSTScheduler(self, dst, dst_step=sparse_dst_step, steps=self.steps)
+        scheduler = None if dst is None else DSTScheduler(dst, SparseMLPStep(self, dst.regrow), steps=self.steps)
 
         def timed(update, *args) -> None:
             started = time.perf_counter()
@@ -259,17 +259,27 @@ class SparseMLP:
         return {name: layer.active_count for name, layer in self.layers.items()}
 
 
-def sparse_dst_step(model: SparseMLP, prune_ratio: float = 0.1, regrow: str = "random", batch=None,
-                    loss_fn=None, optimizer=None, generator: RandomSource = None) -> dict[str, LayerUpdate]:
-    """``apply_dst_step``'s counterpart for a ``SparseMLP`` (same arguments, so ``DSTScheduler`` drives both).
+class SparseMLPStep:
+    """A ``SparseMLP``'s DST step as a ``TopologyUpdate`` for ``DSTScheduler`` (``SparseMLP.fit`` builds one).
 
-    The optimizer state lives in the layers and is remapped by the step itself, so
-    ``optimizer`` and ``loss_fn`` are unused; ``generator`` defaults to ``model.rng``.
-    Criteria that need the dense gradient (RigL) are refused.
+    The optimizer state lives in the layers and is remapped by the step itself, so no optimizer or
+    loss is given, and no batch is ever asked for: criteria that need the dense gradient (RigL) are
+    refused here, when the step is built. ``random`` defaults to ``model.rng``.
     """
-    if not isinstance(model, SparseMLP):
-        raise TypeError(f"sparse_dst_step needs a SparseMLP, got {type(model).__name__}")
-    return model.update_topology(prune_ratio, regrow, generator)
+
+    needs_batch = False
+
+    def __init__(self, model: SparseMLP, regrow: str | RegrowCriterion = "random", random: RandomSource = None):
+        if not isinstance(model, SparseMLP):
+            raise TypeError(f"SparseMLPStep needs a SparseMLP, got {type(model).__name__}")
+        trainable_regrow(regrow)
+        self.model, self.regrow, self.random = model, regrow, random
+
+    def __call__(self, prune_ratio: float, batch=None) -> dict[str, LayerUpdate]:
+        return self.model.update_topology(prune_ratio, self.regrow, self.random)
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 def host_array(values, dtype) -> np.ndarray:

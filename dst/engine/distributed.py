@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dst.engine.masked import MaskedNet
 from dst.engine.masked_layers import MaskedLayer
 from dst.engine.prune_regrow import Batch, apply_dst_step, dense_gradients, local_dst_step
-from dst.engine.update_rule import LayerUpdate, get_regrow
+from dst.engine.update_rule import LayerUpdate, RegrowCriterion, get_regrow
 
 # Position hashes are ((index + 1) * multiplier) mod a prime: for layers below 2**31 weights
 # they are distinct and nonzero (so every weight counts), and sums of 2**31 of them fit in int64.
@@ -170,6 +170,29 @@ def distributed_dst_step(model: nn.Module, prune_ratio: float = 0.1, regrow: str
     if check:
         _verify(masked_net, generator_hash, when="after the DST step")
     return report
+
+
+class DistributedDSTStep:
+    """``distributed_dst_step`` as a ``TopologyUpdate`` for ``DSTScheduler``: every rank takes the same update.
+
+    ``model`` is the MaskedNet or its DDP wrapper; ``generator`` should be a ``shared_generator``.
+    A batch (each rank its own) is asked for only when the criterion needs the dense gradient.
+    """
+
+    def __init__(self, model: nn.Module, regrow: str | RegrowCriterion = "random",
+                 optimizer: torch.optim.Optimizer | None = None, loss_fn=F.cross_entropy,
+                 generator: torch.Generator | None = None, check: bool = True):
+        unwrap(model)  # a MaskedNet, or a DDP model around one: refused now, not at the first update
+        self.model, self.regrow, self.optimizer, self.loss_fn = model, regrow, optimizer, loss_fn
+        self.generator, self.check = generator, check
+        self.needs_batch = get_regrow(regrow).needs_gradient
+
+    def __call__(self, prune_ratio: float, batch: Batch | None = None) -> dict[str, LayerUpdate]:
+        return distributed_dst_step(self.model, prune_ratio, self.regrow, batch, self.loss_fn, self.optimizer,
+                                    self.generator, self.check)
+
+    def close(self) -> None:
+        """Nothing to release: the step holds no hooks."""
 
 
 def check_ranks_agree(model: nn.Module, generator: torch.Generator | None = None) -> None:

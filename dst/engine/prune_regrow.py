@@ -35,7 +35,15 @@ from dst.core.training import Batch, split_batch
 from dst.engine.masked import MaskedNet
 from dst.engine.masked_layers import MaskedLayer
 from dst.engine.optimizer_state import check_optimizer, fill_at, optimizers_of, reset_optimizer_state
-from dst.engine.update_rule import LayerUpdate, check_prune_ratio, choose_moves, get_regrow, moved_count
+from dst.engine.schedule import DSTConfig, DSTScheduler
+from dst.engine.update_rule import (
+    LayerUpdate,
+    RegrowCriterion,
+    check_prune_ratio,
+    choose_moves,
+    get_regrow,
+    moved_count,
+)
 
 
 def dense_gradients(masked_net: MaskedNet, batch: Batch,
@@ -154,8 +162,40 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
         raise RuntimeError(f"apply_dst_step in a distributed job ({dist.get_world_size()} ranks) would let each rank "
                            "take its own step (its own random draws, its own batch's gradients) and the masks "
                            "would diverge: use dst.distributed.distributed_dst_step, e.g. "
-                           "DSTScheduler(..., dst_step=distributed_dst_step)")
+                           "DSTScheduler(config, DistributedDSTStep(model, ...)), which calls it")
     return local_dst_step(masked_net, prune_ratio, regrow, batch, loss_fn, optimizer, generator, gradients)
+
+
+class MaskedDSTStep:
+    """``apply_dst_step`` as a ``TopologyUpdate`` for ``DSTScheduler``: net, criterion and optimizer fixed for a run.
+
+    A batch is asked for only when the criterion needs the dense gradient (RigL).
+    """
+
+    def __init__(self, masked_net: MaskedNet, regrow: str | RegrowCriterion = "random",
+                 optimizer: torch.optim.Optimizer | None = None, loss_fn: Callable = F.cross_entropy,
+                 generator: torch.Generator | None = None):
+        if not isinstance(masked_net, MaskedNet):
+            raise TypeError(f"MaskedDSTStep needs a MaskedNet, got {type(masked_net).__name__}; wrap the model "
+                            "first (MaskedNet(model, sparsity=...)), or for a DDP model use DistributedDSTStep")
+        self.masked_net, self.regrow, self.optimizer = masked_net, regrow, optimizer
+        self.loss_fn, self.generator = loss_fn, generator
+        self.needs_batch = get_regrow(regrow).needs_gradient
+
+    def __call__(self, prune_ratio: float, batch: Batch | None = None) -> dict[str, LayerUpdate]:
+        return apply_dst_step(self.masked_net, prune_ratio, self.regrow, batch, self.loss_fn, self.optimizer,
+                              self.generator)
+
+    def close(self) -> None:
+        """Nothing to release: the step holds no hooks."""
+
+
+def masked_scheduler(masked_net: MaskedNet, config: DSTConfig, optimizer: torch.optim.Optimizer | None = None,
+                     loss_fn: Callable = F.cross_entropy, generator: torch.Generator | None = None,
+                     steps: int = 0, epochs: int = 0) -> DSTScheduler:
+    """``DSTScheduler(config, MaskedDSTStep(masked_net, config.regrow, ...))``: the common case, in one call."""
+    return DSTScheduler(config, MaskedDSTStep(masked_net, config.regrow, optimizer, loss_fn, generator),
+                        steps=steps, epochs=epochs)
 
 
 def local_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str = "random",

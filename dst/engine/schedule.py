@@ -4,11 +4,9 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-
 from dst.core.checks import is_positive_int
-from dst.engine.prune_regrow import Batch, apply_dst_step
+from dst.core.training import Batch
+from dst.engine.topology_update import TopologyUpdate
 from dst.engine.update_rule import LayerUpdate, RegrowCriterion, check_prune_ratio, get_regrow
 
 SCHEDULES = ("constant", "cosine")
@@ -81,33 +79,37 @@ class DSTEvent:
 
 @dataclass
 class DSTScheduler:
-    """Applies DST updates to ``model`` when ``config`` says they are due, on either engine.
+    """Calls ``update`` when ``config`` says an update is due, with the prune ratio of that moment.
 
-    ``model`` is a MaskedNet (the simulated engine; ``dst_step`` is ``apply_dst_step``) or
-    a truly sparse ``dst.csr.mlp.SparseMLP`` (``dst_step=dst.csr.mlp.sparse_dst_step``,
-    which ``SparseMLP.fit`` passes). Call ``after_step(batch)`` after every optimizer step
-    (``train_epoch`` does when given ``dst=``) and ``after_epoch(loader)`` after every epoch;
-    only the calls matching ``config.unit`` count. Each returns the ``DSTEvent`` it
-    applied, or None. All events are kept in ``history``. ``optimizer`` is handed to every
-    step, which resets its state at the moved connections.
+    ``update`` is a ``TopologyUpdate`` built for one model on either engine: a MaskedNet's
+    ``dst.engine.prune_regrow.MaskedDSTStep`` (``masked_scheduler`` builds both for the common
+    case), ``dst.engine.distributed.DistributedDSTStep``, a ``SparseMLP``'s
+    ``dst.csr.mlp.SparseMLPStep``, ``dst.methods.sparse_momentum.SparseMomentumStep``, or your
+    own. Call ``after_step(batch)`` after every optimizer step (``train_epoch`` does when given
+    ``dst=``) and ``after_epoch(loader)`` after every epoch; only the calls matching
+    ``config.unit`` count. Each returns the ``DSTEvent`` it applied, or None. All events are
+    kept in ``history``. ``close()`` closes the update once training is over.
     """
 
-    model: object
     config: DSTConfig
-    optimizer: torch.optim.Optimizer | None = None
-    loss_fn: Callable = F.cross_entropy
-    generator: torch.Generator | None = None
-    # The function that performs an update, called with apply_dst_step's arguments;
-    # dst.distributed.distributed_dst_step makes every rank of a DDP job take the same one.
-    dst_step: Callable[..., dict[str, LayerUpdate]] = apply_dst_step
+    update: TopologyUpdate
     history: list[DSTEvent] = field(default_factory=list)
     steps: int = 0
     epochs: int = 0
 
+    def __post_init__(self):
+        if not isinstance(self.config, DSTConfig):
+            raise TypeError(f"DSTScheduler(config, update) takes a DSTConfig first, got "
+                            f"{type(self.config).__name__}; for a MaskedNet, "
+                            "dst.masked_scheduler(masked_net, config, optimizer=...) builds both")
+        if not isinstance(self.update, TopologyUpdate):
+            raise TypeError(f"update must be a TopologyUpdate (needs_batch, __call__(prune_ratio, batch), close()), "
+                            f"got {type(self.update).__name__}")
+
     def after_step(self, batch: Batch | None = None) -> DSTEvent | None:
         """Count one optimizer step; update if step-based updates are due (RigL takes its gradient on ``batch``).
 
-        ``batch`` may be left out where no criterion needs a gradient (the truly sparse trainer forms none).
+        ``batch`` may be left out where the update needs none (``update.needs_batch`` is False).
         """
         self.steps += 1
         if self.config.unit != "step":
@@ -117,21 +119,22 @@ class DSTScheduler:
     def after_epoch(self, loader: Iterable[Batch] | None = None) -> DSTEvent | None:
         """Count one epoch; update if epoch-based updates are due (RigL draws one batch from ``loader``).
 
-        ``loader`` may be left out where no criterion needs a gradient (the truly sparse trainer forms none).
+        ``loader`` may be left out where the update needs no batch (``update.needs_batch`` is False).
         """
         self.epochs += 1
         if self.config.unit != "epoch":
             return None
         return self._maybe_update(self.epochs, lambda: _first_batch(loader))
 
+    def close(self) -> None:
+        """Close the update (a sparse momentum step removes its hooks); call once training is over."""
+        self.update.close()
+
     def _maybe_update(self, t: int, get_batch: Callable[[], Batch]) -> DSTEvent | None:
         if not self.config.is_update(t):
             return None
         ratio = self.config.prune_ratio_at(t)
-        batch = get_batch() if get_regrow(self.config.regrow).needs_gradient else None
-        layers = self.dst_step(self.model, prune_ratio=ratio, regrow=self.config.regrow,
-                               batch=batch, loss_fn=self.loss_fn, optimizer=self.optimizer,
-                               generator=self.generator)
+        layers = self.update(ratio, get_batch() if self.update.needs_batch else None)
         event = DSTEvent(unit=self.config.unit, t=t, prune_ratio=ratio, layers=layers)
         self.history.append(event)
         return event

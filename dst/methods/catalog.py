@@ -21,6 +21,7 @@ from torch import nn
 from dst.core.checks import check_fraction, check_steps
 from dst.engine.allocation import check_allocation, check_sparsity, layer_densities
 from dst.engine.masked import MaskedNet
+from dst.engine.prune_regrow import masked_scheduler
 from dst.engine.schedule import SCHEDULES, DSTConfig, DSTScheduler
 from dst.engine.update_rule import RegrowCriterion, check_prune_ratio, get_regrow
 from dst.methods.gradual_pruning import GradualPruning
@@ -128,7 +129,7 @@ class SET(Method):
         # end one step before the last: an update after the last step would only remove trained weights.
         config = DSTConfig(prune_ratio=self.prune_ratio, regrow=self.regrow, schedule=self.schedule, every=max(
             1, steps_per_epoch // self.updates_per_epoch), unit="step", end=max(1, total_steps - 1))
-        return DSTScheduler(model, config, optimizer=optimizer, generator=generator)
+        return masked_scheduler(model, config, optimizer=optimizer, generator=generator)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class RigL(Method):
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
         config = DSTConfig(prune_ratio=self.prune_ratio, regrow=self.regrow, schedule="cosine", every=self.every,
                            unit="step", end=max(1, int(self.end_fraction * total_steps)))
-        return DSTScheduler(model, config, optimizer=optimizer, generator=generator)
+        return masked_scheduler(model, config, optimizer=optimizer, generator=generator)
 
 
 @dataclass(frozen=True)
@@ -170,13 +171,13 @@ class SNFS(Method):
             raise ValueError("snfs.momentum must be below 1 (at 1 the average never forgets), got 1.0")
 
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
-        # regrow="random" only tells the scheduler not to draw a gradient batch: the step regrows by momentum.
-        config = DSTConfig(prune_ratio=self.prune_ratio, regrow="random", schedule="cosine",
-                           every=steps_per_epoch, unit="step", end=total_steps)
-        return DSTScheduler(model, config, optimizer=optimizer, dst_step=SparseMomentumStep(model, self.momentum))
+        # The config's regrow is left at its default and unused: the step regrows by momentum (and needs no batch).
+        config = DSTConfig(prune_ratio=self.prune_ratio, schedule="cosine", every=steps_per_epoch, unit="step",
+                           end=total_steps)
+        return DSTScheduler(config, SparseMomentumStep(model, self.momentum, optimizer))
 
     def close(self, scheduler) -> None:
-        scheduler.dst_step.close()
+        scheduler.close()
 
 
 @dataclass(frozen=True)

@@ -11,62 +11,20 @@ weights, as in any DST step. The regrowth differs twice:
   global active count stays exactly constant; a layer's count may change.
 
 The momentum of an *inactive* weight needs the loss gradient at a position whose
-weight does not exist. ``MomentumTracker`` gets it the way sparse_learning does,
-by letting the dense gradient reach the weights (their forward skips the mask:
-the same outputs, since inactive weights are zero), and then zeroes the gradient
-at inactive positions before the optimizer sees it, so inactive weights and
-their optimizer state stay exactly zero. The tracker keeps
-``m = beta * m + gradient`` (SGD's momentum buffer without the weight-decay term,
-which is zero at inactive positions anyway). It costs a dense weight gradient
-every step: training FLOPs count it (``dst.methods.sweep``).
+weight does not exist: ``dst.engine.momentum.MomentumTracker`` keeps it (the module
+says how), at the cost of a dense weight gradient every step, which training FLOPs
+count (``dst.methods.sweep``).
 """
 
 import math
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 
-from dst.engine.distributed import check_ranks_agree, collective_device, is_distributed
-from dst.engine.masked import MaskedLayer, MaskedNet
+from dst.engine.distributed import check_ranks_agree, is_distributed
+from dst.engine.masked import MaskedNet
+from dst.engine.momentum import MomentumTracker, average_over_ranks
 from dst.engine.prune_regrow import LayerUpdate, check_finite, update_layer_counts
-
-
-class MomentumTracker:
-    """Exponential average of each trainable masked layer's dense gradient, by layer name.
-
-    While it is open the layers' forwards skip the mask multiply and a hook on each
-    weight records the dense gradient, then masks it. ``close()`` restores both.
-    """
-
-    def __init__(self, masked_net: MaskedNet, beta: float = 0.9):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1) (the momentum's decay), got {beta}")
-        self.beta = beta
-        self.layers = {name: layer for name, layer in masked_net.masked_layers().items()
-                       if layer.weight.requires_grad}
-        self.momentum = {name: torch.zeros_like(layer.weight, memory_format=torch.contiguous_format)
-                         for name, layer in self.layers.items()}
-        self._handles = []
-        for name, layer in self.layers.items():
-            layer.apply_mask = False
-            self._handles.append(layer.weight.register_hook(self._recorder(name, layer)))
-
-    def _recorder(self, name: str, layer: MaskedLayer):
-        def record(gradient: torch.Tensor) -> torch.Tensor:
-            if layer.bypassed:  # a dense gradient pass (RigL's, a probe), not a training step
-                return gradient
-            self.momentum[name].mul_(self.beta).add_(gradient)
-            return torch.where(layer.mask, gradient, 0.0)
-        return record
-
-    def close(self) -> None:
-        """Remove the hooks and mask the forwards again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        for layer in self.layers.values():
-            layer.apply_mask = True
 
 
 def redistribute(total: int, shares: Mapping[str, float], capacity: Mapping[str, int]) -> dict[str, int]:
@@ -112,7 +70,7 @@ def sparse_momentum_step(masked_net: MaskedNet, tracker: MomentumTracker, prune_
     if is_distributed():
         # Each rank's tracker saw its own batches' gradients (hooks run before DDP averages them). Their mean
         # is the momentum of the averaged gradients (the average is linear), and every rank then ranks alike.
-        _average_over_ranks(tracker)
+        average_over_ranks(tracker)
     for name, layer in layers.items():
         check_finite(name, layer.weight.detach(), "weights")
         check_finite(name, tracker.momentum[name], "momentum")
@@ -134,27 +92,21 @@ def sparse_momentum_step(masked_net: MaskedNet, tracker: MomentumTracker, prune_
     return report
 
 
-def _average_over_ranks(tracker: MomentumTracker) -> None:
-    """Replace every rank's momentum with the mean over the ranks (one all-reduce for all layers)."""
-    momentum = list(tracker.momentum.values())
-    flat = torch.cat([value.reshape(-1) for value in momentum]).to(collective_device())
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for value, chunk in zip(momentum, flat.split([value.numel() for value in momentum]), strict=True):
-        value.copy_(chunk.view_as(value))
-
-
 class SparseMomentumStep:
-    """``sparse_momentum_step`` as a ``DSTScheduler.dst_step``: the scheduler decides when and how much."""
+    """``sparse_momentum_step`` as a ``TopologyUpdate`` for ``DSTScheduler``: the scheduler decides when and how much.
 
-    def __init__(self, masked_net: MaskedNet, beta: float = 0.9):
+    The momentum, not a batch's gradient or chance, decides regrowth, so no batch is asked for.
+    ``close()`` removes the tracker's hooks.
+    """
+
+    needs_batch = False
+
+    def __init__(self, masked_net: MaskedNet, beta: float = 0.9, optimizer: torch.optim.Optimizer | None = None):
+        self.masked_net, self.optimizer = masked_net, optimizer
         self.tracker = MomentumTracker(masked_net, beta)
 
-    def __call__(self, masked_net: MaskedNet, prune_ratio: float, optimizer: torch.optim.Optimizer | None = None,
-                 **_scheduler_arguments) -> dict[str, LayerUpdate]:
-        # regrow, batch, loss_fn and generator are the scheduler's arguments for SET and RigL; the
-        # momentum, not a batch's gradient or chance, decides regrowth here.
-        return sparse_momentum_step(masked_net, self.tracker, prune_ratio, optimizer)
+    def __call__(self, prune_ratio: float, batch=None) -> dict[str, LayerUpdate]:
+        return sparse_momentum_step(self.masked_net, self.tracker, prune_ratio, self.optimizer)
 
     def close(self) -> None:
         """Stop tracking (see ``MomentumTracker.close``)."""
