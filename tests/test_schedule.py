@@ -126,3 +126,10 @@ def test_the_scheduler_refuses_what_is_not_a_config_and_an_update():
         MaskedDSTStep(MLP(10, (8,)))
     with pytest.raises(ValueError, match="cannot regrow by 'gradient'"):
         SparseMLPStep(SparseMLP.random(10, (8,), 2), "gradient")
+
+
+def test_a_scheduler_refuses_an_update_whose_criterion_is_not_its_configs():
+    net = MaskedNet(torch.nn.Sequential(torch.nn.Linear(8, 4)), 0.5)
+    with pytest.raises(ValueError, match="regrows by 'gradient' but config.regrow is 'random'"):
+        DSTScheduler(DSTConfig(regrow="random"), MaskedDSTStep(net, regrow="gradient"))
+    assert DSTScheduler(DSTConfig(regrow="gradient"), MaskedDSTStep(net, regrow="gradient")).update.needs_batch

@@ -105,6 +105,11 @@ class DSTScheduler:
         if not isinstance(self.update, TopologyUpdate):
             raise TypeError(f"update must be a TopologyUpdate (needs_batch, __call__(prune_ratio, batch), close()), "
                             f"got {type(self.update).__name__}")
+        own = getattr(self.update, "regrow", None)  # the engines' steps carry their criterion; both must agree
+        if own is not None and get_regrow(own) is not get_regrow(self.config.regrow):
+            raise ValueError(f"the update regrows by {get_regrow(own).name!r} but config.regrow is "
+                             f"{get_regrow(self.config.regrow).name!r}: give one criterion (masked_scheduler builds "
+                             "the step from the config)")
 
     def after_step(self, batch: Batch | None = None) -> DSTEvent | None:
         """Count one optimizer step; update if step-based updates are due (RigL takes its gradient on ``batch``).
