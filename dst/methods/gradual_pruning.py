@@ -11,6 +11,10 @@ Zhu & Gupta's ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3`` with ``s_i = 0`
 in densities so that at ``end`` it is ``final`` exactly: every layer then holds
 ``active_count(numel, final)`` weights, the count a sparse method starts with.
 Pruned weights never come back; the steps after ``end`` fine-tune the sparse net.
+
+``GradualPruning`` is its own scheduler (``after_step``/``after_epoch``/``history``), not a
+``dst.engine.topology_update.TopologyUpdate`` driven by ``DSTScheduler``: it sets each layer's
+count from its cubic schedule, where a topology update moves a ratio that ``DSTConfig`` chose.
 """
 
 import numbers
