@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from dst.tutorial import benchmark_rows
-from dst.tutorial.results import speed_phrase
+from dst.tutorial.results import speed_phrase, sweep_row_allocation, sweep_row_engine
 
 # Text sizes for a figure shown on a lecture-hall projector: saved at 120 dpi and scaled to a
 # ~1300 px wide screen, 12-13 pt stays about as large as a slide's body text.
@@ -137,8 +137,7 @@ def plot_sparsity_sweep(rows, save_path=None):
     way). Memory lines that coincide are drawn once, labelled with every backend they stand for.
     """
     check_rows(rows, ["sparsity", "batch_size", "backend", "speedup", "dense_bytes", "sparse_bytes"])
-    rows = [{**row, "allocation": row.get("allocation", "erk" if row["backend"].endswith(" (erk)") else "uniform"),
-             "engine": row["backend"].removesuffix(" (erk)")} for row in rows]
+    rows = [{**row, "allocation": sweep_row_allocation(row), "engine": sweep_row_engine(row)} for row in rows]
     engines = sorted({row["engine"] for row in rows})
     colors = {engine: plt.cm.tab10(index % 10) for index, engine in enumerate(engines)}
     styles = {"uniform": "-", "erk": ":"}

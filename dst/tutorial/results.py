@@ -311,6 +311,16 @@ def describe_mask_overhead(memory: dict) -> str:
             f"{masked / plain:.2f}x the plain dense model's {plain / 2**20:.2f} MiB")
 
 
+def sweep_row_allocation(row: dict) -> str:
+    """A sparsity-sweep row's allocation: its own field, else read from its backend label ("numba (erk)")."""
+    return row.get("allocation") or ("erk" if row["backend"].endswith(" (erk)") else "uniform")
+
+
+def sweep_row_engine(row: dict) -> str:
+    """A sparsity-sweep row's CSR engine: its backend label without the " (erk)" suffix."""
+    return row["backend"].removesuffix(" (erk)")
+
+
 def describe_crossovers(rows: list[dict], allocation: str = "uniform") -> list[str]:
     """Per CSR engine and batch size, from which measured sparsity on it beats dense+mask: one sentence each.
 
@@ -319,17 +329,15 @@ def describe_crossovers(rows: list[dict], allocation: str = "uniform") -> list[s
     " (erk)"; only ``allocation``'s rows are read). "From" means at that sparsity and every higher
     one measured; a run of wins that a higher sparsity breaks is reported as no crossover.
     """
-    rows = [row for row in rows
-            if ("erk" if row["backend"].endswith(" (erk)") else "uniform") == row.get("allocation", allocation)
-            == allocation]
+    rows = [row for row in rows if sweep_row_allocation(row) == allocation]
     if not rows:
         raise ValueError(f"no rows with {allocation!r} allocation")
     sentences = []
-    for engine, batch_size in sorted({(row["backend"], row["batch_size"]) for row in rows}):
+    for engine, batch_size in sorted({(sweep_row_engine(row), row["batch_size"]) for row in rows}):
         line = sorted((row["sparsity"], row["speedup"]) for row in rows
-                      if (row["backend"], row["batch_size"]) == (engine, batch_size))
+                      if (sweep_row_engine(row), row["batch_size"]) == (engine, batch_size))
         winning = [index for index in range(len(line)) if all(speedup > 1 for _, speedup in line[index:])]
-        where = f"{engine.removesuffix(' (erk)')}, batch {batch_size}"
+        where = f"{engine}, batch {batch_size}"
         measured = ", ".join(f"{100 * sparsity:g} %" for sparsity, _ in line)
         if not winning:
             best = max(line, key=lambda point: point[1])
