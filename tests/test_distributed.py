@@ -300,14 +300,14 @@ def test_without_a_process_group_the_step_is_apply_dst_step():
 def test_precomputed_gradients_give_the_same_rigl_step_and_are_validated():
     batch = local_batch(1, 0, 1)
     ours, reference = build(seed=4), build(seed=4)
-    apply_dst_step(ours, 0.3, "gradient", gradients=dense_gradients(ours, batch))
+    apply_dst_step(ours, 0.3, "gradient", signals=dense_gradients(ours, batch))
     apply_dst_step(reference, 0.3, "gradient", batch=batch)
     assert all(torch.equal(value, reference.state_dict()[key]) for key, value in ours.state_dict().items())
     gradients = dense_gradients(ours, batch)
     with pytest.raises(ValueError, match="no entry for masked layer '0'"):
-        apply_dst_step(ours, 0.3, "gradient", gradients={k: v for k, v in gradients.items() if k != "0"})
-    with pytest.raises(ValueError, match=r"gradients\['0'\] has shape \(36,\)"):
-        apply_dst_step(ours, 0.3, "gradient", gradients={**gradients, "0": gradients["0"].view(-1)})
+        apply_dst_step(ours, 0.3, "gradient", signals={k: v for k, v in gradients.items() if k != "0"})
+    with pytest.raises(ValueError, match=r"signals\['0'\] has shape \(36,\)"):
+        apply_dst_step(ours, 0.3, "gradient", signals={**gradients, "0": gradients["0"].view(-1)})
 
 
 def test_scheduler_takes_its_updates_through_the_given_step():

@@ -246,7 +246,12 @@ def test_bad_prune_ratio_is_rejected(ratio, error):
 
 
 def test_unknown_regrow_lists_choices():
-    with pytest.raises(ValueError, match=r"\['gradient', 'random'\]"):
+    with pytest.raises(ValueError, match=r"\['gradient', 'momentum', 'random'\]"):
+        apply_dst_step(MaskedNet(MLP(10, (5,)), 0.5), regrow="magnitude")
+
+
+def test_momentum_regrow_without_the_momentum_is_rejected():
+    with pytest.raises(ValueError, match="MomentumTracker"):
         apply_dst_step(MaskedNet(MLP(10, (5,)), 0.5), regrow="momentum")
 
 

@@ -185,20 +185,26 @@ def test_the_runs_figure_draws_legends_only_when_there_is_something_to_compare()
 
 
 def test_a_regrow_criterion_of_your_own_runs_through_the_librarys_rule():
-    def lowest_free(active, numel, count, gradient, random):
-        free = np.setdiff1d(np.arange(numel), active)
-        return free[:count]
+    def lowest_first(signal, numel, random):
+        return -np.arange(numel, dtype=float)  # the lowest positions score highest
 
-    criterion = RegrowCriterion("lowest", "the lowest free positions", needs_gradient=False, uses_random=False,
-                                choose=lowest_free)
-    net = MaskedNet(lenet_300_100(), 0.9, generator=torch.Generator().manual_seed(0))
-    before = {name: layer.mask.clone() for name, layer in net.masked_layers().items()}
-    report_ = apply_dst_step(net, prune_ratio=0.2, regrow=criterion)
-    for name, layer in net.masked_layers().items():
-        flat_before, flat_after = before[name].view(-1), layer.mask.view(-1)
-        regrown = (~flat_before & flat_after).nonzero().squeeze(1)
-        expected = (~flat_before).nonzero().squeeze(1)[:report_[name].regrown]
-        assert torch.equal(regrown, expected), name
+    criterion = RegrowCriterion("lowest", "the lowest free positions", needs=None, uses_random=False,
+                                score=lowest_first)
+    for pattern in ("unstructured", "fan_in"):
+        net = MaskedNet(lenet_300_100(), 0.9, generator=torch.Generator().manual_seed(0), pattern=pattern)
+        before = {name: layer.mask.clone() for name, layer in net.masked_layers().items()}
+        report_ = apply_dst_step(net, prune_ratio=0.2, regrow=criterion)
+        for name, layer in net.masked_layers().items():
+            if pattern == "unstructured":
+                flat_before, flat_after = before[name].view(-1), layer.mask.view(-1)
+                regrown = (~flat_before & flat_after).nonzero().squeeze(1)
+                expected = (~flat_before).nonzero().squeeze(1)[:report_[name].regrown]
+                assert torch.equal(regrown, expected), name
+                continue
+            for row in range(layer.mask.shape[0]):  # per neuron: its lowest inactive inputs, as many as it lost
+                was, now = before[name][row], layer.mask[row]
+                grown = (~was & now).nonzero().squeeze(1)
+                assert torch.equal(grown, (~was).nonzero().squeeze(1)[:len(grown)]), (name, row)
     assert dst.DSTConfig(regrow=criterion).regrow is criterion
     with pytest.raises(ValueError, match="or pass a RegrowCriterion"):
         dst.DSTConfig(regrow=["gradient"])
@@ -215,6 +221,23 @@ def test_a_method_with_another_criterion_is_labelled_and_counts_its_gradient_pas
 
 
 @pytest.mark.parametrize("answer, reason", [
+    (lambda numel: None, "got NoneType|got shape"),
+    (lambda numel: np.zeros(numel - 1), r"got shape \(19,\)"),
+    (lambda numel: np.full(numel, np.nan), "got 20 NaN"),
+    (lambda numel: ["high"] * numel, "got list"),
+])
+def test_a_criterion_that_scores_wrong_is_refused_with_what_is_wrong(answer, reason):
+    criterion = RegrowCriterion("mine", "an attendee's", needs=None, uses_random=False,
+                                score=lambda signal, numel, random: answer(numel))
+    from dst.engine.update_rule import choose_moves
+
+    active = np.array([0, 5, 7], dtype=np.int64)
+    with pytest.raises(ValueError, match=f"regrow criterion 'mine' must score every position: 20 real numbers, "
+                                         f"no NaN; ({reason})"):
+        choose_moves(active, np.ones(3), 20, 3, criterion)
+
+
+@pytest.mark.parametrize("answer, reason", [
     (lambda free: None, "got NoneType|got shape"),
     (lambda free: free[:2], r"got shape \(2,\)"),
     (lambda free: np.concatenate([free[:2], free[:1]]), "got 1 repeated"),
@@ -222,15 +245,20 @@ def test_a_method_with_another_criterion_is_labelled_and_counts_its_gradient_pas
     (lambda free: np.array([free[0], free[1], 10**9]), "got positions from"),
     (lambda free: free[:3].astype(float), "got dtype float64"),
 ])
-def test_a_criterion_that_answers_wrong_is_refused_with_what_is_wrong(answer, reason):
-    def criterion_choose(active, numel, count, gradient, random):
-        return answer(np.setdiff1d(np.arange(numel), active))
-
-    criterion = RegrowCriterion("mine", "an attendee's", needs_gradient=False, uses_random=False,
-                                choose=criterion_choose)
+def test_a_criterion_that_samples_wrong_is_refused_with_what_is_wrong(answer, reason):
+    criterion = RegrowCriterion("mine", "an attendee's", needs=None, uses_random=False,
+                                score=lambda signal, numel, random: np.zeros(numel),
+                                sample=lambda active, numel, count, random: answer(
+                                    np.setdiff1d(np.arange(numel), active)))
     from dst.engine.update_rule import choose_moves
 
     active = np.array([0, 5, 7], dtype=np.int64)
-    with pytest.raises(ValueError, match=f"regrow criterion 'mine' must return 3 distinct inactive positions in "
-                                         f"\\[0, 20\\); ({reason})"):
+    with pytest.raises(ValueError, match=f"regrow criterion 'mine'.s sample must return 3 distinct inactive "
+                                         f"positions in \\[0, 20\\); ({reason})"):
         choose_moves(active, np.ones(3), 20, 3, criterion)
+
+
+def test_a_criterion_must_name_a_signal_there_is():
+    with pytest.raises(ValueError, match=r"needs must be None or one of \['gradient', 'momentum'\]"):
+        RegrowCriterion("mine", "an attendee's", needs="hessian", uses_random=False,
+                        score=lambda signal, numel, random: np.zeros(numel))

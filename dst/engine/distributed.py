@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dst.engine.masked import MaskedNet
 from dst.engine.masked_layers import MaskedLayer
+from dst.engine.process_group import collective_device, is_distributed
 from dst.engine.prune_regrow import Batch, apply_dst_step, dense_gradients, local_dst_step
 from dst.engine.update_rule import LayerUpdate, RegrowCriterion, get_regrow
 
@@ -58,25 +59,12 @@ class RankMismatchError(RuntimeError):
     """The ranks of a distributed job hold different masks or weights."""
 
 
-def is_distributed() -> bool:
-    """Whether a ``torch.distributed`` process group is initialised."""
-    return dist.is_available() and dist.is_initialized()
-
-
 def unwrap(model: nn.Module) -> MaskedNet:
     """The MaskedNet itself, whether ``model`` is one or a DistributedDataParallel around one."""
     inner = model.module if isinstance(model, DistributedDataParallel) else model
     if not isinstance(inner, MaskedNet):
         raise TypeError(f"expected a MaskedNet or a DistributedDataParallel around one, got {type(inner).__name__}")
     return inner
-
-
-def collective_device() -> torch.device:
-    """Where this process group's collectives take their tensors: the current CUDA device for nccl, else the CPU."""
-    # NCCL only moves CUDA tensors; gloo (and the rest) take CPU ones.
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def broadcast_from_rank0(model: nn.Module) -> None:
@@ -166,7 +154,7 @@ def distributed_dst_step(model: nn.Module, prune_ratio: float = 0.1, regrow: str
     # Fingerprint the generator before it is used, so a mismatch can be blamed on it.
     generator_hash = _generator_fingerprint(generator) if criterion.uses_random else 0
     report = local_dst_step(masked_net, prune_ratio=prune_ratio, regrow=regrow, batch=batch, loss_fn=loss_fn,
-                            optimizer=optimizer, generator=generator, gradients=gradients)
+                            optimizer=optimizer, generator=generator, signals=gradients)
     if check:
         _verify(masked_net, generator_hash, when="after the DST step")
     return report

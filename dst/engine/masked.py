@@ -24,9 +24,11 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
-from dst.engine.allocation import active_count, check_sparsity, layer_densities, warn_if_disconnected
+from dst.engine.allocation import check_sparsity, layer_densities, warn_if_disconnected
 from dst.engine.masked_layers import MASKED_TYPES, MaskedLayer, masked_type
 from dst.engine.optimizer_state import optimizers_of
+from dst.engine.patterns import Pattern, get_pattern
+from dst.engine.patterns.unstructured import Unstructured
 
 # MultiheadAttention passes out_proj.weight to its functional form instead of calling
 # out_proj: the mask then acts on that weight's gradient only (see MaskedLayer.mask_gradient).
@@ -54,13 +56,15 @@ class UntrainedWarning(UserWarning):
     """A MaskedNet runs training passes but no optimizer steps its weights (one built on the base net?)."""
 
 
-def random_mask(shape: torch.Size, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A boolean mask with exactly ``active_count(numel, density)`` True entries at random places."""
-    numel = math.prod(shape)
-    order = torch.randperm(numel, generator=generator)
-    mask = torch.zeros(numel, dtype=torch.bool)
-    mask[order[:active_count(numel, density)]] = True
-    return mask.reshape(shape)
+def random_mask(shape: torch.Size, density: float, generator: torch.Generator | None = None,
+                pattern: str | Pattern = "unstructured") -> torch.Tensor:
+    """A random boolean mask of ``shape`` at ``density`` that follows ``pattern`` (read on the (out, in) matrix).
+
+    Unstructured: exactly ``active_count(numel, density)`` True entries at random places.
+    """
+    pattern = get_pattern(pattern)
+    matrix = (shape[0], math.prod(shape[1:]))
+    return torch.from_numpy(pattern.random_mask(matrix, density, generator)).reshape(shape)
 
 
 class MaskedNet(nn.Module):
@@ -82,6 +86,12 @@ class MaskedNet(nn.Module):
         masking: "gradient" (default) or "forward", see ``MASKING``; both compute the same network.
         keep_dense: "first" and/or "last" masked layer, or layer names, kept dense; the others share the
             rest of the budget (see ``dst.engine.allocation.layer_densities``).
+        pattern: the sparsity pattern of every sparse layer (``dst.engine.patterns``): "unstructured"
+            (default), "fan_in" (every neuron the same number of inputs), "N:M" such as "2:4", or
+            "blockRxC" such as "block4x4". Each layer's density is rounded to what the pattern can
+            hold (``layer.pattern.active_count``); a layer it cannot hold at all (a shape the blocks
+            do not tile, 2:4 at another density than 50 %) is refused here, by name. Layers left
+            dense (``keep_dense``, or ERK's overflow) are dense, whatever the pattern.
 
     Layers that are frozen (``requires_grad=False`` weight) stay dense and out of
     DST; any other weight left unmasked is listed in a warning and by ``skipped_weights()``.
@@ -104,9 +114,10 @@ class MaskedNet(nn.Module):
 
     def __init__(self, base_net: nn.Module, sparsity: float = 0.95, allocation: str = "uniform",
                  scale_init: bool = True, generator: torch.Generator | None = None, masking: str = "gradient",
-                 keep_dense: str | tuple[str, ...] = ()):
+                 keep_dense: str | tuple[str, ...] = (), pattern: str | Pattern = "unstructured"):
         super().__init__()
         check_sparsity(sparsity)
+        pattern = get_pattern(pattern)
         if masking not in MASKING:
             raise ValueError(f"unknown masking {masking!r}; choose one of {list(MASKING)}")
         if not isinstance(base_net, nn.Module):
@@ -125,16 +136,24 @@ class MaskedNet(nn.Module):
                              f"included); weights found: {_describe(_skipped(net, set()))}")
         densities = layer_densities({name: tuple(m.weight.shape) for name, m in targets.items()},
                                     sparsity, allocation, keep_dense)
+        patterns = {name: pattern if densities[name] < 1.0 else Unstructured() for name in targets}
+        for name, module in targets.items():  # every layer checked before any mask is drawn
+            try:
+                patterns[name].active_count(_matrix_shape(module.weight), densities[name])
+            except ValueError as error:
+                raise ValueError(f"layer {name!r} ({tuple(module.weight.shape)}) cannot follow the pattern: {error}; "
+                                 "keep it dense (keep_dense=...) or choose another pattern") from None
         read_elsewhere = _weights_read_outside_forward(net, targets)
         replacements = {}
         for name, module in targets.items():
-            mask = random_mask(module.weight.shape, densities[name], generator)
-            if scale_init:
+            mask = random_mask(module.weight.shape, densities[name], generator, patterns[name])
+            if scale_init:  # by the density the pattern really holds
                 with torch.no_grad():
-                    module.weight.mul_(1.0 / math.sqrt(densities[name]))
+                    module.weight.mul_(1.0 / math.sqrt(float(mask.float().mean())))
             layer = masked_type(module).from_dense(
                 module, mask, mask_gradient=masking == "gradient" or id(module.weight) in read_elsewhere)
             layer.mask_in_forward = masking == "forward"
+            layer.pattern = patterns[name]
             replacements[id(module)] = layer
         self.net = _replace_modules(net, replacements)
         # On the wrapped net, so that loading it directly (a dense checkpoint of the base model) runs it too.
@@ -229,6 +248,11 @@ def _after_load(net: nn.Module, incompatible_keys) -> None:
                     layer.mask = layer.mask.to(torch.bool)
                 layer.weight.masked_fill_(~layer.mask, 0.0)
                 layer.watch()
+
+
+def _matrix_shape(weight: torch.Tensor) -> tuple[int, int]:
+    """The (out, in) matrix a weight is read as: a conv's (out, in*kh*kw)."""
+    return weight.shape[0], math.prod(weight.shape[1:])
 
 
 def _is_target(module: nn.Module) -> bool:

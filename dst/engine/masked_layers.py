@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from dst.engine.optimizer_state import register_masked_weight
+from dst.engine.patterns.unstructured import Unstructured
 
 # Weight objects whose gradient hook is registered. Hooks are not copied with a weight (deepcopy,
 # pickle), and a copy is a new object, absent from this weak index, so watch() hooks it again.
@@ -54,6 +55,8 @@ class MaskedLayer(nn.Module):
     # Whether the forward computes with torch.where(mask, weight, 0) ("forward" masking) or with the
     # weight as stored ("gradient" masking), whose inactive entries every code path holds at zero.
     mask_in_forward: bool = True
+    # The sparsity pattern its mask follows (dst.engine.patterns); MaskedNet sets it, DST steps keep it.
+    pattern = Unstructured()
 
     def take_over(self, layer: nn.Module, mask: torch.Tensor, mask_gradient: bool = False) -> "MaskedLayer":
         """Hold ``layer``'s own weight and bias objects (ties and ``requires_grad`` kept), then mask them."""

@@ -14,7 +14,7 @@ averages); ``average_over_ranks`` makes them the momentum of the averaged gradie
 import torch
 import torch.distributed as dist
 
-from dst.engine.distributed import collective_device
+from dst.engine.process_group import collective_device
 from dst.engine.masked import MaskedLayer, MaskedNet
 
 

@@ -34,14 +34,18 @@ from dst.core.checks import is_count
 from dst.core.training import Batch, split_batch
 from dst.engine.masked import MaskedNet
 from dst.engine.masked_layers import MaskedLayer
+from dst.engine.momentum import MomentumTracker
 from dst.engine.optimizer_state import check_optimizer, fill_at, optimizers_of, reset_optimizer_state
+from dst.engine.patterns.unstructured import Unstructured
 from dst.engine.schedule import DSTConfig, DSTScheduler
 from dst.engine.update_rule import (
+    SIGNALS,
     LayerUpdate,
     RegrowCriterion,
     check_prune_ratio,
     choose_moves,
     get_regrow,
+    layer_scores,
     moved_count,
 )
 
@@ -76,41 +80,67 @@ def dense_gradients(masked_net: MaskedNet, batch: Batch,
     return {name: grad for name, grad in zip(layers, grads) if grad is not None}
 
 
-def update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str = "random",
-                 gradient: torch.Tensor | None = None, optimizers=(),
+def update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str | RegrowCriterion = "random",
+                 signal: torch.Tensor | None = None, optimizers=(),
                  generator: torch.Generator | None = None) -> LayerUpdate:
-    """One DST step on one masked layer (``update_rule``'s choices), its moved weights and their state zeroed.
+    """One DST step on one masked layer (``update_rule``'s choices, within its pattern's groups), its moved
+    weights and their optimizer state zeroed.
 
-    ``gradient`` is the layer's dense loss gradient (criteria that need one);
-    ``optimizers`` are those whose state at the moved positions is reset.
+    ``signal`` is the dense signal the criterion ``needs`` (RigL's gradient, the momentum), shaped like
+    the weight; ``optimizers`` are those whose state at the moved positions is reset.
     """
-    active = layer.active_count
-    count = moved_count(active, layer.mask.numel(), prune_ratio)
-    return _move(layer, count, count, get_regrow(regrow), gradient, optimizers, generator)
+    count = layer_moved_count(layer, prune_ratio)
+    return _move(layer, count, count, get_regrow(regrow), signal, optimizers, generator)
 
 
-def _move(layer: MaskedLayer, prune_count: int, regrow_count: int, criterion, scores: torch.Tensor | None,
-          optimizers, generator: torch.Generator | None) -> LayerUpdate:
-    """Apply ``choose_moves`` to one masked layer: flip its mask, zero the moved weights and their optimizer state."""
-    # Positions are row-major whatever the memory format: reshape reads (a copy if channels-last),
-    # fill_at writes in place.
-    active = layer.mask.reshape(-1).nonzero().squeeze(1)
+def layer_moved_count(layer: MaskedLayer, prune_ratio: float) -> int:
+    """Connections (units, for a block pattern) one step at ``prune_ratio`` moves in ``layer``."""
+    if isinstance(layer.pattern, Unstructured):
+        return moved_count(layer.active_count, layer.mask.numel(), prune_ratio)
+    return layer.pattern.moved_count(layer.mask_2d(), prune_ratio)
+
+
+def _move(layer: MaskedLayer, prune_count: int, regrow_count: int, criterion: RegrowCriterion,
+          signal: torch.Tensor | None, optimizers, generator: torch.Generator | None) -> LayerUpdate:
+    """Prune and regrow one masked layer: flip its mask, zero the moved weights and their optimizer state.
+
+    Unstructured layers take ``choose_moves`` (which scales to any layer size); a structured
+    pattern its own ``moves``, the same rule within its groups, counted in its units.
+    """
     if prune_count == 0 and regrow_count == 0:
-        return LayerUpdate(active=active.numel(), pruned=0, regrown=0)
-    # The rule runs on the host: the active positions and their magnitudes (and RigL's gradient) come over.
-    magnitudes = layer.weight.detach().reshape(-1)[active].abs().float().cpu().numpy()
-    flat_scores = None if scores is None else scores.detach().reshape(-1).float().cpu().numpy()
-    pruned, regrown = choose_moves(active.cpu().numpy(), magnitudes, layer.mask.numel(), prune_count, criterion,
-                                   gradient=flat_scores, random=generator, regrow_count=regrow_count)
-    pruned = active[torch.from_numpy(pruned).to(active.device)]
+        return LayerUpdate(active=layer.active_count, pruned=0, regrown=0)
+    # The rule runs on the host: the magnitudes (and the criterion's signal) come over.
+    flat_signal = None if signal is None else signal.detach().reshape(-1).float().cpu().numpy()
+    if isinstance(layer.pattern, Unstructured):
+        # Positions are row-major whatever the memory format: reshape reads (a copy if channels-last),
+        # fill_at writes in place.
+        active = layer.mask.reshape(-1).nonzero().squeeze(1)
+        magnitudes = layer.weight.detach().reshape(-1)[active].abs().float().cpu().numpy()
+        pruned, regrown = choose_moves(active.cpu().numpy(), magnitudes, layer.mask.numel(), prune_count, criterion,
+                                       signal=flat_signal, random=generator, regrow_count=regrow_count)
+        pruned = active[torch.from_numpy(pruned).to(active.device)]
+    else:
+        if regrow_count != prune_count:
+            raise ValueError(f"a layer of pattern {layer.pattern.label!r} regrows in each group what it pruned "
+                             f"there; it cannot prune {prune_count} and regrow {regrow_count}")
+        mask = layer.mask_2d()
+        magnitudes = layer.weight.detach().reshape(mask.shape).abs().float().cpu().numpy()
+        scores = layer_scores(criterion, flat_signal, mask.size, generator).reshape(mask.shape)
+        pruned, regrown = layer.pattern.moves(mask, magnitudes, scores, prune_count)
+        pruned = torch.from_numpy(pruned).to(layer.mask.device)
     regrown = torch.from_numpy(regrown).to(layer.mask.device)
+    _apply(layer, pruned, regrown, optimizers)
+    return LayerUpdate(active=layer.active_count, pruned=int(pruned.numel()), regrown=int(regrown.numel()))
+
+
+def _apply(layer: MaskedLayer, pruned: torch.Tensor, regrown: torch.Tensor, optimizers) -> None:
+    """Switch ``pruned`` off and ``regrown`` on (flat positions); both start at zero, with zero optimizer state."""
     changed = torch.cat([pruned, regrown])
     with torch.no_grad():
         fill_at(layer.mask, pruned, False)
         fill_at(layer.mask, regrown, True)
         fill_at(layer.weight.detach(), changed, 0.0)
     reset_optimizer_state(optimizers, layer.weight, changed)
-    return LayerUpdate(active=layer.active_count, pruned=prune_count, regrown=regrow_count)
 
 
 def check_finite(name: str, values: torch.Tensor, what: str) -> None:
@@ -126,12 +156,14 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
                    batch: Batch | None = None, loss_fn: Callable = F.cross_entropy,
                    optimizer: torch.optim.Optimizer | None = None,
                    generator: torch.Generator | None = None,
-                   gradients: dict[str, torch.Tensor] | None = None) -> dict[str, LayerUpdate]:
+                   signals: dict[str, torch.Tensor] | None = None) -> dict[str, LayerUpdate]:
     """One prune-and-regrow step on every masked layer; returns a report per layer.
 
     Each layer prunes ``round(prune_ratio * active)`` of its active weights with
     the smallest magnitude and regrows the same number (fewer only if the layer
-    has fewer inactive positions), so its active count stays exactly constant.
+    has fewer inactive positions), so its active count stays exactly constant; a layer
+    with a structured pattern (``layer.pattern``) does so within its groups, counted in its
+    units, so the pattern holds after the step.
     Pruned and regrown weights are set to zero and their optimizer state
     (momentum, Adam moments) is reset in ``optimizer`` and in every optimizer
     that has stepped the layer, so no optimizer revives a pruned weight (an
@@ -141,17 +173,19 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
 
     Args:
         prune_ratio: fraction of each layer's active weights to move, in [0, 1].
-        regrow: a criterion of ``dst.engine.update_rule.REGROW``: "random" (SET) or "gradient"
-            (RigL; needs ``batch`` or ``gradients``).
+        regrow: a criterion of ``dst.engine.update_rule.REGROW``: "random" (SET), "gradient"
+            (RigL; needs ``batch`` or ``signals``) or "momentum" (needs ``signals``: a
+            ``MomentumTracker``'s momentum; ``MaskedDSTStep`` keeps one), or a RegrowCriterion.
         batch: (inputs, targets) for a criterion that needs gradients.
         optimizer: the optimizer training ``masked_net``; pass it, so the reset is visible at
             the call. Optimizers that have already stepped these weights are found without it
             (``dst.engine.optimizer_state``). Refused if it is a torch.optim.LBFGS (its history cannot
             be reset per weight).
         generator: random source for "random" regrowth (default: torch's global one).
-        gradients: precomputed dense gradients by layer name (as in ``masked_layers()``)
-            for "gradient" regrowth, used instead of computing them from ``batch``;
-            ``dst.distributed`` passes the gradient all-reduced over every rank's batch.
+        signals: the dense signal the criterion needs, by layer name (as in ``masked_layers()``),
+            shaped like each weight: precomputed gradients for "gradient" regrowth, used instead
+            of computing them from ``batch`` (``dst.distributed`` passes the gradient all-reduced
+            over every rank's batch), or the momentum for "momentum".
 
     Raises:
         ValueError: a layer holds NaN or infinite weights (or RigL gradients); nothing is changed.
@@ -163,31 +197,38 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
                            "take its own step (its own random draws, its own batch's gradients) and the masks "
                            "would diverge: use dst.distributed.distributed_dst_step, e.g. "
                            "DSTScheduler(config, DistributedDSTStep(model, ...)), which calls it")
-    return local_dst_step(masked_net, prune_ratio, regrow, batch, loss_fn, optimizer, generator, gradients)
+    return local_dst_step(masked_net, prune_ratio, regrow, batch, loss_fn, optimizer, generator, signals)
 
 
 class MaskedDSTStep:
     """``apply_dst_step`` as a ``TopologyUpdate`` for ``DSTScheduler``: net, criterion and optimizer fixed for a run.
 
-    A batch is asked for only when the criterion needs the dense gradient (RigL).
+    The criterion's ``needs`` are supplied here: a batch is asked for only when it scores by the
+    dense gradient (RigL), and a ``MomentumTracker`` is kept while it scores by momentum (closed
+    by ``close()``).
     """
 
     def __init__(self, masked_net: MaskedNet, regrow: str | RegrowCriterion = "random",
                  optimizer: torch.optim.Optimizer | None = None, loss_fn: Callable = F.cross_entropy,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, momentum: float = 0.9):
         if not isinstance(masked_net, MaskedNet):
             raise TypeError(f"MaskedDSTStep needs a MaskedNet, got {type(masked_net).__name__}; wrap the model "
                             "first (MaskedNet(model, sparsity=...)), or for a DDP model use DistributedDSTStep")
         self.masked_net, self.regrow, self.optimizer = masked_net, regrow, optimizer
         self.loss_fn, self.generator = loss_fn, generator
-        self.needs_batch = get_regrow(regrow).needs_gradient
+        criterion = get_regrow(regrow)
+        self.needs_batch = criterion.needs_gradient
+        self.tracker = MomentumTracker(masked_net, momentum) if criterion.needs == "momentum" else None
 
     def __call__(self, prune_ratio: float, batch: Batch | None = None) -> dict[str, LayerUpdate]:
+        signals = None if self.tracker is None else self.tracker.momentum
         return apply_dst_step(self.masked_net, prune_ratio, self.regrow, batch, self.loss_fn, self.optimizer,
-                              self.generator)
+                              self.generator, signals)
 
     def close(self) -> None:
-        """Nothing to release: the step holds no hooks."""
+        """Remove the momentum tracker's hooks, if the criterion needed one."""
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def masked_scheduler(masked_net: MaskedNet, config: DSTConfig, optimizer: torch.optim.Optimizer | None = None,
@@ -202,7 +243,7 @@ def local_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
                    batch: Batch | None = None, loss_fn: Callable = F.cross_entropy,
                    optimizer: torch.optim.Optimizer | None = None,
                    generator: torch.Generator | None = None,
-                   gradients: dict[str, torch.Tensor] | None = None) -> dict[str, LayerUpdate]:
+                   signals: dict[str, torch.Tensor] | None = None) -> dict[str, LayerUpdate]:
     """``apply_dst_step`` on this process alone, whatever the process group: what ``distributed_dst_step`` calls
     once it has made the step's inputs (generator, gradients) the same on every rank."""
     if not isinstance(masked_net, MaskedNet):
@@ -212,64 +253,82 @@ def local_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
     criterion = get_regrow(regrow)
     if optimizer is not None:
         check_optimizer(optimizer)
-    if criterion.needs_gradient and gradients is None:
+    if criterion.needs_gradient and signals is None:
         if batch is None:
-            raise ValueError(f"regrow={regrow!r} ({criterion.description}) needs batch=(inputs, targets) "
+            raise ValueError(f"regrow={criterion.name!r} ({criterion.description}) needs batch=(inputs, targets) "
                              "to compute gradients")
-        gradients = dense_gradients(masked_net, batch, loss_fn)
-    elif criterion.needs_gradient:
-        _check_gradients(masked_net, gradients)
+        signals = dense_gradients(masked_net, batch, loss_fn)
+    elif criterion.needs is not None and signals is None:
+        raise ValueError(f"regrow={criterion.name!r} ({criterion.description}) needs signals= {SIGNALS[criterion.needs]}"
+                         ", by layer; MaskedDSTStep keeps a MomentumTracker for it")
+    elif criterion.needs is not None:
+        _check_signals(masked_net, signals)
     else:
-        gradients = {}
+        signals = {}
     layers = masked_net.masked_layers()
     moving = {name: layer for name, layer in layers.items()
-              if layer.weight.requires_grad and (not criterion.needs_gradient or name in gradients)}
+              if layer.weight.requires_grad and (criterion.needs is None or name in signals)}
     for name, layer in moving.items():  # every check before the first change
         check_finite(name, layer.weight.detach(), "weights")
-        if name in gradients:
-            check_finite(name, gradients[name], "RigL gradients")
+        if name in signals:
+            check_finite(name, signals[name], f"{criterion.needs} values")
     report = {}
     for name, layer in layers.items():
         if name not in moving:
             report[name] = LayerUpdate(active=layer.active_count, pruned=0, regrown=0)
             continue
-        report[name] = update_layer(layer, prune_ratio, regrow, gradients.get(name),
+        report[name] = update_layer(layer, prune_ratio, criterion, signals.get(name),
                                     _optimizers_of(layer, optimizer), generator)
     return report
 
 
-def _check_gradients(masked_net: MaskedNet, gradients: dict[str, torch.Tensor]) -> None:
-    """Precomputed RigL gradients need one entry, shaped like the weight, per trainable masked layer."""
+def _check_signals(masked_net: MaskedNet, signals: dict[str, torch.Tensor]) -> None:
+    """Precomputed signals (gradients, momentum) need one entry, shaped like the weight, per trainable masked layer."""
     for name, layer in masked_net.masked_layers().items():
-        if name not in gradients and not layer.weight.requires_grad:
+        if name not in signals and not layer.weight.requires_grad:
             continue  # frozen: left out of DST anyway
-        if name not in gradients:
-            raise ValueError(f"gradients has no entry for masked layer {name!r}; it needs one per layer: "
+        if name not in signals:
+            raise ValueError(f"signals has no entry for masked layer {name!r}; it needs one per layer: "
                              f"{list(masked_net.masked_layers())}")
-        if gradients[name].shape != layer.weight.shape:
-            raise ValueError(f"gradients[{name!r}] has shape {tuple(gradients[name].shape)}, "
+        if signals[name].shape != layer.weight.shape:
+            raise ValueError(f"signals[{name!r}] has shape {tuple(signals[name].shape)}, "
                              f"the layer's weight {tuple(layer.weight.shape)}")
 
 
 def update_layer_counts(layer: MaskedLayer, prune_count: int, regrow_count: int,
-                        scores: torch.Tensor | None = None, optimizer: torch.optim.Optimizer | None = None,
+                        regrow: str | RegrowCriterion = "random", signal: torch.Tensor | None = None,
+                        optimizer: torch.optim.Optimizer | None = None,
                         generator: torch.Generator | None = None) -> LayerUpdate:
-    """Prune and regrow one layer with counts the caller chose, which may differ.
+    """Prune and regrow one unstructured layer with counts the caller chose, which may differ.
 
     The same rule as a DST step (``dst.engine.update_rule``'s choices: magnitude pruning among active
-    weights, regrowth among positions inactive before the step; moved weights and their
-    optimizer state zeroed), for the methods whose per-layer counts are not "regrow what was
-    pruned": sparse momentum moves regrowth between layers, gradual pruning regrows nothing.
-    Regrowth takes the largest ``|scores|`` (momentum, gradient; shaped like the weight), or
-    uniformly random positions when ``scores`` is None.
+    weights, regrowth among positions inactive before the step, by ``regrow``'s score on ``signal``;
+    moved weights and their optimizer state zeroed), for sparse momentum, which moves regrowth
+    between layers. A layer with a structured pattern is refused: its groups must regrow what they lose.
     """
+    if not isinstance(layer.pattern, Unstructured):
+        raise ValueError(f"per-layer counts that differ from a DST step's cannot keep pattern {layer.pattern.label!r} "
+                         "(each group regrows what it prunes); this method works on unstructured masks only")
     active, numel = layer.active_count, layer.mask.numel()
     for name, count, most in (("prune_count", prune_count, active), ("regrow_count", regrow_count, numel - active)):
         if not is_count(count) or count > most:
             raise ValueError(f"{name} must be a whole number of weights in [0, {most}] for this layer "
                              f"({active} of {numel} active), got {count!r}")
-    return _move(layer, prune_count, regrow_count, get_regrow("random" if scores is None else "gradient"),
-                 scores, _optimizers_of(layer, optimizer), generator)
+    return _move(layer, prune_count, regrow_count, get_regrow(regrow), signal, _optimizers_of(layer, optimizer),
+                 generator)
+
+
+def prune_layer_to(layer: MaskedLayer, per_group: int, optimizer: torch.optim.Optimizer | None = None) -> LayerUpdate:
+    """Prune ``layer`` by magnitude until each group of its pattern holds ``per_group`` active units (none regrow).
+
+    Gradual pruning's step: the whole layer is one group when unstructured, each neuron under
+    ``fan_in``; pruned weights and their optimizer state are zeroed.
+    """
+    pruned = torch.from_numpy(layer.pattern.prune_to(
+        layer.mask_2d(), layer.weight.detach().reshape(layer.mask.shape[0], -1).abs().float().cpu().numpy(),
+        per_group)).to(layer.mask.device)
+    _apply(layer, pruned, pruned[:0], _optimizers_of(layer, optimizer))
+    return LayerUpdate(active=layer.active_count, pruned=int(pruned.numel()), regrown=0)
 
 
 def _optimizers_of(layer: MaskedLayer, optimizer: torch.optim.Optimizer | None) -> set:

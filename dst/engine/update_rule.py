@@ -3,21 +3,25 @@
 A layer is described by the sorted flat positions of its active weights
 (``row * in + col``; a conv's weight flattened the same way), their magnitudes and
 its size ``numel``. ``choose_moves`` picks the ``count`` active weights of smallest
-magnitude to prune and asks a regrow criterion for ``count`` positions that were inactive
-*before* the step (a weight pruned now is not regrown now, so the step really moves
-``count`` connections). The simulated engine (``dst.engine.prune_regrow``, boolean masks
-over torch weights) and the truly sparse one (``dst.csr.linear``, CSR arrays) both
-call it, so they make the same choices on the same layer and random stream.
+magnitude to prune and regrows ``count`` positions that were inactive *before* the step
+(a weight pruned now is not regrown now, so the step really moves ``count`` connections).
+The simulated engine (``dst.engine.prune_regrow``, boolean masks over torch weights) and
+the truly sparse one (``dst.csr.linear``, CSR arrays) both call it, so they make the same
+choices on the same layer and random stream. That is the rule for unstructured layers;
+a structured pattern (``dst.engine.patterns``) applies the same rule within its groups.
 
-Regrow criteria (``REGROW``) declare what they need:
+A regrow criterion (``REGROW``) is a *score* over a layer's positions, as in
+google-research/rigl; the highest-scoring inactive positions regrow. It declares the
+dense signal it reads (``needs``, one of ``SIGNALS``), so whoever runs the update supplies it:
 
-- ``"random"`` (SET, Mocanu et al. 2018): uniformly random inactive positions. Needs a
-  random source, no gradient, and never lists the inactive positions of a large layer
-  (``sample_inactive``), so a 65536 x 65536 layer regrows in memory proportional to
-  its active weights.
-- ``"gradient"`` (RigL, Evci et al. 2020): the inactive positions whose dense loss
-  gradient is largest in magnitude. Needs that dense gradient, which only the
-  simulated engine forms.
+- ``"random"`` (SET, Mocanu et al. 2018): independent uniform scores, i.e. uniformly random
+  inactive positions; no signal. For unstructured layers its ``sample`` makes the same choice
+  without listing the inactive positions of a large layer (``sample_inactive``), so a
+  65536 x 65536 layer regrows in memory proportional to its active weights.
+- ``"gradient"`` (RigL, Evci et al. 2020): ``|dense loss gradient|`` on one batch, which only
+  the simulated engine forms.
+- ``"momentum"`` (sparse momentum, Dettmers & Zettlemoyer 2019): ``|momentum|`` of the dense
+  gradient, which a ``dst.engine.momentum.MomentumTracker`` keeps.
 
 The random source is a ``torch.Generator`` (the simulated engine's, shared by every
 rank under ``dst.distributed``), a ``numpy.random.Generator`` (the CSR trainer's), or
@@ -47,50 +51,79 @@ class LayerUpdate:
     regrown: int
 
 
+# The dense signals a criterion may score by, and who supplies them (a criterion's ``needs``).
+SIGNALS = {
+    "gradient": "the layer's dense loss gradient on one batch (the scheduler passes a batch to the update)",
+    "momentum": "an exponential average of the layer's dense gradient (a MomentumTracker the update keeps)",
+}
+
+
 @dataclass(frozen=True)
 class RegrowCriterion:
-    """How a DST step picks the positions to regrow, and what that needs."""
+    """Where a DST step regrows: a *score* for every position of a layer; the highest inactive ones regrow.
+
+    As google-research/rigl feeds drop and grow scores into one update op, a criterion only
+    scores; the update rule (``choose_moves``, or a pattern's ``moves``) takes the top ones among
+    the positions inactive before the step, per group of the layer's sparsity pattern.
+    """
 
     name: str
     description: str
-    needs_gradient: bool  # the dense loss gradient of the layer's weight, inactive positions included
+    # The dense signal ``score`` reads: a key of SIGNALS, or None (the score needs no signal).
+    needs: str | None
     uses_random: bool  # draws from the random source (every rank must then share its state)
-    # (active positions, numel, count, flat dense gradient or None, random source) -> sorted positions
-    choose: Callable[[np.ndarray, int, int, np.ndarray | None, RandomSource], np.ndarray]
+    # (signal: (numel,) float array or None, numel, random source) -> (numel,) float scores, higher regrows first;
+    # scores of active positions are ignored.
+    score: Callable[[np.ndarray | None, int, RandomSource], np.ndarray]
+    # Optional: (active, numel, count, random) -> ``count`` sorted inactive positions, the same choice as the top
+    # scores made without any array of the layer's size (random regrowth in a 65536 x 65536 layer).
+    sample: Callable[[np.ndarray, int, int, RandomSource], np.ndarray] | None = None
+
+    def __post_init__(self):
+        if self.needs is not None and self.needs not in SIGNALS:
+            raise ValueError(f"regrow criterion {self.name!r}: needs must be None or one of {sorted(SIGNALS)}, "
+                             f"got {self.needs!r}")
+        if not callable(self.score):
+            raise TypeError(f"regrow criterion {self.name!r}: score must be a function "
+                            "(signal, numel, random) -> scores, got {type(self.score).__name__}")
+
+    @property
+    def needs_gradient(self) -> bool:
+        """Whether a batch's dense gradient must be computed for it (RigL's extra pass)."""
+        return self.needs == "gradient"
 
 
-def regrow_random(active: np.ndarray, numel: int, count: int, gradient: np.ndarray | None,
-                  random: RandomSource) -> np.ndarray:
-    """``count`` positions drawn uniformly from the inactive ones (SET)."""
-    return sample_inactive(active, numel, count, random)
+def random_scores(signal: np.ndarray | None, numel: int, random: RandomSource) -> np.ndarray:
+    """Independent uniform scores: the top ones among the inactive positions are a uniformly random choice (SET)."""
+    if isinstance(random, np.random.Generator):
+        return random.random(numel)
+    return torch.rand(numel, generator=_torch_generator(random), dtype=torch.float64).numpy()
 
 
-def regrow_gradient(active: np.ndarray, numel: int, count: int, gradient: np.ndarray | None,
-                    random: RandomSource) -> np.ndarray:
-    """The ``count`` inactive positions with the largest gradient magnitude (RigL)."""
-    if gradient is None or gradient.size != numel:
-        raise ValueError(f"regrow='gradient' needs the layer's dense gradient of {numel} entries, "
-                         f"got {None if gradient is None else gradient.size}")
-    scores = np.abs(gradient)  # a copy: the caller's gradient is left as it was
-    scores[active] = -1.0  # below every inactive score, which is >= 0
-    return np.sort(np.argpartition(scores, numel - count)[numel - count:])
+def magnitude_scores(signal: np.ndarray | None, numel: int, random: RandomSource) -> np.ndarray:
+    """``|signal|``: the dense gradient's magnitude (RigL), or the momentum's (sparse momentum)."""
+    return np.abs(signal)  # a copy: the caller's signal is left as it was
 
 
 REGROW = {
-    "random": RegrowCriterion("random", "uniformly random inactive positions (SET)", needs_gradient=False,
-                              uses_random=True, choose=regrow_random),
+    "random": RegrowCriterion("random", "uniformly random inactive positions (SET)", needs=None, uses_random=True,
+                              score=random_scores, sample=lambda active, numel, count, random: sample_inactive(
+                                  active, numel, count, random)),
     "gradient": RegrowCriterion("gradient", "the largest |dense gradient| among inactive positions (RigL)",
-                                needs_gradient=True, uses_random=False, choose=regrow_gradient),
+                                needs="gradient", uses_random=False, score=magnitude_scores),
+    "momentum": RegrowCriterion("momentum", "the largest |momentum of the dense gradient| among inactive "
+                                "positions (sparse momentum)", needs="momentum", uses_random=False,
+                                score=magnitude_scores),
 }
 
 
 def get_regrow(name: "str | RegrowCriterion") -> RegrowCriterion:
     """The regrow criterion called ``name`` (a ``RegrowCriterion`` of your own passes through), or a ValueError.
 
-    Writing your own: a function ``choose(active, numel, count, gradient, random)`` returning
-    ``count`` sorted inactive positions, wrapped as ``RegrowCriterion(name, description,
-    needs_gradient, uses_random, choose)``; every engine and method that takes ``regrow=`` runs it
-    (the tutorial's first exercise does).
+    Writing your own: a function ``score(signal, numel, random)`` returning one float per position
+    (higher regrows first), wrapped as ``RegrowCriterion(name, description, needs, uses_random, score)``
+    with ``needs`` the signal it reads ("gradient", "momentum" or None); every engine and method that
+    takes ``regrow=`` runs it (the tutorial's first exercise does).
     """
     if isinstance(name, RegrowCriterion):
         return name
@@ -113,45 +146,69 @@ def moved_count(active: int, numel: int, prune_ratio: float) -> int:
 
 
 def choose_moves(active: np.ndarray, magnitudes: np.ndarray, numel: int, count: int, criterion: RegrowCriterion,
-                 gradient: np.ndarray | None = None, random: RandomSource = None,
+                 signal: np.ndarray | None = None, random: RandomSource = None,
                  regrow_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Which active weights to prune and where to regrow them, in one layer.
+    """Which active weights to prune and where to regrow them, in one unstructured layer.
 
     Args:
         active: (active,) sorted int64 flat positions of the active weights.
         magnitudes: (active,) their absolute values, in the same order.
         count: how many are pruned (``moved_count``); at most the active positions.
-        gradient: (numel,) the flat dense gradient (or another dense score), for criteria that need it.
+        signal: (numel,) the flat dense signal the criterion ``needs`` (gradient, momentum), or None.
         regrow_count: how many regrow, if not ``count`` (sparse momentum moves regrowth between layers,
             gradual pruning regrows none); at most the inactive positions.
 
     Returns:
         ``(pruned, regrown)``: ``pruned`` indexes ``active`` (the ``count`` smallest magnitudes, in
         no particular order; ``active[pruned]`` are their positions), since both engines hold their
-        weights in position order; ``regrown`` holds sorted positions that were inactive.
+        weights in position order; ``regrown`` holds sorted positions that were inactive, the
+        ``regrow_count`` of highest score (or the criterion's ``sample``, the same choice).
     """
     regrow_count = count if regrow_count is None else regrow_count
     if not (0 <= count <= len(active) and 0 <= regrow_count <= numel - len(active)):
         raise ValueError(f"cannot prune {count} of {len(active)} active weights and regrow {regrow_count} "
                          f"of the {numel - len(active)} inactive positions")
-    if criterion.needs_gradient and gradient is None and regrow_count:
-        raise ValueError(f"regrow={criterion.name!r} needs the layer's dense gradient")
+    if criterion.needs is not None and signal is None and regrow_count:
+        raise ValueError(f"regrow={criterion.name!r} needs the layer's {SIGNALS[criterion.needs]}")
     empty = np.empty(0, dtype=np.int64)
     pruned = np.argpartition(magnitudes, count - 1)[:count] if count else empty
     if not regrow_count:
         return pruned, empty
-    regrown = _checked_choice(criterion, criterion.choose(active, numel, regrow_count, gradient, random), active,
-                              numel, regrow_count)
-    return pruned, regrown
+    if criterion.sample is not None:
+        regrown = _checked_choice(criterion, criterion.sample(active, numel, regrow_count, random), active, numel,
+                                  regrow_count)
+        return pruned, regrown
+    scores = layer_scores(criterion, signal, numel, random)
+    scores[active] = -np.inf  # inactive before the step only
+    return pruned, np.sort(np.argpartition(-scores, regrow_count - 1)[:regrow_count]).astype(np.int64)
+
+
+def layer_scores(criterion: RegrowCriterion, signal: np.ndarray | None, numel: int,
+                 random: RandomSource) -> np.ndarray:
+    """The criterion's (numel,) float64 scores, or a ValueError saying what is wrong with them.
+
+    Criteria can be written by anyone (the tutorial's first exercise asks for one); a wrong
+    answer (another length, NaN) would otherwise silently regrow the wrong connections.
+    """
+    if criterion.needs is not None and (signal is None or np.size(signal) != numel):
+        raise ValueError(f"regrow={criterion.name!r} needs the layer's {SIGNALS[criterion.needs]}, "
+                         f"{numel} entries; got {None if signal is None else np.size(signal)}")
+    what = f"regrow criterion {criterion.name!r} must score every position: {numel} real numbers, no NaN"
+    scores = criterion.score(signal, numel, random)
+    try:
+        scores = np.array(scores, dtype=np.float64)  # a copy the rule may write into
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{what}; got {type(scores).__name__}") from error
+    if scores.shape != (numel,):
+        raise ValueError(f"{what}; got shape {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError(f"{what}; got {int(np.isnan(scores).sum())} NaN")
+    return scores
 
 
 def _checked_choice(criterion: RegrowCriterion, chosen, active: np.ndarray, numel: int, count: int) -> np.ndarray:
-    """A criterion's positions as sorted int64, or a ValueError saying what is wrong with them.
-
-    Criteria can be written by anyone (the tutorial's first exercise asks for one); a wrong
-    answer would otherwise silently change a layer's active count or revive an active weight.
-    """
-    what = f"regrow criterion {criterion.name!r} must return {count} distinct inactive positions in [0, {numel})"
+    """A criterion's sampled positions as sorted int64, or a ValueError saying what is wrong with them."""
+    what = f"regrow criterion {criterion.name!r}'s sample must return {count} distinct inactive positions in [0, {numel})"
     try:
         positions = np.asarray(chosen)
     except Exception as error:  # anything that is not array-like

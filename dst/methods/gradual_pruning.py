@@ -11,6 +11,9 @@ Zhu & Gupta's ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3`` with ``s_i = 0`
 in densities so that at ``end`` it is ``final`` exactly: every layer then holds
 ``active_count(numel, final)`` weights, the count a sparse method starts with.
 Pruned weights never come back; the steps after ``end`` fine-tune the sparse net.
+Under a structured ``pattern`` (``dst.engine.patterns``) each group is pruned to the
+schedule's share of its units, so the pattern holds at every pruning step and at ``end``
+every group holds what ``MaskedNet`` would give it at ``final``.
 
 ``GradualPruning`` is its own scheduler (``after_step``/``after_epoch``/``history``), not a
 ``dst.engine.topology_update.TopologyUpdate`` driven by ``DSTScheduler``: it sets each layer's
@@ -22,9 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dst.engine.allocation import active_count
 from dst.engine.masked import MaskedNet
-from dst.engine.prune_regrow import update_layer_counts
+from dst.engine.patterns import Pattern, get_pattern
+from dst.engine.patterns.unstructured import Unstructured
+from dst.engine.prune_regrow import prune_layer_to
 from dst.engine.schedule import DSTEvent
 
 
@@ -51,6 +55,8 @@ class GradualPruning:
     end: int
     every: int = 100
     optimizer: torch.optim.Optimizer | None = None
+    # The pattern every layer pruned below density 1 follows (set on those layers here).
+    pattern: str | Pattern = "unstructured"
     history: list[DSTEvent] = field(default_factory=list)
     steps: int = 0
 
@@ -67,16 +73,35 @@ class GradualPruning:
             raise ValueError(f"need 0 <= start < end (steps), got start={self.start}, end={self.end}")
         if self.every < 1:
             raise ValueError(f"every must be a positive number of steps, got {self.every}")
+        self.pattern = get_pattern(self.pattern)
+        unpruned = [name for name, layer in layers.items() if layer.active_count != layer.mask.numel()]
+        if unpruned:
+            raise ValueError(f"gradual pruning starts from a dense net (MaskedNet(..., sparsity=0)); layers "
+                             f"{unpruned} are sparse already")
+        for name, layer in layers.items():  # every layer checked before any changes
+            if self.final_densities[name] < 1.0:
+                try:
+                    self.pattern.active_count(_matrix(layer), self.final_densities[name])
+                except ValueError as error:
+                    raise ValueError(f"layer {name!r} cannot be pruned to pattern {self.pattern.label!r}: "
+                                     f"{error}") from None
+        for name, layer in layers.items():
+            layer.pattern = self.pattern if self.final_densities[name] < 1.0 else Unstructured()
 
     def is_pruning_step(self, t: int) -> bool:
         """Whether the schedule prunes after step ``t``: every ``every`` steps after ``start``, and at ``end``."""
         return t == self.end or (self.start < t < self.end and (t - self.start) % self.every == 0)
 
     def target_counts(self, t: int) -> dict[str, int]:
-        """Active weights each layer should hold after step ``t``."""
-        return {name: active_count(layer.mask.numel(), cubic_density(t, self.final_densities[name],
-                                                                     self.start, self.end))
-                for name, layer in self.masked_net.masked_layers().items()}
+        """Active units each group of each layer should hold after step ``t`` (weights, when unstructured)."""
+        targets = {}
+        for name, layer in self.masked_net.masked_layers().items():
+            final = self.final_densities[name]
+            grid = layer.pattern.grid(_matrix(layer))
+            length = layer.pattern.group_length(grid)
+            density = cubic_density(t, final, self.start, self.end)
+            targets[name] = max(layer.pattern.active_per_group(grid, final), min(length, round(density * length)))
+        return targets
 
     def after_step(self, batch=None) -> DSTEvent | None:
         """Count one optimizer step; prune if the schedule says so."""
@@ -87,8 +112,7 @@ class GradualPruning:
         before = sum(layer.active_count for layer in layers.values())
         report = {}
         for name, target in self.target_counts(self.steps).items():
-            prune = max(0, layers[name].active_count - target)
-            report[name] = update_layer_counts(layers[name], prune, 0, optimizer=self.optimizer)
+            report[name] = prune_layer_to(layers[name], target, optimizer=self.optimizer)
         # prune_ratio as in a DST step: the fraction of the active weights this pruning removed.
         ratio = sum(update.pruned for update in report.values()) / before
         event = DSTEvent(unit="step", t=self.steps, prune_ratio=ratio, layers=report)
@@ -99,3 +123,8 @@ class GradualPruning:
         """Nothing happens per epoch (the schedule counts steps)."""
         return None
 
+
+
+def _matrix(layer) -> tuple[int, int]:
+    """The (out, in) matrix a layer's mask is read as (a conv's (out, in*kh*kw))."""
+    return layer.mask.shape[0], layer.mask[0].numel()

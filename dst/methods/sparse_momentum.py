@@ -21,10 +21,23 @@ from collections.abc import Mapping
 
 import torch
 
-from dst.engine.distributed import check_ranks_agree, is_distributed
+from dst.engine.distributed import check_ranks_agree
+from dst.engine.process_group import is_distributed
 from dst.engine.masked import MaskedNet
 from dst.engine.momentum import MomentumTracker, average_over_ranks
+from dst.engine.patterns.unstructured import Unstructured
 from dst.engine.prune_regrow import LayerUpdate, check_finite, update_layer_counts
+
+
+def check_unstructured(masked_net: MaskedNet) -> None:
+    """Raise unless every layer is unstructured: moving regrowth between layers changes a layer's count, which no
+    structured pattern can hold (its groups each keep a fixed number)."""
+    structured = {name: layer.pattern.label for name, layer in masked_net.masked_layers().items()
+                  if not isinstance(layer.pattern, Unstructured)}
+    if structured:
+        raise ValueError(f"sparse momentum moves weights between layers, so a layer's count changes, which the "
+                         f"structured patterns of {structured} cannot hold; use it on unstructured masks, or "
+                         "SET/RigL (one count per layer) for a pattern")
 
 
 def redistribute(total: int, shares: Mapping[str, float], capacity: Mapping[str, int]) -> dict[str, int]:
@@ -85,7 +98,7 @@ def sparse_momentum_step(masked_net: MaskedNet, tracker: MomentumTracker, prune_
     report = {name: LayerUpdate(active=layer.active_count, pruned=0, regrown=0)
               for name, layer in masked_net.masked_layers().items()}
     for name, layer in layers.items():
-        report[name] = update_layer_counts(layer, prune[name], regrow[name], scores=tracker.momentum[name],
+        report[name] = update_layer_counts(layer, prune[name], regrow[name], "momentum", tracker.momentum[name],
                                            optimizer=optimizer)
     if is_distributed():
         check_ranks_agree(masked_net)
@@ -102,6 +115,7 @@ class SparseMomentumStep:
     needs_batch = False
 
     def __init__(self, masked_net: MaskedNet, beta: float = 0.9, optimizer: torch.optim.Optimizer | None = None):
+        check_unstructured(masked_net)
         self.masked_net, self.optimizer = masked_net, optimizer
         self.tracker = MomentumTracker(masked_net, beta)
 
