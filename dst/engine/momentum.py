@@ -14,8 +14,8 @@ averages); ``average_over_ranks`` makes them the momentum of the averaged gradie
 import torch
 import torch.distributed as dist
 
-from dst.engine.process_group import collective_device
 from dst.engine.masked import MaskedLayer, MaskedNet
+from dst.engine.process_group import collective_device
 
 
 class MomentumTracker:

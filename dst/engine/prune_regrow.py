@@ -259,8 +259,8 @@ def local_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
                              "to compute gradients")
         signals = dense_gradients(masked_net, batch, loss_fn)
     elif criterion.needs is not None and signals is None:
-        raise ValueError(f"regrow={criterion.name!r} ({criterion.description}) needs signals= {SIGNALS[criterion.needs]}"
-                         ", by layer; MaskedDSTStep keeps a MomentumTracker for it")
+        raise ValueError(f"regrow={criterion.name!r} ({criterion.description}) needs signals= "
+                         f"{SIGNALS[criterion.needs]}, by layer; MaskedDSTStep keeps a MomentumTracker for it")
     elif criterion.needs is not None:
         _check_signals(masked_net, signals)
     else:

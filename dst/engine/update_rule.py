@@ -208,7 +208,8 @@ def layer_scores(criterion: RegrowCriterion, signal: np.ndarray | None, numel: i
 
 def _checked_choice(criterion: RegrowCriterion, chosen, active: np.ndarray, numel: int, count: int) -> np.ndarray:
     """A criterion's sampled positions as sorted int64, or a ValueError saying what is wrong with them."""
-    what = f"regrow criterion {criterion.name!r}'s sample must return {count} distinct inactive positions in [0, {numel})"
+    what = (f"regrow criterion {criterion.name!r}'s sample must return {count} distinct inactive positions "
+            f"in [0, {numel})")
     try:
         positions = np.asarray(chosen)
     except Exception as error:  # anything that is not array-like

@@ -22,10 +22,10 @@ from collections.abc import Mapping
 import torch
 
 from dst.engine.distributed import check_ranks_agree
-from dst.engine.process_group import is_distributed
 from dst.engine.masked import MaskedNet
 from dst.engine.momentum import MomentumTracker, average_over_ranks
 from dst.engine.patterns.unstructured import Unstructured
+from dst.engine.process_group import is_distributed
 from dst.engine.prune_regrow import LayerUpdate, check_finite, update_layer_counts
 
 
