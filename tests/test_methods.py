@@ -307,7 +307,7 @@ def test_sparse_momentum_shares_regrowth_by_the_mean_momentum_of_the_active_weig
 
 
 def test_unknown_method_and_bad_keep_dense_are_named():
-    with pytest.raises(ValueError, match=r"'sparse'.*\['dense', 'static', 'set', 'rigl', 'snfs', 'gmp'\]"):
+    with pytest.raises(ValueError, match=r"'sparse'.*\['dense', 'static', 'set', 'rigl', 'srigl', 'snfs', 'gmp'\]"):
         get_method("sparse")
     with pytest.raises(ValueError, match="keep_dense has unknown layer"):
         METHODS["static"].build(MLP(24, (40,), 6), Target(0.5, keep_dense=("middle",)))

@@ -202,7 +202,7 @@ def test_notebook_shows_every_figure_in_a_fresh_kernel_and_on_a_rerun_and_writes
     assert "the plain dense model's" in text
     # the exercises ran their solutions, and their results are there to read
     assert text.count("Using the solution") == 2
-    assert "| rigl+half_random |" in text
+    assert "| rigl+noisy_gradient |" in text
     assert "**uniform** allocation at 99 %" in text and "**erk** allocation at 99 %" in text
     assert "Truly Sparse CSR (CPU), batch 100: faster than dense+mask" in text
     assert "centre" in text and "connections per pixel" in text

@@ -29,8 +29,9 @@ from dst.core.data import TensorLoader
 from dst.core.models import SimpleNet, lenet_300_100
 from dst.core.progress import Progress
 from dst.core.training import evaluate, seed_everything
-from dst.engine.allocation import DisconnectedWarning, active_count, connectivity
+from dst.engine.allocation import DisconnectedWarning, connectivity
 from dst.engine.masked import MaskedLayer, MaskedNet
+from dst.engine.patterns import get_pattern
 from dst.methods.catalog import SNFS, Method, Target, get_method
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"lenet300-100": lenet_300_100, "simplenet": SimpleNet}
@@ -157,6 +158,7 @@ def _train_model(model_name: str, method: str | Method, target: Target, recipe: 
     seconds = time.perf_counter() - start
     row = {"model": model_name, "method": method.label, "sparsity": target.sparsity if method.name != "dense" else 0.0,
            "allocation": target.allocation, "keep_dense": list(target.keep_dense), "seed": seed,
+           "pattern": get_pattern(getattr(method, "pattern", "unstructured")).label,
            "recipe": asdict(recipe), "steps": total_steps, "test_acc": evaluate(model, test_loader, device),
            "train_seconds": seconds, "updates": events, "dense_training": method.dense_training,
            "train_flops": 2 * macs, "train_flops_vs_dense": macs / (3 * counter.dense * examples),
@@ -180,8 +182,15 @@ def check_reached_target(model: MaskedNet, method: Method, target: Target) -> No
     """
     densities = target.densities(model)
     layers = model.masked_layers()
-    expected = {name: active_count(layer.mask.numel(), densities[name]) for name, layer in layers.items()}
+    expected = {name: layer.pattern.active_count(tuple(layer.mask_2d().shape), densities[name])
+                for name, layer in layers.items()}
     reached = {name: layer.active_count for name, layer in layers.items()}
+    for name, layer in layers.items():
+        try:
+            layer.pattern.check_mask(layer.mask_2d())
+        except ValueError as error:
+            raise RuntimeError(f"{method.name}: layer {name!r} no longer follows pattern {layer.pattern.label!r} "
+                               f"({error}); its row would claim a pattern the net does not have") from None
     matches = (sum(reached.values()) == sum(expected.values()) if isinstance(method, SNFS)
                else reached == expected)
     if not matches:

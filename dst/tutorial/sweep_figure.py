@@ -16,9 +16,9 @@ from dst.methods.sweep import density_ticks, summarize
 from dst.tutorial.plots import check_rows, finish, lecture_style
 
 METHOD_STYLE = {"static": ("tab:gray", "v"), "set": ("tab:blue", "o"), "rigl": ("tab:red", "s"),
-                "snfs": ("tab:green", "D"), "gmp": ("tab:purple", "^")}
-METHOD_LABEL = {"static": "static mask", "set": "SET", "rigl": "RigL", "snfs": "sparse momentum",
-                "gmp": "GMP (dense memory)"}
+                "srigl": ("tab:orange", "P"), "snfs": ("tab:green", "D"), "gmp": ("tab:purple", "^")}
+METHOD_LABEL = {"static": "static mask", "set": "SET", "rigl": "RigL", "srigl": "SRigL (constant fan-in)",
+                "snfs": "sparse momentum", "gmp": "GMP (dense memory)"}
 # Accuracy ticks (%) of the log-error axis; those inside the plotted range are shown.
 ACCURACY_TICKS = (99.5, 99, 98.5, 98, 97, 96, 95, 93, 90, 85, 80, 70, 50, 20)
 
