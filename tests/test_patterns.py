@@ -156,8 +156,8 @@ def test_layers_a_pattern_cannot_hold_are_refused_by_name_at_build():
     # kept dense, the layer needs no pattern; the others follow it
     net = MaskedNet(SimpleNet(), 0.9, pattern="block4x4", keep_dense=("first", "last"))
     layers = net.masked_layers()
-    assert all(layers[name].active_count == layers[name].mask.numel() for name in ("conv1", "fc2"))
-    assert {layers[name].pattern.label for name in ("conv2", "fc1")} == {"block4x4"}
+    assert all(layers[name].active_count == layers[name].mask.numel() for name in ("conv1", "fc4"))
+    assert {layers[name].pattern.label for name in ("conv2", "fc1", "fc2", "fc3")} == {"block4x4"}
 
 
 def test_gradual_pruning_keeps_the_pattern_at_every_pruning_and_ends_on_the_target():
