@@ -151,8 +151,11 @@ def test_layers_a_pattern_cannot_hold_are_refused_by_name_at_build():
         MaskedNet(SimpleNet(), 0.5, pattern="2:4")
     with pytest.raises(ValueError, match=r"keeps exactly 2/4 = 0.5.*not 0.1.*allocation='uniform' at sparsity 0.5"):
         MaskedNet(MLP(32, (48,), 8), 0.9, pattern="2:4")
-    with pytest.raises(ValueError, match=r"keeps exactly 2/4"):  # ERK gives each layer its own density
-        MaskedNet(MLP(32, (48,), 8), 0.5, "erk", pattern="2:4")
+    with pytest.raises(ValueError, match=r"keeps exactly 2/4 = 0.5.*not 0.3"):
+        MaskedNet(MLP(32, (48,), 8), 0.7, pattern="2:4")
+    # a dense output layer takes a little of a 50 % budget: the others' 49.x % is held as 2:4
+    rounded = MaskedNet(MLP(32, (48,), 8), 0.5, pattern="2:4", keep_dense="last").masked_layers()
+    assert [layer.active_count / layer.mask.numel() for layer in rounded.values()] == [0.5, 1.0]
     # kept dense, the layer needs no pattern; the others follow it
     net = MaskedNet(SimpleNet(), 0.9, pattern="block4x4", keep_dense=("first", "last"))
     layers = net.masked_layers()

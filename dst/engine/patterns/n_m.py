@@ -2,9 +2,10 @@
 
 Groups are ``m`` consecutive positions along a row of the weight matrix (the reduction
 dimension: a conv's ``in*kh*kw`` in the mask's numbering), each with exactly ``n`` active,
-so the density is exactly ``n/m`` and nothing else: a layer asked for another density
-(an ERK allocation, a global sparsity other than ``1 - n/m``) is refused, naming what it can
-hold. Every row then holds ``in * n / m`` weights: a constant fan-in too, which ``dst.csr``
+so the density is exactly ``n/m``: a layer's density is rounded to it when it is the nearest
+``k/m`` (49.8 %, where a dense output layer takes a little of a 50 % budget, is 2:4), and a
+layer asked for a density nearer another ``k/m`` (an ERK allocation, a global sparsity far
+from ``1 - n/m``) is refused, naming what it can hold. Every row then holds ``in * n / m`` weights: a constant fan-in too, which ``dst.csr``
 stores as its ``fan_in`` kind; GPUs with sparse tensor cores run 2:4 in hardware.
 """
 
@@ -44,7 +45,7 @@ class NM(Pattern):
     def active_per_group(self, grid, density):
         if density == 1.0:  # a layer kept dense
             return self.m
-        if abs(density - self.n / self.m) > 1e-9:
+        if round(density * self.m) != self.n:
             raise ValueError(f"pattern {self.label!r} keeps exactly {self.n}/{self.m} = {self.n / self.m:.4g} of "
                              f"a layer's weights (or all of them), not {density:.4g}: use allocation='uniform' at "
                              f"sparsity {1 - self.n / self.m:.4g}")
