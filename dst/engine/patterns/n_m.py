@@ -5,8 +5,9 @@ dimension: a conv's ``in*kh*kw`` in the mask's numbering), each with exactly ``n
 so the density is exactly ``n/m``: a layer's density is rounded to it when it is the nearest
 ``k/m`` (49.8 %, where a dense output layer takes a little of a 50 % budget, is 2:4), and a
 layer asked for a density nearer another ``k/m`` (an ERK allocation, a global sparsity far
-from ``1 - n/m``) is refused, naming what it can hold. Every row then holds ``in * n / m`` weights: a constant fan-in too, which ``dst.csr``
-stores as its ``fan_in`` kind; GPUs with sparse tensor cores run 2:4 in hardware.
+from ``1 - n/m``) is refused, naming what it can hold. Every row then holds ``in * n / m``
+weights: a constant fan-in too, which ``dst.csr`` stores as its ``fan_in`` kind; GPUs with
+sparse tensor cores run 2:4 in hardware.
 """
 
 from dataclasses import dataclass
