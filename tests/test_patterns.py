@@ -254,3 +254,10 @@ def test_a_conv_layer_keeps_its_fan_in_over_input_channels_and_kernel():
     assert isinstance(conv, nn.Conv2d)
     counts = conv.mask.reshape(conv.mask.shape[0], -1).sum(dim=1)
     assert (counts == counts[0]).all() and counts[0] == round(0.1 * conv.mask[0].numel())
+
+
+def test_a_distributed_step_refuses_a_criterion_whose_signal_it_cannot_supply():
+    from dst.engine.distributed import DistributedDSTStep
+
+    with pytest.raises(ValueError, match="DistributedDSTStep supplies the dense gradient.*needs the momentum"):
+        DistributedDSTStep(net_for("unstructured", 0.8), "momentum")

@@ -171,9 +171,14 @@ class DistributedDSTStep:
                  optimizer: torch.optim.Optimizer | None = None, loss_fn=F.cross_entropy,
                  generator: torch.Generator | None = None, check: bool = True):
         unwrap(model)  # a MaskedNet, or a DDP model around one: refused now, not at the first update
+        criterion = get_regrow(regrow)
+        if criterion.needs not in (None, "gradient"):
+            raise ValueError(f"DistributedDSTStep supplies the dense gradient (all-reduced) or nothing; regrow="
+                             f"{criterion.name!r} needs the {criterion.needs}: under DDP use sparse momentum's own "
+                             "step (dst.methods.sparse_momentum.SparseMomentumStep averages it over the ranks)")
         self.model, self.regrow, self.optimizer, self.loss_fn = model, regrow, optimizer, loss_fn
         self.generator, self.check = generator, check
-        self.needs_batch = get_regrow(regrow).needs_gradient
+        self.needs_batch = criterion.needs_gradient
 
     def __call__(self, prune_ratio: float, batch: Batch | None = None) -> dict[str, LayerUpdate]:
         return distributed_dst_step(self.model, prune_ratio, self.regrow, batch, self.loss_fn, self.optimizer,
