@@ -347,3 +347,25 @@ def test_mask_2d_evolution_draws_each_transition_at_its_layer_and_epoch():
     assert len(drawn) == len(expected)
     for image in expected:
         assert sum(np.array_equal(image, pixels) for pixels in drawn) == 1
+
+
+def test_pattern_masks_are_drawn_as_given_and_the_tradeoff_puts_each_point_where_its_numbers_say():
+    from dst.tutorial.pattern_figure import plot_pattern_masks, plot_pattern_tradeoff
+
+    rng = np.random.default_rng(0)
+    masks = {"unstructured": rng.random((8, 16)) < 0.5, "2:4": np.tile([True, False, True, False], (8, 4))}
+    figure = plot_pattern_masks(masks)
+    assert len(figure.axes) == 2
+    for ax, mask in zip(figure.axes, masks.values(), strict=True):
+        assert np.array_equal(ax.images[0].get_array().astype(bool), mask)
+        assert f"{100 * mask.mean():.0f} % of weights active" in ax.get_title()
+    with pytest.raises(ValueError, match="must be 2-D"):
+        plot_pattern_masks({"flat": np.ones(4, dtype=bool)})
+    points = [{"label": "fan_in", "kind": "fan_in", "speedup": 3.0, "accuracy_change": -0.2},
+              {"label": "unstructured", "kind": "unstructured", "speedup": 1.5, "accuracy_change": 0.0}]
+    tradeoff = plot_pattern_tradeoff(points)
+    offsets = np.concatenate([collection.get_offsets() for collection in tradeoff.axes[0].collections])
+    assert offsets.tolist() == [[3.0, -0.2], [1.5, 0.0]]
+    with pytest.raises(ValueError, match="speedup"):
+        plot_pattern_tradeoff([{"label": "x", "kind": "block"}])
+    plt.close("all")
