@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from dst.core.data import TensorLoader, load_mnist_tensors
 from dst.methods.catalog import METHODS, Target
 from dst.methods.sweep import Recipe, train_run
+from dst.tutorial.hardware import pattern_table, summarize_patterns
 
 RESULTS = Path(__file__).resolve().parent / "results" / "structured_accuracy.json"
 # The medium budget of benchmarks/dst_methods.py: the paper's recipe cut to 20 epochs (LeNet), 2 (SimpleNet).
@@ -73,25 +73,6 @@ def key(row: dict) -> tuple:
     return row["model"], row["method"], row["pattern"], row["sparsity"], row["seed"]
 
 
-def table(rows: list[dict]) -> str:
-    """Mean test accuracy per (model, method, sparsity, pattern) and its difference from unstructured."""
-    groups: dict[tuple, list[float]] = {}
-    for row in rows:
-        base = "rigl" if row["method"].startswith(("rigl", "srigl")) else "set"
-        groups.setdefault((row["model"], base, row["sparsity"], row["pattern"]), []).append(row["test_acc"])
-    lines = ["| model | method | sparsity | pattern | test acc. (%) | vs unstructured | seeds |",
-             "|---|---|---|---|---|---|---|"]
-    for (model, base, sparsity, pattern), accuracies in sorted(groups.items()):
-        mean = statistics.mean(accuracies)
-        reference = groups.get((model, base, sparsity, "unstructured"))
-        difference = "" if pattern == "unstructured" or not reference else f"{mean - statistics.mean(reference):+.2f}"
-        spread = f" ± {statistics.stdev(accuracies):.2f}" if len(accuracies) > 1 else ""
-        name = "srigl" if base == "rigl" and pattern == "fan_in" else base
-        lines.append(f"| {model} | {name} | {100 * sparsity:g} % | {pattern} | {mean:.2f}{spread} | {difference} | "
-                     f"{len(accuracies)} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
@@ -124,7 +105,7 @@ def main() -> None:
                         temporary = args.output.with_suffix(".tmp")
                         temporary.write_text(json.dumps(record, indent=1) + "\n")
                         os.replace(temporary, args.output)
-    print(table(record["rows"]))
+    print(pattern_table(summarize_patterns(record["rows"])))
 
 
 def _cpu_model() -> str:

@@ -1,0 +1,165 @@
+"""What a sparsity pattern buys on this machine, and what it costs: the hardware-aware section's numbers.
+
+``time_patterns`` times one linear layer per pattern, converted by ``SparseNet.from_masked`` (the pattern
+picks the truly sparse kind: CSR, condensed fan-in, BSR), against the dense layer in torch and against
+the same density unstructured in CSR, all interleaved in one run. ``summarize_patterns`` averages the
+committed accuracy rows (``benchmarks/structured_accuracy.py``) and sets each against unstructured at the
+same density. The ``describe_*`` functions word both as sentences computed from the numbers.
+"""
+
+import statistics
+
+import numpy as np
+import torch
+from torch import nn
+
+from dst.csr.backends import default_cpu_backend
+from dst.csr.model import SparseNet
+from dst.engine.masked import MaskedNet
+from dst.engine.patterns import get_pattern
+from dst.tutorial.benchmark import time_interleaved
+from dst.tutorial.results import speed_phrase
+
+UNSTRUCTURED = "unstructured"
+
+
+def pattern_density(pattern: str, sparsity: float) -> float:
+    """The density a pattern is timed and trained at: N:M holds exactly n/m, the others ``1 - sparsity``."""
+    chosen = get_pattern(pattern)
+    return chosen.n / chosen.m if chosen.kind == "n_m" else 1.0 - sparsity
+
+
+def time_patterns(in_features: int, out_features: int, sparsity: float, patterns, batches=(1, 100),
+                  runs: int = 30, backend: str | None = None, seed: int = 0) -> list[dict]:
+    """One row per (pattern, batch): medians (ms) of the pattern's layer, the dense layer and unstructured CSR.
+
+    Every pattern's ``Linear(in_features, out_features)`` is masked at ``pattern_density`` (so 2:4 at 50 %
+    whatever ``sparsity`` says) and compared with the unstructured layer at that same density on the
+    same ``backend`` (default: the fastest CPU one), so a row says what the pattern itself buys.
+    Returns rows ``{"pattern", "kind", "sparse_kind", "density", "batch", "pattern_ms", "unstructured_ms",
+    "dense_ms", "runs"}``; ``kind`` is the pattern's kind, ``sparse_kind`` the truly sparse layer kind it ran as.
+    """
+    backend = backend or default_cpu_backend()
+    generator = torch.Generator().manual_seed(seed)
+    dense = nn.Linear(in_features, out_features).eval()
+    names = [UNSTRUCTURED] + [name for name in patterns if get_pattern(name).label != UNSTRUCTURED]
+    converted = {}  # (pattern label, density) -> SparseNet
+    for name in names:
+        for density in {pattern_density(name, sparsity)} | ({pattern_density(other, sparsity) for other in names}
+                                                             if name == UNSTRUCTURED else set()):
+            masked = MaskedNet(nn.Sequential(dense), 1.0 - density, pattern=name, generator=generator,
+                               scale_init=False)
+            converted[get_pattern(name).label, density] = SparseNet.from_masked(masked, backend)
+    rows = []
+    for batch in batches:
+        inputs = torch.randn(batch, in_features, generator=generator)
+        host = inputs.numpy()
+        forwards = {"dense": (_no_grad(dense, inputs), None)}
+        forwards |= {key: (_call(model, host), None) for key, model in converted.items()}
+        timings = time_interleaved(forwards, runs=runs, warmup=5)
+        for name in names:
+            label, density = get_pattern(name).label, pattern_density(name, sparsity)
+            model = converted[label, density]
+            rows.append({"pattern": label, "kind": get_pattern(name).kind,
+                         "sparse_kind": next(iter(model.layers.values())).kind, "density": density,
+                         "batch": batch, "pattern_ms": timings[label, density]["median"],
+                         "unstructured_ms": timings[UNSTRUCTURED, density]["median"],
+                         "dense_ms": timings["dense"]["median"], "runs": runs})
+    return rows
+
+
+def _no_grad(layer: nn.Module, inputs: torch.Tensor):
+    def forward():
+        with torch.no_grad():
+            return layer(inputs)
+    return forward
+
+
+def _call(model: SparseNet, inputs: np.ndarray):
+    return lambda: model(inputs)
+
+
+def describe_pattern_speed(rows: list[dict]) -> list[str]:
+    """One sentence per timed row: the pattern's layer against dense and against unstructured CSR, same density."""
+    sentences = []
+    for row in rows:
+        what = (f"batch {row['batch']}, {100 * (1 - row['density']):g} % sparse: {row['pattern']} "
+                f"(as {row['sparse_kind']})")
+        times = f"{row['pattern_ms']:.3f} ms; dense {row['dense_ms']:.3f} ms"
+        if row["pattern"] == UNSTRUCTURED:
+            sentences.append(f"{what} is {speed_phrase(row['pattern_ms'], row['dense_ms'])} than dense ({times})")
+            continue
+        sentences.append(f"{what} is {speed_phrase(row['pattern_ms'], row['dense_ms'])} than dense and "
+                         f"{speed_phrase(row['pattern_ms'], row['unstructured_ms'])} than unstructured CSR at the "
+                         f"same density ({times}; unstructured {row['unstructured_ms']:.3f} ms)")
+    return sentences
+
+
+def summarize_patterns(rows: list[dict]) -> list[dict]:
+    """Accuracy rows averaged over seeds per (model, method family, sparsity, pattern), each against unstructured.
+
+    The method family is SET or RigL (SRigL is RigL under fan_in). Returns rows ``{"model", "method",
+    "family", "sparsity", "pattern", "test_acc", "final_sparsity", "std", "seeds", "change"}``: ``change`` is
+    the mean minus the unstructured mean of the same model, family and sparsity (None where that is missing);
+    ``final_sparsity`` is what the nets reached (a pattern rounds each layer's count to what it can hold).
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        family = "rigl" if row["method"].split("+")[0].split("/")[0] in ("rigl", "srigl") else "set"
+        groups.setdefault((row["model"], family, row["sparsity"], row["pattern"]), []).append(row)
+    summary = []
+    for (model, family, sparsity, pattern), members in sorted(groups.items()):
+        accuracies = [member["test_acc"] for member in members]
+        reference = groups.get((model, family, sparsity, UNSTRUCTURED))
+        mean = statistics.fmean(accuracies)
+        summary.append({"model": model, "method": members[0]["method"], "family": family, "sparsity": sparsity,
+                        "pattern": pattern, "test_acc": mean,
+                        "final_sparsity": statistics.fmean(member["final_sparsity"] for member in members),
+                        "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                        "seeds": len(accuracies),
+                        "change": None if pattern == UNSTRUCTURED or not reference else
+                        mean - statistics.fmean(member["test_acc"] for member in reference)})
+    return summary
+
+
+def pattern_table(summary: list[dict]) -> str:
+    """A markdown table of ``summarize_patterns``: accuracy per pattern and its change against unstructured."""
+    lines = ["| model | method | sparsity (reached) | pattern | test acc. (%) | vs unstructured (points) | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for row in summary:
+        change = "" if row["change"] is None else f"{row['change']:+.2f}"
+        spread = f" ± {row['std']:.2f}" if row["seeds"] > 1 else ""
+        lines.append(f"| {row['model']} | {row['method']} | {100 * row['sparsity']:g} % "
+                     f"({100 * row['final_sparsity']:.2f} %) | {row['pattern']} | {row['test_acc']:.2f}{spread} | "
+                     f"{change} | {row['seeds']} |")
+    return "\n".join(lines)
+
+
+def describe_pattern_accuracy(summary: list[dict]) -> list[str]:
+    """One sentence per structured row: what the pattern cost (or gained) against unstructured, same density."""
+    sentences = []
+    for row in summary:
+        if row["change"] is None:
+            continue
+        change = row["change"]
+        direction = "below" if change < 0 else "above"
+        sentences.append(f"{row['model']}, {100 * row['sparsity']:g} % sparse: {row['method']} reached "
+                         f"{row['test_acc']:.2f} %, {abs(change):.2f} points {direction} {row['family']} "
+                         f"unstructured (mean of {row['seeds']} seed{'s' if row['seeds'] != 1 else ''})")
+    return sentences
+
+
+def tradeoff_points(speed_rows: list[dict], summary: list[dict], model: str, family: str, batch: int) -> list[dict]:
+    """Points for ``plot_pattern_tradeoff``: each timed pattern's speed-up over dense at ``batch`` and its accuracy
+    change against unstructured on ``model`` for ``family`` at the same sparsity (patterns without rows left out)."""
+    changes = {(row["pattern"], round(row["sparsity"], 6)): row["change"] for row in summary
+               if row["model"] == model and row["family"] == family}
+    points = []
+    for row in speed_rows:
+        sparsity = round(1.0 - row["density"], 6)
+        change = 0.0 if row["pattern"] == UNSTRUCTURED else changes.get((row["pattern"], sparsity))
+        if row["batch"] != batch or change is None:
+            continue
+        points.append({"label": f"{row['pattern']} ({100 * sparsity:g} %)", "kind": row["kind"],
+                       "speedup": row["dense_ms"] / row["pattern_ms"], "accuracy_change": change})
+    return points

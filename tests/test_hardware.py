@@ -1,0 +1,67 @@
+"""The hardware-aware section's numbers: timed rows per pattern, accuracy against unstructured, sentences."""
+
+import pytest
+
+from dst.tutorial.hardware import (
+    describe_pattern_accuracy,
+    describe_pattern_speed,
+    pattern_density,
+    pattern_table,
+    summarize_patterns,
+    time_patterns,
+    tradeoff_points,
+)
+
+
+def row(method, pattern, seed, accuracy, sparsity=0.9, model="lenet300-100", reached=0.9):
+    return {"model": model, "method": method, "pattern": pattern, "sparsity": sparsity, "seed": seed,
+            "test_acc": accuracy, "final_sparsity": reached}
+
+
+ROWS = [row("rigl", "unstructured", 0, 98.0), row("rigl", "unstructured", 1, 98.4),
+        row("srigl", "fan_in", 0, 97.9), row("srigl", "fan_in", 1, 98.1, reached=0.9006),
+        row("set/block4x4", "block4x4", 0, 97.0), row("set", "unstructured", 0, 97.5),
+        row("set/2:4", "2:4", 0, 98.6, sparsity=0.5, reached=0.498)]
+
+
+def test_accuracy_is_averaged_per_family_and_set_against_unstructured_at_the_same_density():
+    summary = {(entry["family"], entry["pattern"], entry["sparsity"]): entry for entry in summarize_patterns(ROWS)}
+    assert summary["rigl", "fan_in", 0.9]["test_acc"] == pytest.approx(98.0)
+    assert summary["rigl", "fan_in", 0.9]["change"] == pytest.approx(98.0 - 98.2)
+    assert summary["rigl", "fan_in", 0.9]["final_sparsity"] == pytest.approx(0.9003)
+    assert summary["set", "block4x4", 0.9]["change"] == pytest.approx(-0.5)
+    assert summary["set", "2:4", 0.5]["change"] is None  # no unstructured run at 50 %: nothing to compare
+    assert summary["rigl", "unstructured", 0.9]["change"] is None and summary["rigl", "unstructured", 0.9]["seeds"] == 2
+    table = pattern_table(summarize_patterns(ROWS))
+    assert "| lenet300-100 | srigl | 90 % (90.03 %) | fan_in | 98.00 ± 0.14 | -0.20 | 2 |" in table
+    sentences = describe_pattern_accuracy(summarize_patterns(ROWS))
+    assert "lenet300-100, 90 % sparse: srigl reached 98.00 %, 0.20 points below rigl unstructured (mean of 2 seeds)" \
+        in sentences
+    assert len(sentences) == 2  # the two rows with an unstructured reference
+
+
+def test_patterns_are_timed_against_dense_and_unstructured_at_their_own_density():
+    rows = time_patterns(32, 16, 0.75, ["unstructured", "2:4"], batches=(1, 3), runs=2, backend="scipy")
+    assert [(entry["pattern"], entry["batch"]) for entry in rows] == [
+        ("unstructured", 1), ("2:4", 1), ("unstructured", 3), ("2:4", 3)]
+    assert [entry["density"] for entry in rows[:2]] == [0.25, 0.5]  # 2:4 holds half, whatever the sparsity
+    assert all(entry["pattern_ms"] > 0 and entry["dense_ms"] > 0 and entry["runs"] == 2 for entry in rows)
+    assert rows[0]["pattern_ms"] == rows[0]["unstructured_ms"]
+    assert pattern_density("2:4", 0.9) == 0.5 and pattern_density("fan_in", 0.9) == pytest.approx(0.1)
+    sentences = describe_pattern_speed(rows)
+    assert len(sentences) == 4 and "than unstructured CSR at the same density" in sentences[1]
+    assert f"{rows[1]['pattern_ms']:.3f} ms" in sentences[1]
+
+
+def test_tradeoff_points_pair_a_patterns_speed_with_its_accuracy_change():
+    speed = [{"pattern": "unstructured", "kind": "unstructured", "density": 0.1, "batch": 1, "pattern_ms": 2.0,
+              "dense_ms": 4.0},
+             {"pattern": "fan_in", "kind": "fan_in", "density": 0.1, "batch": 1, "pattern_ms": 1.0, "dense_ms": 4.0},
+             {"pattern": "fan_in", "kind": "fan_in", "density": 0.1, "batch": 100, "pattern_ms": 9.0,
+              "dense_ms": 4.0},
+             {"pattern": "block4x4", "kind": "block", "density": 0.05, "batch": 1, "pattern_ms": 1.0,
+              "dense_ms": 4.0}]
+    points = tradeoff_points(speed, summarize_patterns(ROWS), "lenet300-100", "rigl", batch=1)
+    assert points == [{"label": "unstructured (90 %)", "kind": "unstructured", "speedup": 2.0, "accuracy_change": 0.0},
+                      {"label": "fan_in (90 %)", "kind": "fan_in", "speedup": 4.0,
+                       "accuracy_change": pytest.approx(-0.2)}]
