@@ -16,8 +16,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from dst.csr.steps import ConvStep, LinearStep
-
 
 def narrowest_dtype(largest: int, dtypes: tuple) -> type:
     """The first of ``dtypes`` (narrowest first) that holds ``largest``, else the last one.
@@ -57,8 +55,6 @@ class Backend(Protocol):
     """
 
     name: str
-    conv_step: type  # the inference steps that run a conv and a linear on this backend
-    linear_step: type
     training: TrainingProducts | None  # None: inference only
     xp: object  # the array module (numpy or cupy) training is written against; None for torch
 
@@ -81,8 +77,6 @@ class Backend(Protocol):
 
 class ArrayOps:
     """The array operations the engine needs, for a numpy-like module ``xp`` and its sparse module."""
-
-    conv_step, linear_step = ConvStep, LinearStep
 
     def __init__(self, name: str, xp, sparse, context=contextlib.nullcontext,
                  training: TrainingProducts | None = None):
