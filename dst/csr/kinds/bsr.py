@@ -132,7 +132,7 @@ class BSR(WeightedKind):
 
 class BSRStep:
     """Linear on a block-sparse weight, then the bias and a folded-in ReLU: ``scipy.sparse.bsr_array`` on
-    scipy, a torch BSR tensor on torch, else (``library=False``, or cupy) a gather over the blocks."""
+    scipy, a torch BSR tensor on torch (square blocks), else (``library=False``, cupy) a gather over the blocks."""
 
     kind = "bsr"
 
@@ -148,7 +148,7 @@ class BSRStep:
             import scipy.sparse
 
             self.matrix = scipy.sparse.bsr_array((values, col_indices, row_pointers), shape=host["shape"])
-        elif library and ops.name == "torch":
+        elif library and ops.name == "torch" and r == c:  # MKL (torch on the CPU) takes square blocks only
             import torch
 
             with warnings.catch_warnings():  # "sparse BSR support is in beta": known, and not actionable
