@@ -1,6 +1,6 @@
 """What a backend of the truly sparse engine is, apart from the registry that names them.
 
-``Backend`` is the Protocol callers use; ``ArrayOps`` implements it once for a numpy-like
+``Ops`` is the Protocol callers use; ``ArrayOps`` implements it once for a numpy-like
 array module and its scipy-like sparse module (``scipy`` and ``cupy`` are instances of it,
 ``numba``'s ``NumbaOps`` a subclass); ``TrainingProducts`` is a backend's optional training
 capability (SpMM, transposed SpMM, SDDMM), and ``sparse_products`` builds the one scipy and
@@ -48,7 +48,7 @@ class TrainingProducts:
     sddmm: Callable
 
 
-class Backend(Protocol):
+class Ops(Protocol):
     """What the engine uses of a backend; ``ArrayOps``, ``NumbaOps`` and ``TorchOps`` implement it.
 
     Arrays are the backend's own (numpy, cupy or torch); activations are batch-last.
@@ -150,7 +150,7 @@ def _matmul_transposed_csr(layer, grad_outputs):
 
 def _sddmm_gather(layer, left, right) -> None:
     """Gather the rows each chunk of weights needs and dot them, ``batch`` floats each."""
-    xp, rows, columns, out = layer.backend.xp, layer.rows, layer.columns, layer.weight_grad
+    xp, rows, columns, out = layer.ops.xp, layer.rows, layer.columns, layer.weight_grad
     chunk = max(1, SDDMM_CHUNK_FLOATS // max(1, left.shape[1]))
     for start in range(0, len(rows), chunk):
         stop = min(start + chunk, len(rows))
