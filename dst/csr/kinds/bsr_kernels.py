@@ -2,7 +2,7 @@
 times the ``(c, N)`` input slab under them, bias and ReLU fused.
 
 Activations batch-last, ``x (I, N)``: a block's slab is ``c`` contiguous runs of ``N`` floats,
-and each block value adds one such run into an output row (SIMD over the batch). At batch 1
+and each output row of a block adds four of them per pass (SIMD over the batch). At batch 1
 each block is a small dense matrix-vector product. Block rows are split over threads
 (``prange``) only when a call has enough work to pay for waking them.
 """
@@ -42,8 +42,19 @@ def _block_row(flat_x, flat_blocks, block_columns, row_pointers, bias, relu, fla
         else:
             for i in range(r):
                 target = np.uint64(block_row * r + i) * unsigned_batch
-                for j in range(c):
-                    value = flat_blocks[base + np.uint64(i * c + j)]
+                weights = base + np.uint64(i * c)
+                # Four block columns per pass over the output row, as numba_kernels.linear does.
+                for j in range(0, c - 3, 4):
+                    v0, v1 = flat_blocks[weights + np.uint64(j)], flat_blocks[weights + np.uint64(j + 1)]
+                    v2, v3 = flat_blocks[weights + np.uint64(j + 2)], flat_blocks[weights + np.uint64(j + 3)]
+                    x0 = (first_column + np.uint64(j)) * unsigned_batch
+                    x1 = x0 + unsigned_batch
+                    x2, x3 = x1 + unsigned_batch, x1 + unsigned_batch + unsigned_batch
+                    for n in range(unsigned_batch):
+                        flat_out[target + n] += (v0 * flat_x[x0 + n] + v1 * flat_x[x1 + n]
+                                                 + v2 * flat_x[x2 + n] + v3 * flat_x[x3 + n])
+                for j in range(c - c % 4, c):
+                    value = flat_blocks[weights + np.uint64(j)]
                     source = (first_column + np.uint64(j)) * unsigned_batch
                     for n in range(unsigned_batch):
                         flat_out[target + n] += value * flat_x[source + n]
