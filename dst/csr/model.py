@@ -1,4 +1,9 @@
-"""Truly sparse inference: a MaskedNet converted to CSR matrices and run entirely in that format.
+"""Truly sparse inference: a MaskedNet converted to sparse layers and run entirely in their formats.
+
+Each masked layer becomes a layer of one kind (``dst.csr.kinds``): CSR by default, condensed
+constant fan-in or block-sparse rows where its mask has that structure and ``layout`` asks
+for it (or, under "auto", its pattern says so). What follows says CSR; the other kinds
+run the same way with their own arrays.
 
 ``SparseNet`` is built from the plain-data description of ``dst.csr.convert`` (or
 read from a file, ``dst.csr.npz``) and compiles the layer chain into steps
@@ -28,7 +33,7 @@ from dst.engine.masked_layers import MaskedLayer
 # ----------------------------------------------------------------------------- the model
 
 class SparseNet:
-    """A MaskedNet's layer chain, run with every weight held as a CSR matrix.
+    """A MaskedNet's layer chain, run with every weight held in its layer kind's sparse format (CSR by default).
 
     Build one with ``SparseNet.from_masked(masked_net, backend, device)`` or
     ``SparseNet.load(path, backend, device)``. Calling it takes a batch shaped like
@@ -243,11 +248,13 @@ def memory_report(masked_net: MaskedNet, sparse_model: SparseNet) -> dict:
     """Bytes of the masked dense model against the truly sparse one, in total and per layer.
 
     Dense counts what the masked model holds: weights, the bool mask (1 byte per
-    weight) and biases. Sparse counts what ``sparse_model``'s backend really holds:
-    CSR values, column indices and row pointers in that backend's types (int32 for
-    scipy, cupy and torch, whose kernels need it; 16-bit column indices for numba where
-    a layer has at most 65,536 columns), biases, and the small index tables of the im2col
-    convs (gathered channels, active output channels). Activations and work buffers are
+    weight) and biases. Sparse counts what ``sparse_model``'s backend really holds for
+    each layer's kind: CSR values, column indices and row pointers (fan_in: its (out, k)
+    values and indices; bsr: its blocks, block columns and block row pointers) in that
+    backend's types (int32 or int64 for scipy, cupy and torch, whose kernels need it;
+    16-bit column indices for numba where a layer has at most 65,536 columns), biases,
+    and the small index tables of the im2col convs (gathered channels, active output
+    channels). Activations and work buffers are
     left out of both. ``ratio`` is dense / sparse; ``plain_dense_bytes`` is the same layers
     without masks (a plain dense model). Returns ``{'backend', 'dense_bytes', 'sparse_bytes',
     'plain_dense_bytes', 'ratio', 'layers': {name: {'shape': [out, in], 'nnz', 'dense_bytes',
