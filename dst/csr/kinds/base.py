@@ -154,6 +154,20 @@ def host_weight(layer) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return mask, weight, bias
 
 
+class FeaturesStep:
+    """What every step of a weighted kind on ``(in, N)`` features shares: its sizes and the input check."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+    def prepare(self, shape):
+        if len(shape) != 2 or shape[0] != self.in_features:
+            raise ValueError(f"layer {self.name!r} expects (N, {self.in_features}) features, got activations "
+                             f"of shape {(shape[-1], *shape[:-1])} (is a Flatten missing?)")
+        return (self.out_features, shape[1]), None
+
+
 def array_module(ops):
     """The numpy-like module of ``ops``: numpy or cupy, or torch for the torch backend (same calls used here)."""
     if ops.xp is not None:

@@ -18,6 +18,7 @@ from dst.csr.array_ops import narrowest_dtype
 from dst.csr.kinds.base import (
     MAX_INDEX,
     MAX_WINDOW,
+    FeaturesStep,
     WeightedKind,
     array_module,
     check_ints,
@@ -130,7 +131,7 @@ class BSR(WeightedKind):
         return np.kron(active, np.ones((r, c), dtype=bool))
 
 
-class BSRStep:
+class BSRStep(FeaturesStep):
     """Linear on a block-sparse weight, then the bias and a folded-in ReLU: ``scipy.sparse.bsr_array`` on
     scipy, a torch BSR tensor on torch (square blocks), else (``library=False``, cupy) a gather over the blocks."""
 
@@ -169,12 +170,6 @@ class BSRStep:
         self.host_arrays = {"values": values, "col_indices": col_indices, "row_pointers": row_pointers}
         bias = host.get("bias")
         self.bias = None if bias is None else ops.asarray(np.asarray(bias, dtype=np.float32).reshape(-1, 1))
-
-    def prepare(self, shape):
-        if len(shape) != 2 or shape[0] != self.in_features:
-            raise ValueError(f"layer {self.name!r} expects (N, {self.in_features}) features, got activations "
-                             f"of shape {(shape[-1], *shape[:-1])} (is a Flatten missing?)")
-        return (self.out_features, shape[1]), None
 
     def __call__(self, x, buffers):
         if self.matrix is not None:

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 
 from dst.csr.array_ops import narrowest_dtype
-from dst.csr.kinds.bsr import BSRStep
+from dst.csr.kinds.base import FeaturesStep
 from dst.csr.numba_kernels import FASTMATH
 
 # Multiply-adds below which a call runs on one thread.
@@ -83,8 +83,11 @@ def bsr_parallel(x, blocks, block_columns, row_pointers, bias, relu, out):  # pr
         _block_row(flat_x, flat_blocks, block_columns, row_pointers, bias, relu, flat_out, block_row, r, c, batch)
 
 
-class NumbaBSRStep(BSRStep):
-    """``BSRStep`` on numpy arrays run by the kernels above, into a buffer kept per input shape."""
+class NumbaBSRStep(FeaturesStep):
+    """``dst.csr.kinds.bsr.BSRStep`` on numpy arrays run by the kernels above, into a buffer kept per input
+    shape; block column indices 16-bit where the layer has at most 65,536 block columns."""
+
+    kind = "bsr"
 
     def __init__(self, ops, name: str, host: dict, relu: bool = False):
         self.ops, self.name, self.relu = ops, name, relu
@@ -94,7 +97,6 @@ class NumbaBSRStep(BSRStep):
         index_type = narrowest_dtype(self.in_features // self.block_shape[1] - 1, (np.uint16, np.int32))
         self.block_columns = np.ascontiguousarray(host["col_indices"], dtype=index_type)
         self.row_pointers = np.ascontiguousarray(host["row_pointers"], dtype=np.int32)
-        self.matrix = None
         bias = host.get("bias")
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
 

@@ -15,6 +15,7 @@ import numpy as np
 from dst.csr.array_ops import narrowest_dtype
 from dst.csr.kinds.base import (
     MAX_INDEX,
+    FeaturesStep,
     WeightedKind,
     array_module,
     check_ints,
@@ -106,7 +107,7 @@ def check_indices(name: str, col_indices: np.ndarray, columns: int) -> None:
         raise ValueError(f"layer {name!r}: column indices must rise strictly within each row")
 
 
-class FanInStep:
+class FanInStep(FeaturesStep):
     """``y (out, N) = sum_j values[:, j] * x[col_indices[:, j]]``: one gather and a sum over k, on any
     array module (numpy, cupy, torch), then the bias and a folded-in ReLU."""
 
@@ -119,12 +120,6 @@ class FanInStep:
         self.col_indices = ops.asarray(np.ascontiguousarray(host["col_indices"], dtype=np.int64))  # (out, k)
         bias = host.get("bias")
         self.bias = None if bias is None else ops.asarray(np.asarray(bias, dtype=np.float32).reshape(-1, 1))
-
-    def prepare(self, shape):
-        if len(shape) != 2 or shape[0] != self.in_features:
-            raise ValueError(f"layer {self.name!r} expects (N, {self.in_features}) features, got activations "
-                             f"of shape {(shape[-1], *shape[:-1])} (is a Flatten missing?)")
-        return (self.out_features, shape[1]), None
 
     def __call__(self, x, buffers):
         y = self.xp.einsum("ok,okn->on", self.values, x[self.col_indices])  # the gather: (out, k, N)

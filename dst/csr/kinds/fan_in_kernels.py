@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from dst.csr.array_ops import narrowest_dtype
-from dst.csr.kinds.fan_in import FanInStep
+from dst.csr.kinds.base import FeaturesStep
 from dst.csr.numba_kernels import FASTMATH
 
 # Multiply-adds below which a call runs on one thread (see the module docstring).
@@ -95,8 +95,11 @@ def fan_in_parallel(x, values, col_indices, bias, relu, out):  # pragma: no cove
         _row(flat_x, flat_values, flat_indices, bias, relu, flat_out, row, k, batch)
 
 
-class NumbaFanInStep(FanInStep):
-    """``FanInStep`` on numpy arrays run by the kernels above, into a buffer kept per input shape."""
+class NumbaFanInStep(FeaturesStep):
+    """``dst.csr.kinds.fan_in.FanInStep`` on numpy arrays run by the kernels above, into a buffer kept per
+    input shape; column indices 16-bit where the layer has at most 65,536 inputs."""
+
+    kind = "fan_in"
 
     def __init__(self, ops, name: str, host: dict, relu: bool = False):
         self.ops, self.name, self.relu = ops, name, relu
@@ -121,3 +124,10 @@ class NumbaFanInStep(FanInStep):
             kernel = fan_in_serial if serial else fan_in_parallel
             kernel(np.ascontiguousarray(x), self.values, self.col_indices, bias, self.relu, out)
         return out
+
+    def host(self) -> dict:
+        return {"shape": (self.out_features, self.in_features), "values": self.values,
+                "col_indices": self.col_indices.astype(np.int64), "bias": self.bias}
+
+    def held_arrays(self) -> list:
+        return [self.values, self.col_indices, *([] if self.bias is None else [self.bias])]
