@@ -76,11 +76,14 @@ def _check_layout(layout, masked_net: MaskedNet):
 
 
 def _parse_choice(choice) -> tuple[str, dict]:
-    name, options = (choice, {}) if isinstance(choice, str) else tuple(choice) if isinstance(
-        choice, (tuple, list)) and len(choice) == 2 and isinstance(choice[1], dict) else (None, {})
-    weighted = sorted(kind.name for kind in KINDS.values() if kind.weighted and not kind.default)
-    if name not in ("auto", CSR, *weighted):
-        raise ValueError(f"unknown layout {choice!r}: choose 'auto', {CSR!r} or one of {weighted} (a name, "
+    """A layout value as (kind name, "auto" or "csr"; its options); ValueError listing the choices."""
+    if isinstance(choice, (tuple, list)) and len(choice) == 2 and isinstance(choice[1], dict):
+        name, options = choice
+    else:
+        name, options = choice, {}
+    structured = sorted(kind.name for kind in KINDS.values() if kind.weighted and not kind.default)
+    if not isinstance(name, str) or name not in ("auto", CSR, *structured):
+        raise ValueError(f"unknown layout {choice!r}: choose 'auto', {CSR!r} or one of {structured} (a name, "
                          "or (name, options)), or a dict of those by layer name")
     return name, dict(options)
 

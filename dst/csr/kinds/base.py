@@ -12,6 +12,7 @@ how it is written to and read from the ``.npz`` file and read back from a built 
 import numbers
 
 import numpy as np
+import torch
 
 # The sparse kernels index rows, columns and entries with int32.
 MAX_INDEX = 2**31 - 1
@@ -44,7 +45,6 @@ class Kind:
     default = True  # the kind ``describe`` picks for its modules when no layout asks for another
     patterns: tuple[str, ...] = ()  # mask pattern names (``layer.pattern.name``) that choose it under "auto"
     takes_images = False  # its input must be (C, H, W, N): the probe input is then images
-    kind = ""  # what a built step reports (``SparseNet.__repr__``)
 
     def describe(self, module, name: str, label: str, **options) -> tuple[dict, dict | None]:
         """(architecture entry, host arrays or None) for ``module`` at place ``name``; ``label`` names it in errors."""
@@ -146,8 +146,6 @@ def check_values_and_bias(name: str, host: dict, rows: int) -> None:
 
 def host_weight(layer) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A masked layer's (mask (out, in'), weight (out, in') float32, bias or None) as numpy, in' = in*kh*kw."""
-    import torch
-
     mask = layer.mask_2d()
     weight = layer.weight.detach().reshape(mask.shape).to(device="cpu", dtype=torch.float32).numpy()
     bias = None if layer.bias is None else layer.bias.detach().to(device="cpu", dtype=torch.float32).numpy()
@@ -170,8 +168,4 @@ class FeaturesStep:
 
 def array_module(ops):
     """The numpy-like module of ``ops``: numpy or cupy, or torch for the torch backend (same calls used here)."""
-    if ops.xp is not None:
-        return ops.xp
-    import torch
-
-    return torch
+    return torch if ops.xp is None else ops.xp

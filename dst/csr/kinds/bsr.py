@@ -33,7 +33,7 @@ from dst.engine.masked_layers import MaskedLinear
 
 @register
 class BSR(WeightedKind):
-    name = kind = "bsr"
+    name = "bsr"
     modules = (MaskedLinear,)
     default = False
     patterns = ("block",)

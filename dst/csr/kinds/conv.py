@@ -15,7 +15,7 @@ MAX_CONV_COLUMNS = 2**24
 
 @register
 class Conv(CSRKind):
-    name = kind = "conv"
+    name = "conv"
     modules = (MaskedConv2d,)
     takes_images = True
 

@@ -30,7 +30,7 @@ from dst.engine.masked_layers import MaskedLinear
 
 @register
 class FanIn(WeightedKind):
-    name = kind = "fan_in"
+    name = "fan_in"
     modules = (MaskedLinear,)
     default = False
     patterns = ("fan_in", "n_m")

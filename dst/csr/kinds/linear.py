@@ -7,7 +7,7 @@ from dst.engine.masked_layers import MaskedLinear
 
 @register
 class Linear(CSRKind):
-    name = kind = "linear"
+    name = "linear"
     modules = (MaskedLinear,)
 
     def describe(self, module, name: str, label: str, **options) -> tuple[dict, dict]:
