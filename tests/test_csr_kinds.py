@@ -322,3 +322,40 @@ def test_a_kind_registered_elsewhere_works_end_to_end(tmp_path, doubling_kind, b
 def test_registering_a_name_twice_is_refused():
     with pytest.raises(ValueError, match="a layer kind named 'linear' is already registered"):
         register(type("Again", (Kind,), {"name": "linear"}))
+
+
+# ----------------------------------------------------------------------------- what "auto" and a layout pick
+
+def test_auto_maps_each_pattern_name_to_its_kind():
+    net = structured_net("fan_in")
+    first, last = net.masked_layers().values()
+    for name, expected in (("n_m", "fan_in"), ("fan_in", "fan_in"), ("unstructured", "linear"), ("other", "linear")):
+        first.pattern = SimpleNamespace(name=name)
+        assert kinds_of(SparseNet.from_masked(net, "scipy"))[1] == expected, name
+    del first.pattern
+    assert kinds_of(SparseNet.from_masked(net, "scipy"))[1] == "linear"  # no pattern at all: CSR
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_cnn_keeps_csr_convs_when_its_linears_take_a_structured_kind(backend):
+    torch.manual_seed(0)
+    net = MaskedNet(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                  nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3)), 0.5, "uniform").eval()
+    conv, *linears = net.masked_layers().values()
+    conv.pattern = SimpleNamespace(name="fan_in")  # no fan_in kind for convs: CSR under "auto"
+    for layer in linears:
+        k = 3
+        mask = torch.zeros_like(layer.mask)
+        for row in range(mask.shape[0]):
+            mask[row, torch.randperm(mask.shape[1])[:k]] = True
+        with torch.no_grad():
+            layer.mask.copy_(mask)
+            layer.weight.mul_(mask)
+        layer.pattern = SimpleNamespace(name="n_m")
+    inputs = torch.randn(2, 1, 8, 8)
+    for layout in ("auto", "fan_in"):  # a kind name for the whole net leaves the layers it cannot take CSR
+        sparse = SparseNet.from_masked(net, backend, layout=layout)
+        assert kinds_of(sparse) == ["conv", "relu", "maxpool", "flatten", "fan_in", "relu", "fan_in"]
+        assert_matches(net, sparse, inputs)
+    with pytest.raises(ValueError, match=r"layer '0' \(MaskedConv2d\): kind 'fan_in' converts \['MaskedLinear'\]"):
+        SparseNet.from_masked(net, backend, layout={"0": "fan_in"})

@@ -33,8 +33,9 @@ def describe(masked_net: MaskedNet, layout="auto") -> tuple[list[dict], dict[str
     each masked layer's name to its kind's numpy arrays (``dst.csr.kinds``), with the structure
     taken from the mask (explicit zeros kept). ``layout`` picks each weighted layer's kind:
     "auto" reads the layer's ``pattern`` (fan_in and n_m -> ``fan_in``, block -> ``bsr`` with its
-    block shape, anything else -> CSR), "csr" or a kind name applies to every masked layer, a
-    dict maps layer names to either (layers it leaves out are "auto"). A kind may come with its
+    block shape, anything else -> CSR), "csr" or a kind name applies to every masked layer that
+    kind converts (the others, convs for fan_in and bsr, stay CSR), a dict maps layer names to
+    either (layers it leaves out are "auto"; a kind it names must convert that layer). A kind may come with its
     options as ``(name, {option: value})``, e.g. ``("bsr", {"block_shape": (4, 4)})``. ValueError
     where a layer's mask does not fit the kind asked for.
     """
@@ -51,8 +52,8 @@ def describe(masked_net: MaskedNet, layout="auto") -> tuple[list[dict], dict[str
                              "layer, or convert a net without the repeated layer")
         if isinstance(module, SKIPPED_LAYERS):
             continue
-        kind, options = _kind_for(module, choices.get(name, "auto") if isinstance(choices, dict) else choices,
-                                  label)
+        by_name = isinstance(choices, dict)
+        kind, options = _kind_for(module, choices.get(name, "auto") if by_name else choices, label, by_name)
         # The layer's pattern goes along: a kind may read its options there (bsr its block shape).
         step, host = kind.describe(module, name, label, pattern=getattr(module, "pattern", None), **options)
         architecture.append(step)
@@ -88,8 +89,9 @@ def _parse_choice(choice) -> tuple[str, dict]:
     return name, dict(options)
 
 
-def _kind_for(module: nn.Module, choice, label: str):
-    """(the kind that describes ``module``, its options) under the layout ``choice``."""
+def _kind_for(module: nn.Module, choice, label: str, strict: bool):
+    """(the kind that describes ``module``, its options) under the layout ``choice``; ``strict``: a kind
+    that does not convert ``module`` is an error (else the module's default kind)."""
     defaults = [kind for kind in KINDS.values() if kind.default and isinstance(module, kind.modules)]
     if not isinstance(module, MaskedLayer):
         if not defaults:
@@ -110,6 +112,8 @@ def _kind_for(module: nn.Module, choice, label: str):
         return defaults[0], {}
     kind = KINDS[name]
     if not isinstance(module, kind.modules):
+        if not strict:
+            return defaults[0], {}
         raise ValueError(f"{label}: kind {name!r} converts {[m.__name__ for m in kind.modules]} only")
     return kind, options
 
