@@ -31,7 +31,6 @@ import subprocess
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
@@ -87,26 +86,28 @@ def pattern_mask(shape: tuple[int, int], sparsity: float, pattern: str, block_sh
     return mask.reshape(shape)
 
 
-def masked_model(layer: str, sparsity: float, pattern: str, block_shape=None, seed: int = 0) -> MaskedNet:
-    """The layer (or SimpleNet) masked at ``sparsity``: its linears in ``pattern`` where their shape allows
-    (and given ``layer.pattern`` so layout="auto" picks the kind), the rest unstructured."""
+def masked_model(layer: str, sparsity: float, pattern: str, block_shape=None, seed: int = 0) -> tuple:
+    """(the layer or SimpleNet masked at ``sparsity``, the ``SparseNet`` layout for it): its linears in
+    ``pattern`` where their shape allows (and of that kind in the layout), the rest unstructured (CSR)."""
     torch.manual_seed(seed)
     base = SimpleNet() if LAYERS[layer] is None else nn.Sequential(nn.Linear(*LAYERS[layer]))
     with warnings.catch_warnings():  # inputs a random mask leaves unread: irrelevant to a timing
         warnings.simplefilter("ignore")
         net = MaskedNet(base, sparsity, "uniform").eval()
     rng = np.random.default_rng(seed)
-    for module in net.masked_layers().values():
+    kind = {"fan_in": "fan_in", "block": ("bsr", {"block_shape": block_shape})}.get(pattern, "csr")
+    layout = {}
+    for name, module in net.masked_layers().items():
         shape = tuple(module.mask_2d().shape)
         fits = isinstance(module.weight, torch.Tensor) and module.weight.dim() == 2 and (
             pattern == "fan_in" or (pattern == "block" and shape[0] % block_shape[0] == 0
                                     and shape[1] % block_shape[1] == 0))
         mask = pattern_mask(shape, sparsity, pattern if fits else "unstructured", block_shape, rng)
-        module.pattern = SimpleNamespace(name=pattern if fits else "unstructured", block_shape=block_shape)
+        layout[name] = kind if fits else "csr"
         with torch.no_grad():
             module.mask.copy_(torch.from_numpy(mask).reshape(module.mask.shape))
             module.weight.mul_(module.mask)
-    return net
+    return net, layout
 
 
 def dense_model(layer: str) -> nn.Module:
@@ -117,19 +118,19 @@ def dense_model(layer: str) -> nn.Module:
 def engines(layer: str, sparsity: float, quick: bool) -> dict:
     """{engine name: (forward callable, pattern, block shape)} for one layer at one sparsity."""
     built = {DENSE: (dense_model(layer), "dense", None)}
-    unstructured = masked_model(layer, sparsity, "unstructured")
+    unstructured, csr = masked_model(layer, sparsity, "unstructured")
     built[MASKED] = (unstructured, "unstructured", None)
     if numba_available():
-        built[CSR] = (SparseNet.from_masked(unstructured, "numba", layout="csr"), "unstructured", None)
-        built[FAN_IN] = (SparseNet.from_masked(masked_model(layer, sparsity, "fan_in"), "numba"), "fan_in", None)
+        built[CSR] = (SparseNet.from_masked(unstructured, "numba", layout=csr), "unstructured", None)
+        fan_in, layout = masked_model(layer, sparsity, "fan_in")
+        built[FAN_IN] = (SparseNet.from_masked(fan_in, "numba", layout=layout), "fan_in", None)
     for block_shape in BLOCKS[:1] if quick else BLOCKS:
-        blocked = masked_model(layer, sparsity, "block", block_shape)
+        blocked, layout = masked_model(layer, sparsity, "block", block_shape)
         label = "x".join(map(str, block_shape))
-        if numba_available():
-            built[f"BSR numba {label}"] = (SparseNet.from_masked(blocked, "numba"), "block", block_shape)
-        if block_shape == (4, 4):
-            built[f"BSR scipy {label}"] = (SparseNet.from_masked(blocked, "scipy"), "block", block_shape)
-            built[f"BSR torch {label}"] = (SparseNet.from_masked(blocked, "torch"), "block", block_shape)
+        backends = (["numba"] if numba_available() else []) + (["scipy", "torch"] if block_shape == (4, 4) else [])
+        for backend in backends:
+            built[f"BSR {backend} {label}"] = (SparseNet.from_masked(blocked, backend, layout=layout), "block",
+                                               block_shape)
     return built
 
 
