@@ -382,7 +382,7 @@ def linear_entry(header: dict) -> dict:
 
 
 def conv_step(header: dict) -> dict:
-    return next(step for step in header["architecture"] if step["type"] == "conv")
+    return next(step for step in header["architecture"] if step["kind"] == "conv")
 
 
 def past_the_width(header, arrays):  # a column index past the layer's 32 columns
@@ -425,7 +425,7 @@ def unsorted_columns(header, arrays):
 
 
 def unknown_step(header, arrays):
-    header["architecture"].append({"type": "softmax"})
+    header["architecture"].append({"kind": "softmax"})
 
 
 def extra_array(header, arrays):
@@ -451,7 +451,7 @@ CORRUPTIONS = {
     conv_shape_off_its_kernel: r"conv '0' has a weight of shape \(2, 9\), but 2 input channels and a 3x3 kernel "
                                r"make 18 columns",
     unsorted_columns: r"layer '0': column indices must rise strictly within each row",
-    unknown_step: r"unknown type 'softmax'",
+    unknown_step: r"unknown kind 'softmax'",
     extra_array: r"the arrays \[.*'payload\.npy'.*\] are not the ones its header describes",
     truncated_values: r"array 'values' must be a 1-D float32 \.npy of 57 entries, got float32 of shape \(56,\)",
     wrong_value_type: r"array 'values' must be a 1-D float32 \.npy of 57 entries, got float64",
@@ -477,7 +477,7 @@ def test_files_that_are_not_sparse_models_are_named(tmp_path):
     np.savez(tmp_path / "bad_json.npz", header=np.frombuffer(b'{"format": ', dtype=np.uint8))
     cases = {"array.npy": r"not a \.npz archive \(it is a single \.npy array\)", "notes.txt": r"not a \.npz",
              "other.npz": r"no 'header' array \(its arrays: \['weights'\]\)",
-             "other_format.npz": r"not a dst-truly-sparse-csr-1 file \(format 'something-else'\)",
+             "other_format.npz": r"not a dst-truly-sparse-csr-2 file \(format 'something-else'\)",
              "bad_json.npz": "not valid JSON"}
     for name, match in cases.items():
         with pytest.raises(ValueError, match=match):
@@ -497,7 +497,7 @@ def test_a_reused_relu_or_max_pool_is_run_at_every_place_it_is_used(backend):
                                nn.Flatten(), nn.Linear(4 * 2 * 2, 3)), 0.5)
     for model, inputs in ((mlp, torch.randn(5, 12)), (cnn, torch.randn(5, 1, 8, 8))):
         sparse = SparseNet.from_masked(model, backend)
-        assert [step["type"] for step in sparse.architecture].count("relu") == 2
+        assert [step["kind"] for step in sparse.architecture].count("relu") == 2
         assert_matches_dense(model, sparse, inputs)
 
 
@@ -562,7 +562,7 @@ def peak_mib(action) -> float:
     return _status_mib("VmHWM") - start
 
 
-LARGE_LAYER = {"format": "dst-truly-sparse-csr-1", "architecture": [{"type": "linear", "name": "fc"}],
+LARGE_LAYER = {"format": "dst-truly-sparse-csr-2", "architecture": [{"kind": "linear", "name": "fc"}],
                "weights": [{"name": "fc", "shape": [16384, 16384], "nnz": 2**28, "index_type": "uint16",
                             "pointer_type": "uint32", "bias": False}]}
 
@@ -607,8 +607,8 @@ def test_a_small_file_of_consistent_but_invalid_arrays_is_refused_before_its_val
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_huge_declared_kernel_without_weights_takes_little_memory(tmp_path, backend):
     columns = 16 * 1024 * 1024
-    header = {"format": "dst-truly-sparse-csr-1",
-              "architecture": [{"type": "conv", "name": "conv", "in_channels": 16, "kernel_size": [1024, 1024],
+    header = {"format": "dst-truly-sparse-csr-2",
+              "architecture": [{"kind": "conv", "name": "conv", "in_channels": 16, "kernel_size": [1024, 1024],
                                 "padding": [0, 0]}],
               "weights": [{"name": "conv", "shape": [1, columns], "nnz": 0, "index_type": "uint32",
                            "pointer_type": "uint8", "bias": False}]}
@@ -623,7 +623,7 @@ def test_a_huge_declared_kernel_without_weights_takes_little_memory(tmp_path, ba
 def test_a_deeply_nested_header_is_refused_with_a_value_error(tmp_path):
     deep = "[" * 100_000 + "]" * 100_000
     np.savez(tmp_path / "deep.npz", header=np.frombuffer(
-        b'{"format": "dst-truly-sparse-csr-1", "architecture": ' + deep.encode() + b"}", dtype=np.uint8))
+        b'{"format": "dst-truly-sparse-csr-2", "architecture": ' + deep.encode() + b"}", dtype=np.uint8))
     with pytest.raises(ValueError, match="nested 100001 levels deep, more than the 32 allowed"):
         SparseNet.load(tmp_path / "deep.npz")
 

@@ -1,18 +1,20 @@
-"""The truly sparse (CSR) engine: whole CNNs at inference, MLPs in training, on one set of array backends.
+"""The truly sparse engine: whole CNNs at inference, MLPs in training, on one set of array backends.
 
 It may import ``dst.core`` and ``dst.engine`` (the masked model it converts, the update rule and schedule it shares
 with the simulated engine); it never imports the methods (``dst.methods``, its sibling) nor the tutorial's
 bookkeeping (``dst.tutorial``, above it).
 
 Modules, one concept each:
-    array_ops      what a backend is: the Protocol callers use, ArrayOps (scipy, cupy), the training products
-    backends       the one backend registry (scipy, numba, cupy, torch)
-    numba_backend  the numba backend: its conv and linear steps and its training products
+    array_ops      what a backend is: the Ops Protocol callers use, ArrayOps (scipy, cupy), the training products
+    backends       the one backend registry (scipy, numba, cupy, torch): a backend is a name, its ``ops`` an object
+    kinds          the one registry of layer kinds, one module each: conv and linear (CSR), fan_in (condensed
+                   constant fan-in), bsr (block-sparse rows), relu, maxpool, flatten
+    numba_backend  the numba backend: its CSR conv and linear steps and its training products
     numba_kernels  the compiled kernels behind it
     torch_backend  the torch.sparse backend (inference only)
-    steps          inference steps on any backend: im2col conv with max-pool folded in, linear, ReLU, ...
-    convert        a MaskedNet's layer chain as plain data (architecture + CSR arrays)
-    model          SparseNet: that chain run in CSR; save/load; memory report
+    steps          CSR inference steps on any backend: im2col conv with max-pool folded in, linear, ReLU, ...
+    convert        a MaskedNet's layer chain as plain data (architecture + each layer's arrays), kinds by layout
+    model          SparseNet: that chain run step by step; save/load; memory report
     npz            its .npz file, read as untrusted input
     linear         SparseLinear: a CSR weight trained without ever being dense
     optimizers     SGD and Adam on arrays of active weights; their torch twins

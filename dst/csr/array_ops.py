@@ -1,6 +1,6 @@
 """What a backend of the truly sparse engine is, apart from the registry that names them.
 
-``Backend`` is the Protocol callers use; ``ArrayOps`` implements it once for a numpy-like
+``Ops`` is the Protocol callers use; ``ArrayOps`` implements it once for a numpy-like
 array module and its scipy-like sparse module (``scipy`` and ``cupy`` are instances of it,
 ``numba``'s ``NumbaOps`` a subclass); ``TrainingProducts`` is a backend's optional training
 capability (SpMM, transposed SpMM, SDDMM), and ``sparse_products`` builds the one scipy and
@@ -15,8 +15,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-
-from dst.csr.steps import ConvStep, LinearStep
 
 
 def narrowest_dtype(largest: int, dtypes: tuple) -> type:
@@ -50,15 +48,13 @@ class TrainingProducts:
     sddmm: Callable
 
 
-class Backend(Protocol):
+class Ops(Protocol):
     """What the engine uses of a backend; ``ArrayOps``, ``NumbaOps`` and ``TorchOps`` implement it.
 
     Arrays are the backend's own (numpy, cupy or torch); activations are batch-last.
     """
 
     name: str
-    conv_step: type  # the inference steps that run a conv and a linear on this backend
-    linear_step: type
     training: TrainingProducts | None  # None: inference only
     xp: object  # the array module (numpy or cupy) training is written against; None for torch
 
@@ -81,8 +77,6 @@ class Backend(Protocol):
 
 class ArrayOps:
     """The array operations the engine needs, for a numpy-like module ``xp`` and its sparse module."""
-
-    conv_step, linear_step = ConvStep, LinearStep
 
     def __init__(self, name: str, xp, sparse, context=contextlib.nullcontext,
                  training: TrainingProducts | None = None):
@@ -129,12 +123,14 @@ class ArrayOps:
         return self.xp.maximum(x, 0)
 
     def batch_last(self, x):
-        return self.xp.ascontiguousarray(self.xp.moveaxis(x, 0, -1))
+        # transpose, not moveaxis: the same view, without moveaxis's microseconds of argument checks,
+        # which a batch-1 forward of a small layer notices.
+        return self.xp.ascontiguousarray(x.transpose(*range(1, x.ndim), 0))
 
     def batch_first(self, y):
         # Always a copy: ``y`` may be a step's kept buffer, which the next call overwrites, and at
         # batch 1 the transpose alone is already contiguous, i.e. a view of it.
-        return self.xp.moveaxis(y, -1, 0).copy()
+        return y.transpose(y.ndim - 1, *range(y.ndim - 1)).copy()
 
     def to_numpy(self, array) -> np.ndarray:
         return array if self.xp is np else self.xp.asnumpy(array)
@@ -156,7 +152,7 @@ def _matmul_transposed_csr(layer, grad_outputs):
 
 def _sddmm_gather(layer, left, right) -> None:
     """Gather the rows each chunk of weights needs and dot them, ``batch`` floats each."""
-    xp, rows, columns, out = layer.backend.xp, layer.rows, layer.columns, layer.weight_grad
+    xp, rows, columns, out = layer.ops.xp, layer.rows, layer.columns, layer.weight_grad
     chunk = max(1, SDDMM_CHUNK_FLOATS // max(1, left.shape[1]))
     for start in range(0, len(rows), chunk):
         stop = min(start + chunk, len(rows))

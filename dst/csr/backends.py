@@ -9,9 +9,10 @@ CPU tests run the code the GPU runs; ``numba`` is ``ArrayOps`` on numpy with its
 own conv and linear steps (``dst.csr.numba_backend``); ``torch`` is ``TorchOps``
 (``dst.csr.torch_backend``), a thin adapter with the same methods. cupy and numba are imported only when asked for.
 
-``Backend`` is what callers use (it and ``ArrayOps`` live in ``dst.csr.array_ops``, which the
-backend modules import instead of this registry). Inference (``dst.csr.model.SparseNet``) needs the
-array operations and the conv and linear steps; training (``dst.csr.linear``) also
+``Ops`` is what callers use: a backend's operations object (it and ``ArrayOps`` live in ``dst.csr.array_ops``, which the
+backend modules import instead of this registry). A backend is named by a string (``backend="numba"``)
+and its operations object is ``ops``. Inference (``dst.csr.model.SparseNet``) needs the array operations,
+on which each layer kind (``dst.csr.kinds``) builds its steps; training (``dst.csr.linear``) also
 needs ``training``, the three products of a training step (SpMM, transposed SpMM,
 SDDMM). That capability is optional: ``torch`` is inference only, and
 ``require_training`` says so, naming the backends that can train.
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from dst.core.gpu import require_cupy
-from dst.csr.array_ops import ArrayOps, Backend, TrainingProducts, sparse_products
+from dst.csr.array_ops import ArrayOps, Ops, TrainingProducts, sparse_products
 
 # ----------------------------------------------------------------------------- the registry
 
@@ -73,7 +74,7 @@ def _numba(device=None):
     return NumbaOps()
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"scipy": _scipy, "numba": _numba, "cupy": _cupy, "torch": _torch}
+BACKENDS: dict[str, Callable[..., Ops]] = {"scipy": _scipy, "numba": _numba, "cupy": _cupy, "torch": _torch}
 # The backends whose ``training`` is set (checked by tests/test_sparse_training.py).
 TRAINING_BACKENDS = ("cupy", "numba", "scipy")
 
@@ -93,8 +94,8 @@ def default_cpu_backend() -> str:
     return "numba" if numba_available() else "scipy"
 
 
-def get_backend(name: str | None = None, device=None) -> Backend:
-    """The backend called ``name`` (one of ``BACKENDS``; None: ``default_cpu_backend()``) on ``device``."""
+def get_backend(name: str | None = None, device=None) -> Ops:
+    """The ``Ops`` of backend ``name`` (one of ``BACKENDS``; None: ``default_cpu_backend()``) on ``device``."""
     if name is None:
         name = default_cpu_backend()
     if name not in BACKENDS:
@@ -102,9 +103,9 @@ def get_backend(name: str | None = None, device=None) -> Backend:
     return BACKENDS[name](device)
 
 
-def require_training(backend: Backend) -> TrainingProducts:
-    """``backend``'s training products, or a clear error for an inference-only backend."""
-    if backend.training is None:
-        raise ValueError(f"backend {backend.name!r} runs inference only: training needs the transposed "
+def require_training(ops: Ops) -> TrainingProducts:
+    """``ops``'s training products, or a clear error for an inference-only backend."""
+    if ops.training is None:
+        raise ValueError(f"backend {ops.name!r} runs inference only: training needs the transposed "
                          f"product and SDDMM it lacks; the backends that can train are {list(TRAINING_BACKENDS)}")
-    return backend.training
+    return ops.training

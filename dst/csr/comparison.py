@@ -95,7 +95,7 @@ def train_sparse_mlp(train_x, train_y, test_x, test_y, run: MLPRun | None = None
     started = time.perf_counter()
     accuracy = model.evaluate(test_x, test_y)
     widths = (features.shape[1], *run.hidden, NUM_CLASSES)
-    return _metrics(f"truly sparse ({model.backend.name})", widths, run.sparsity, history, accuracy,
+    return _metrics(f"truly sparse ({model.ops.name})", widths, run.sparsity, history, accuracy,
                     time.perf_counter() - started, model.nbytes(), masked_dense_nbytes(widths, run.optimizer),
                     sum(model.active_counts().values()))
 

@@ -1,33 +1,47 @@
-"""A MaskedNet's layer chain as plain data: the architecture and each layer's CSR arrays.
+"""A MaskedNet's layer chain as plain data: the architecture and each weighted layer's host arrays.
 
-Every masked Conv2d and Linear becomes a CSR matrix that holds exactly its active
-weights: the positions come from the MASK, so an active weight that happens to be
-0.0 (a freshly regrown connection) stays as an explicit zero. A conv is the
-``(out, in*kh*kw)`` matrix of its im2col product. Biases stay dense; no dense copy
-of any weight is kept. ``dst.csr.model.SparseNet`` is built from this data, and
-``dst.csr.npz`` writes it to a file.
+Each layer is described by its kind (``dst.csr.kinds``): a masked Conv2d or Linear becomes
+a CSR matrix by default (``conv``, ``linear``), a masked Linear may also become a condensed
+constant fan-in layer (``fan_in``) or a block-sparse one (``bsr``), as ``layout`` says. The
+positions always come from the MASK, so an active weight that happens to be 0.0 (a freshly
+regrown connection) stays as an explicit zero. Biases stay dense; no dense copy of any
+weight is kept. ``dst.csr.model.SparseNet`` is built from this data, and ``dst.csr.npz``
+writes it to a file.
 """
 
-import numpy as np
-import torch
 from torch import nn
 
+from dst.csr.kinds import KINDS
 from dst.engine.masked import MaskedNet
-from dst.engine.masked_layers import MaskedConv2d, MaskedLayer, MaskedLinear
+from dst.engine.masked_layers import MaskedLayer
 
-SUPPORTED_LAYERS = ("MaskedConv2d", "MaskedLinear", "ReLU", "MaxPool2d", "Flatten", "Dropout", "Identity")
+SKIPPED_LAYERS = (nn.Dropout, nn.Identity)  # no-ops at inference
+# The generic "unstructured" name for each weighted module's default (CSR) kind.
+CSR = "csr"
 
 
-def describe(masked_net: MaskedNet) -> tuple[list[dict], dict[str, dict]]:
-    """The layer chain of ``masked_net`` as (architecture, host CSR weights), both plain data.
+def supported_layers() -> tuple[str, ...]:
+    """Names of the module types the registered kinds convert, and of those skipped."""
+    names = {module.__name__ for kind in KINDS.values() for module in kind.modules}
+    return tuple(sorted(names)) + tuple(module.__name__ for module in SKIPPED_LAYERS)
 
-    The architecture is a JSON-able list of steps; the weights map each masked
-    layer's name to numpy arrays ``values`` (float32), ``col_indices``,
-    ``row_pointers``, ``bias`` and its 2-D ``shape``, with the structure taken from
-    the mask (explicit zeros kept).
+
+def describe(masked_net: MaskedNet, layout="auto") -> tuple[list[dict], dict[str, dict]]:
+    """The layer chain of ``masked_net`` as (architecture, host weights), both plain data.
+
+    The architecture is a JSON-able list of steps, each with its ``"kind"``; the weights map
+    each masked layer's name to its kind's numpy arrays (``dst.csr.kinds``), with the structure
+    taken from the mask (explicit zeros kept). ``layout`` picks each weighted layer's kind:
+    "auto" reads the layer's ``pattern`` (fan_in and n_m -> ``fan_in``, block -> ``bsr`` with its
+    block shape, anything else -> CSR), "csr" or a kind name applies to every masked layer that
+    kind converts (the others, convs for fan_in and bsr, stay CSR), a dict maps layer names to
+    either (layers it leaves out are "auto"; a kind it names must convert that layer). A kind may come with its
+    options as ``(name, {option: value})``, e.g. ``("bsr", {"block_shape": (4, 4)})``. ValueError
+    where a layer's mask does not fit the kind asked for.
     """
     if not isinstance(masked_net, MaskedNet):
         raise TypeError(f"expected a dst.engine.masked.MaskedNet, got {type(masked_net).__name__}")
+    choices = _check_layout(layout, masked_net)
     architecture, weights = [], {}
     places: dict[int, str] = {}  # id of each masked layer -> where the chain first uses it
     for name, module in _layer_chain(masked_net.net, ""):
@@ -36,39 +50,72 @@ def describe(masked_net: MaskedNet) -> tuple[list[dict], dict[str, dict]]:
             raise ValueError(f"{label} is the module already used at {places[id(module)]!r}: the truly sparse "
                              "format holds each weight for one place in the chain; give each place its own "
                              "layer, or convert a net without the repeated layer")
-        if isinstance(module, MaskedConv2d):
-            if (module.groups != 1 or tuple(module.stride) != (1, 1) or tuple(module.dilation) != (1, 1)
-                    or module.padding_mode != "zeros" or isinstance(module.padding, str)):
-                raise ValueError(f"{label}: the sparse conv supports groups=1, stride 1, dilation 1 and "
-                                 f"numeric zero padding, got groups={module.groups}, stride={module.stride}, "
-                                 f"dilation={module.dilation}, padding={module.padding!r} "
-                                 f"({module.padding_mode})")
-            architecture.append({"type": "conv", "name": name, "in_channels": module.in_channels,
-                                 "kernel_size": list(module.kernel_size), "padding": list(module.padding)})
-            weights[name] = _host_csr(module)
-        elif isinstance(module, MaskedLinear):
-            architecture.append({"type": "linear", "name": name})
-            weights[name] = _host_csr(module)
-        elif isinstance(module, nn.ReLU):
-            architecture.append({"type": "relu", "name": name})
-        elif isinstance(module, nn.MaxPool2d):
-            kernel, stride = _pair(module.kernel_size), _pair(module.stride)
-            if kernel != stride or _pair(module.padding) != (0, 0) or _pair(module.dilation) != (1, 1) \
-                    or module.ceil_mode:
-                raise ValueError(f"{label}: the sparse max-pool supports stride == kernel_size, no padding, "
-                                 f"dilation 1, floor mode; got kernel_size={module.kernel_size}, "
-                                 f"stride={module.stride}, padding={module.padding}")
-            architecture.append({"type": "maxpool", "name": name, "kernel_size": list(kernel)})
-        elif isinstance(module, nn.Flatten):
-            if module.start_dim != 1 or module.end_dim != -1:
-                raise ValueError(f"{label}: only Flatten(start_dim=1, end_dim=-1) is supported")
-            architecture.append({"type": "flatten", "name": name})
-        elif isinstance(module, (nn.Dropout, nn.Identity)):
-            continue  # no-ops at inference
-        else:
-            raise TypeError(f"cannot convert {label} to the truly sparse format; supported layers are "
-                            f"{', '.join(SUPPORTED_LAYERS)}, chained in nn.Sequential containers")
+        if isinstance(module, SKIPPED_LAYERS):
+            continue
+        by_name = isinstance(choices, dict)
+        kind, options = _kind_for(module, choices.get(name, "auto") if by_name else choices, label, by_name)
+        # The layer's pattern goes along: a kind may read its options there (bsr its block shape).
+        step, host = kind.describe(module, name, label, pattern=getattr(module, "pattern", None), **options)
+        architecture.append(step)
+        if host is not None:
+            weights[name] = host
     return architecture, weights
+
+
+def _check_layout(layout, masked_net: MaskedNet):
+    """``layout`` validated up front: kind names that exist, dict keys that name masked layers."""
+    if isinstance(layout, dict):
+        unknown = sorted(set(layout) - set(masked_net.masked_layers()))
+        if unknown:
+            raise ValueError(f"layout names {unknown}, which are not masked layers of this net "
+                             f"({sorted(masked_net.masked_layers())})")
+        for choice in layout.values():
+            _parse_choice(choice)
+    else:
+        _parse_choice(layout)
+    return layout
+
+
+def _parse_choice(choice) -> tuple[str, dict]:
+    """A layout value as (kind name, "auto" or "csr"; its options); ValueError listing the choices."""
+    if isinstance(choice, (tuple, list)) and len(choice) == 2 and isinstance(choice[1], dict):
+        name, options = choice
+    else:
+        name, options = choice, {}
+    structured = sorted(kind.name for kind in KINDS.values() if kind.weighted and not kind.default)
+    if not isinstance(name, str) or name not in ("auto", CSR, *structured):
+        raise ValueError(f"unknown layout {choice!r}: choose 'auto', {CSR!r} or one of {structured} (a name, "
+                         "or (name, options)), or a dict of those by layer name")
+    return name, dict(options)
+
+
+def _kind_for(module: nn.Module, choice, label: str, strict: bool):
+    """(the kind that describes ``module``, its options) under the layout ``choice``; ``strict``: a kind
+    that does not convert ``module`` is an error (else the module's default kind)."""
+    defaults = [kind for kind in KINDS.values() if kind.default and isinstance(module, kind.modules)]
+    if not isinstance(module, MaskedLayer):
+        if not defaults:
+            raise TypeError(f"cannot convert {label} to the truly sparse format; supported layers are "
+                            f"{', '.join(supported_layers())}, chained in nn.Sequential containers")
+        return defaults[0], {}
+    name, options = _parse_choice(choice)
+    if not defaults:
+        raise TypeError(f"cannot convert {label}: no layer kind converts {type(module).__name__}")
+    if name == "auto":
+        pattern = getattr(module, "pattern", None)
+        chosen = next((kind for kind in KINDS.values() if getattr(pattern, "name", None) in kind.patterns
+                       and isinstance(module, kind.modules)), None)
+        if chosen is None:  # unstructured, no pattern, or no structured kind for this module type: CSR
+            return defaults[0], {}
+        return chosen, {}
+    if name == CSR:
+        return defaults[0], {}
+    kind = KINDS[name]
+    if not isinstance(module, kind.modules):
+        if not strict:
+            return defaults[0], {}
+        raise ValueError(f"{label}: kind {name!r} converts {[m.__name__ for m in kind.modules]} only")
+    return kind, options
 
 
 def _layer_chain(module: nn.Module, prefix: str):
@@ -84,17 +131,3 @@ def _layer_chain(module: nn.Module, prefix: str):
     else:
         yield prefix, module
 
-
-def _host_csr(layer: MaskedConv2d | MaskedLinear) -> dict:
-    """A masked layer's active weights as numpy CSR arrays, rows = output units."""
-    mask = layer.mask_2d()  # (out, in) or (out, in*kh*kw)
-    weight = layer.weight.detach().reshape(mask.shape).to(device="cpu", dtype=torch.float32).numpy()
-    row_pointers = np.zeros(mask.shape[0] + 1, dtype=np.int64)
-    np.cumsum(mask.sum(axis=1), out=row_pointers[1:])
-    bias = None if layer.bias is None else layer.bias.detach().to(device="cpu", dtype=torch.float32).numpy()
-    return {"shape": mask.shape, "values": weight[mask], "col_indices": np.nonzero(mask)[1],
-            "row_pointers": row_pointers, "bias": bias}
-
-
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)

@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from dst.csr.array_ops import narrowest_dtype
-from dst.csr.backends import Backend, require_training
+from dst.csr.backends import Ops, require_training
 from dst.engine.allocation import active_count
 from dst.engine.update_rule import (
     REGROW,
@@ -70,11 +70,11 @@ class SparseLinear:
             connection's values and starts a new connection's at zero.
     """
 
-    def __init__(self, shape: tuple[int, int], positions, weight, bias, backend: Backend):
+    def __init__(self, shape: tuple[int, int], positions, weight, bias, ops: Ops):
         """Build from sorted unique flat positions ``row * in + col`` (host int64) and matching values."""
         self.shape = (int(shape[0]), int(shape[1]))
-        self.backend, self.products = backend, require_training(backend)
-        xp = backend.xp
+        self.ops, self.products = ops, require_training(ops)
+        xp = ops.xp
         self.bias = xp.array(bias, dtype=xp.float32)  # a copy: never share a caller's (torch) memory
         self.bias_grad = xp.zeros_like(self.bias)
         self.bias_state: dict = {}
@@ -83,7 +83,7 @@ class SparseLinear:
 
     @classmethod
     def random(cls, out_features: int, in_features: int, density: float, rng: np.random.Generator,
-               backend: Backend) -> "SparseLinear":
+               ops: Ops) -> "SparseLinear":
         """Random topology of ``active_count``-many weights with the sparse fan-in init.
 
         Values are drawn like ``nn.Linear``'s default init, U(-1/sqrt(in), 1/sqrt(in)),
@@ -96,10 +96,10 @@ class SparseLinear:
         bound = 1.0 / math.sqrt(in_features)
         weight = rng.uniform(-bound, bound, size=len(positions)) / math.sqrt(density)
         bias = rng.uniform(-bound, bound, size=out_features)
-        return cls((out_features, in_features), positions, weight.astype(np.float32), bias, backend)
+        return cls((out_features, in_features), positions, weight.astype(np.float32), bias, ops)
 
     def _set_topology(self, positions: np.ndarray, weight) -> None:
-        xp = self.backend.xp
+        xp = self.ops.xp
         out_features, in_features = self.shape
         dtype = index_dtype(max(len(positions), out_features, in_features) + 1)
         rows, columns = np.divmod(positions, in_features)
@@ -118,9 +118,9 @@ class SparseLinear:
 
     def positions(self) -> np.ndarray:
         """Sorted flat positions ``row * in + col`` of the active weights (host int64)."""
-        indptr = self.backend.to_numpy(self.indptr)
+        indptr = self.ops.to_numpy(self.indptr)
         rows = np.repeat(np.arange(self.shape[0], dtype=np.int64), np.diff(indptr))
-        return rows * self.shape[1] + self.backend.to_numpy(self.columns)
+        return rows * self.shape[1] + self.ops.to_numpy(self.columns)
 
     @property
     def density(self) -> float:
@@ -149,19 +149,19 @@ class SparseLinear:
         that need the dense gradient (RigL) are refused: this layer never forms it.
         """
         criterion = trainable_regrow(regrow)
-        xp, numel = self.backend.xp, self.shape[0] * self.shape[1]
+        xp, numel = self.ops.xp, self.shape[0] * self.shape[1]
         before = self.positions()
         count = moved_count(len(before), numel, prune_ratio)
         if count == 0:
             return LayerUpdate(active=len(before), pruned=0, regrown=0)
-        magnitudes = self.backend.to_numpy(xp.abs(self.weight))
+        magnitudes = self.ops.to_numpy(xp.abs(self.weight))
         pruned, regrown = choose_moves(before, magnitudes, numel, count, criterion, random=random)
         keep_host = np.ones(len(before), dtype=bool)
         keep_host[pruned] = False
-        keep = self.backend.asarray(keep_host)
+        keep = self.ops.asarray(keep_host)
         positions = np.concatenate([before[keep_host], regrown])
         order = np.argsort(positions)
-        order_device = self.backend.asarray(order)
+        order_device = self.ops.asarray(order)
 
         def remap(values):
             return xp.concatenate([values[keep], xp.zeros(count, dtype=values.dtype)])[order_device]
@@ -174,7 +174,7 @@ class SparseLinear:
     def to_dense(self) -> np.ndarray:
         """The weight as a dense host array: for tests and export of small layers only."""
         dense = np.zeros(self.shape[0] * self.shape[1], dtype=np.float32)
-        dense[self.positions()] = self.backend.to_numpy(self.weight)
+        dense[self.positions()] = self.ops.to_numpy(self.weight)
         return dense.reshape(self.shape)
 
     def arrays(self) -> dict:

@@ -58,14 +58,14 @@ class SparseMLP:
             if previous.shape[0] != layer.shape[1]:
                 raise ValueError(f"layer shapes do not chain: {previous.shape} then {layer.shape}")
         self.layers = {f"fc{index}": layer for index, layer in enumerate(layers, start=1)}
-        self.backend = layers[0].backend
+        self.ops = layers[0].ops
         self.optimizer = optimizer
         self.rng = np.random.default_rng(seed)
         self.steps = 0
         for layer in layers:
             for name in optimizer.state_names:
-                layer.state.setdefault(name, self.backend.xp.zeros_like(layer.weight))
-                layer.bias_state.setdefault(name, self.backend.xp.zeros_like(layer.bias))
+                layer.state.setdefault(name, self.ops.xp.zeros_like(layer.weight))
+                layer.bias_state.setdefault(name, self.ops.xp.zeros_like(layer.bias))
 
     @classmethod
     def random(cls, in_features: int = 784, hidden: tuple[int, ...] = (1000, 1000), num_classes: int = 10,
@@ -79,9 +79,9 @@ class SparseMLP:
         shapes = {f"fc{i}": (fan_out, fan_in) for i, (fan_in, fan_out)
                   in enumerate(pairwise(widths), start=1)}
         densities = layer_densities(shapes, sparsity, allocation)
-        array_backend = get_backend(backend)
+        ops = get_backend(backend)
         rng = np.random.default_rng(seed)
-        layers = [SparseLinear.random(*shape, densities[name], rng, array_backend)
+        layers = [SparseLinear.random(*shape, densities[name], rng, ops)
                   for name, shape in shapes.items()]
         return cls(layers, optimizer, rng)  # the same stream goes on into training
 
@@ -91,7 +91,7 @@ class SparseMLP:
         """The same network (weights, masks, biases) as a ``MaskedNet(MLP(...))``; fresh optimizer state."""
         if not isinstance(masked_net, MaskedNet) or not isinstance(masked_net.net, MLP):
             raise TypeError(f"from_masked needs a MaskedNet(MLP(...)), got {type(masked_net).__name__}")
-        array_backend = get_backend(backend)
+        ops = get_backend(backend)
         layers = []
         for layer in masked_net.masked_layers().values():
             if not isinstance(layer, MaskedLinear) or layer.bias is None:
@@ -100,7 +100,7 @@ class SparseMLP:
             positions = mask.nonzero().squeeze(1).numpy().astype(np.int64)
             weight = layer.weight.detach().cpu().reshape(-1)[mask].numpy()
             layers.append(SparseLinear(tuple(layer.weight.shape), positions, weight,
-                                       layer.bias.detach().cpu().numpy(), array_backend))
+                                       layer.bias.detach().cpu().numpy(), ops))
         return cls(layers, optimizer, seed)
 
     def to_masked(self) -> MaskedNet:
@@ -115,7 +115,7 @@ class SparseMLP:
                 dense = torch.from_numpy(self.layers[name].to_dense())
                 masked.weight.copy_(dense)
                 masked.mask.zero_().view(-1)[torch.from_numpy(self.layers[name].positions())] = True
-                masked.bias.copy_(torch.from_numpy(self.backend.to_numpy(self.layers[name].bias)))
+                masked.bias.copy_(torch.from_numpy(self.ops.to_numpy(self.layers[name].bias)))
         return masked_net
 
     def _forward(self, inputs) -> list:
@@ -125,7 +125,7 @@ class SparseMLP:
         for index, layer in enumerate(self.layers.values()):
             outputs = layer.forward(activations[-1])
             if index < last:
-                self.backend.xp.maximum(outputs, 0, out=outputs)
+                self.ops.xp.maximum(outputs, 0, out=outputs)
             activations.append(outputs)
         return activations
 
@@ -136,22 +136,22 @@ class SparseMLP:
         if features.shape[1] != in_features:
             raise ValueError(f"inputs have {features.shape[1]} features per sample, "
                              f"the net takes {in_features}")
-        return self.backend.asarray(np.ascontiguousarray(features.T))
+        return self.ops.asarray(np.ascontiguousarray(features.T))
 
     def predict(self, x):
         """Logits (batch, classes) as a host numpy array."""
-        return self.backend.to_numpy(self._forward(self._features(x))[-1]).T
+        return self.ops.to_numpy(self._forward(self._features(x))[-1]).T
 
     def train_step(self, x, y) -> float:
         """One optimizer step on the batch (x, y); returns its mean cross-entropy loss."""
-        xp = self.backend.xp
+        xp = self.ops.xp
         targets = class_labels(y, len(x), self._num_classes())
         activations = self._forward(self._features(x))
         logits = activations[-1]  # (classes, batch)
         shifted = logits - logits.max(axis=0, keepdims=True)
         log_normaliser = xp.log(xp.exp(shifted).sum(axis=0, keepdims=True))
         columns = xp.arange(len(targets))
-        targets_device = self.backend.asarray(targets)
+        targets_device = self.ops.asarray(targets)
         loss = float((log_normaliser[0] - shifted[targets_device, columns]).mean())
         grad = xp.exp(shifted - log_normaliser)
         grad[targets_device, columns] -= 1.0
@@ -232,7 +232,7 @@ class SparseMLP:
         started = time.perf_counter()
         twin = SparseMLP.random(self.layers["fc1"].shape[1], (8,) * (len(self.layers) - 1),
                                 next(reversed(self.layers.values())).shape[0], sparsity=0.5,
-                                allocation="uniform", optimizer=self.optimizer, backend=self.backend.name)
+                                allocation="uniform", optimizer=self.optimizer, backend=self.ops.name)
         features = host_array(x, np.float32).reshape(len(x), -1)
         twin.train_step(features, host_array(y, np.int64).reshape(-1))
         twin.update_topology(0.1)

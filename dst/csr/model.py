@@ -1,4 +1,9 @@
-"""Truly sparse inference: a MaskedNet converted to CSR matrices and run entirely in that format.
+"""Truly sparse inference: a MaskedNet converted to sparse layers and run entirely in their formats.
+
+Each masked layer becomes a layer of one kind (``dst.csr.kinds``): CSR by default, condensed
+constant fan-in or block-sparse rows where its mask has that structure and ``layout`` asks
+for it (or, under "auto", its pattern says so). What follows says CSR; the other kinds
+run the same way with their own arrays.
 
 ``SparseNet`` is built from the plain-data description of ``dst.csr.convert`` (or
 read from a file, ``dst.csr.npz``) and compiles the layer chain into steps
@@ -20,15 +25,15 @@ import torch
 
 from dst.csr.backends import get_backend
 from dst.csr.convert import describe
+from dst.csr.kinds import KINDS, WeightedKind
 from dst.csr.npz import check_model, read_npz, write_npz
-from dst.csr.steps import ConvStep, Flatten, LinearStep, MaxPool, ReLU
 from dst.engine.masked import MaskedNet
 from dst.engine.masked_layers import MaskedLayer
 
 # ----------------------------------------------------------------------------- the model
 
 class SparseNet:
-    """A MaskedNet's layer chain, run with every weight held as a CSR matrix.
+    """A MaskedNet's layer chain, run with every weight held in its layer kind's sparse format (CSR by default).
 
     Build one with ``SparseNet.from_masked(masked_net, backend, device)`` or
     ``SparseNet.load(path, backend, device)``. Calling it takes a batch shaped like
@@ -44,21 +49,24 @@ class SparseNet:
         check_model(architecture, weights)
         self.backend, self.architecture = backend, architecture
         self.ops = get_backend(backend, device)
-        self.layers: dict[str, ConvStep | LinearStep] = {}
+        self.layers: dict[str, object] = {}  # each weighted layer's step
+        self.kinds: dict[str, WeightedKind] = {}  # and its kind
         self.steps = self._compile(architecture, weights)
         self._buffers: dict[tuple, list] = {}
 
     @classmethod
     def from_masked(cls, masked_net: MaskedNet, backend: str = "scipy", device=None,
-                    example=None) -> "SparseNet":
-        """Convert ``masked_net`` (left unchanged) to CSR on ``backend`` ("scipy", "numba", "cupy" or "torch").
+                    example=None, layout="auto") -> "SparseNet":
+        """Convert ``masked_net`` (left unchanged) to sparse steps on ``backend`` ("scipy", "numba", "cupy" or
+        "torch"), each masked layer of the kind ``layout`` picks (``dst.csr.convert.describe``: "auto" follows
+        each layer's pattern, CSR where it has none).
 
         The converted model is checked against ``masked_net`` (in eval mode) on a probe batch
         before it is returned: ``example`` (a few inputs), or random inputs shaped for its first
         layer; ValueError if they compute different functions (a forward that is not the chain
         of its nn.Sequential layers) or if no input shape can be inferred (pass ``example``).
         """
-        architecture, weights = describe(masked_net)
+        architecture, weights = describe(masked_net, layout)
         model = cls(architecture, weights, backend, device)
         model._check_computes(masked_net, model._probe_input() if example is None else example)
         return model
@@ -67,11 +75,12 @@ class SparseNet:
         """Two random inputs the layer chain accepts: (2, features), or (2, C, H, W) for the first size that fits
         (squares up to 256, then rectangles up to 64 x 64)."""
         generator = torch.Generator().manual_seed(0)
-        kinds = [step["type"] for step in self.architecture]
-        weighted = next((step for step in self.architecture if step["type"] in ("conv", "linear")), None)
-        if weighted is not None and weighted["type"] == "linear" and "maxpool" not in kinds[:kinds.index("linear")]:
+        kinds = [KINDS[step["kind"]] for step in self.architecture]
+        first = next((index for index, kind in enumerate(kinds) if kind.weighted), None)
+        weighted = None if first is None else self.architecture[first]
+        if weighted is not None and not any(kind.takes_images for kind in kinds[:first + 1]):
             return torch.randn(2, self.layers[weighted["name"]].in_features, generator=generator)
-        if weighted is not None and weighted["type"] == "conv":
+        if weighted is not None and kinds[first].takes_images:
             channels = weighted["in_channels"]
             sizes = [(size, size) for size in range(1, 257)] + [(height, width) for height in range(1, 65)
                                                                 for width in range(1, 65) if height != width]
@@ -123,34 +132,17 @@ class SparseNet:
                 "converted")
 
     def _compile(self, architecture: list[dict], weights: dict[str, dict]) -> list:
-        """Steps to run: ReLUs after a conv or linear, and a max-pool right after a conv, fold into it."""
-        groups: list[dict] = []  # each layer with what folds into it
+        """Steps to run: what folds into a layer (its ReLUs; a max-pool right after a conv) is its kind's call."""
+        groups: list[tuple] = []  # (kind, its entry with what folded into it)
         for layer in architecture:
-            last = groups[-1] if groups else {"type": None}
-            if layer["type"] == "relu" and last["type"] in ("conv", "linear"):
-                last["relu"] = True
-            elif layer["type"] == "maxpool" and last["type"] == "conv" and "pool_kernel" not in last:
-                last["pool_kernel"] = layer["kernel_size"]
-            else:
-                groups.append(dict(layer))
+            if not (groups and groups[-1][0].absorb(groups[-1][1], layer)):
+                groups.append((KINDS[layer["kind"]], dict(layer)))
         steps = []
-        for group in groups:
-            kind, name = group["type"], group.get("name", "")
-            if kind == "conv":
-                step = self.ops.conv_step(self.ops, name, weights[name], group["in_channels"],
-                                          group["kernel_size"], group["padding"], group.get("pool_kernel", (1, 1)),
-                                          group.get("relu", False))
-                self.layers[name] = step
-            elif kind == "linear":
-                step = self.layers[name] = self.ops.linear_step(self.ops, name, weights[name], group.get("relu", False))
-            elif kind == "relu":
-                step = ReLU(self.ops)
-            elif kind == "maxpool":
-                step = MaxPool(self.ops, name, group["kernel_size"])
-            elif kind == "flatten":
-                step = Flatten()
-            else:
-                raise ValueError(f"unknown step {kind!r} in the architecture")
+        for kind, group in groups:
+            name = group.get("name", "")
+            step = kind.build(self.ops, group, weights.get(name) if kind.weighted else None)
+            if kind.weighted:
+                self.layers[name], self.kinds[name] = step, kind
             steps.append(step)
         return steps
 
@@ -212,27 +204,23 @@ class SparseNet:
 
     def nnz(self, name: str) -> int:
         """Number of stored (active) weights of layer ``name``."""
-        return int(self.ops.csr_arrays(self.layers[name].weight)[0].shape[0])
+        return self.kinds[name].count(self.host_weights_of(name))
 
     def layer_bytes(self, name: str) -> int:
-        """Bytes the engine holds for layer ``name``: CSR values, column indices, row pointers, bias,
-        and the small index tables of a conv."""
-        step = self.layers[name]
-        held = [*self.ops.csr_arrays(step.weight), *([] if step.bias is None else [step.bias])]
-        return sum(int(array.nbytes) for array in held + step.held_arrays())
+        """Bytes the engine holds for layer ``name``: its values and indices as its kind stores them (CSR
+        values, column indices, row pointers; fan-in values and indices; blocks...), bias, and the small
+        index tables of a conv."""
+        return sum(int(array.nbytes) for array in self.kinds[name].held_arrays(self.ops, self.layers[name]))
 
     # ------------------------------------------------------------------------- file
 
     def host_weights(self) -> dict[str, dict]:
-        """Each layer's CSR as numpy arrays in the mask's column numbering (the file's content)."""
+        """Each weighted layer's host arrays (its kind's, in the mask's column numbering): the file's content."""
         return {name: self.host_weights_of(name) for name in self.layers}
 
     def host_weights_of(self, name: str) -> dict:
-        """Layer ``name``'s CSR as numpy arrays (``host_weights`` for one layer)."""
-        step = self.layers[name]
-        host = step.host_csr(*map(self.ops.to_numpy, self.ops.csr_arrays(step.weight)))
-        host["bias"] = None if step.bias is None else self.ops.to_numpy(step.bias).reshape(-1)
-        return host
+        """Layer ``name``'s host arrays (``host_weights`` for one layer)."""
+        return self.kinds[name].host_of(self.ops, self.layers[name])
 
     def save(self, path, compress: bool = True) -> int:
         """Write the model to one ``.npz`` file (zip-deflated unless ``compress=False``); returns its size in bytes.
@@ -260,11 +248,13 @@ def memory_report(masked_net: MaskedNet, sparse_model: SparseNet) -> dict:
     """Bytes of the masked dense model against the truly sparse one, in total and per layer.
 
     Dense counts what the masked model holds: weights, the bool mask (1 byte per
-    weight) and biases. Sparse counts what ``sparse_model``'s backend really holds:
-    CSR values, column indices and row pointers in that backend's types (int32 for
-    scipy, cupy and torch, whose kernels need it; 16-bit column indices for numba where
-    a layer has at most 65,536 columns), biases, and the small index tables of the im2col
-    convs (gathered channels, active output channels). Activations and work buffers are
+    weight) and biases. Sparse counts what ``sparse_model``'s backend really holds for
+    each layer's kind: CSR values, column indices and row pointers (fan_in: its (out, k)
+    values and indices; bsr: its blocks, block columns and block row pointers) in that
+    backend's types (int32 or int64 for scipy, cupy and torch, whose kernels need it;
+    16-bit column indices for numba where a layer has at most 65,536 columns), biases,
+    and the small index tables of the im2col convs (gathered channels, active output
+    channels). Activations and work buffers are
     left out of both. ``ratio`` is dense / sparse; ``plain_dense_bytes`` is the same layers
     without masks (a plain dense model). Returns ``{'backend', 'dense_bytes', 'sparse_bytes',
     'plain_dense_bytes', 'ratio', 'layers': {name: {'shape': [out, in], 'nnz', 'dense_bytes',
@@ -296,10 +286,8 @@ def _check_converted_from(masked_net: MaskedNet, sparse_model: SparseNet) -> Non
     for name, layer in masked_net.masked_layers().items():
         if name not in sparse_model.layers:
             raise ValueError(f"the sparse model has no layer {name!r}: was it converted from this net?{hint}")
-        host = sparse_model.host_weights_of(name)
         mask = layer.mask_2d()
-        stored = np.zeros(host["shape"], dtype=bool)
-        stored[np.repeat(np.arange(host["shape"][0]), np.diff(host["row_pointers"])), host["col_indices"]] = True
+        stored = sparse_model.kinds[name].active_mask(sparse_model.host_weights_of(name))
         if stored.shape != mask.shape or not np.array_equal(stored, mask):
             raise ValueError(f"layer {name!r} of the sparse model does not hold this net's active weights "
                              f"({int(stored.sum())} of a {stored.shape} matrix vs {int(mask.sum())} of "

@@ -95,8 +95,6 @@ class NumbaLinearStep(LinearStep):
 class NumbaOps(ArrayOps):
     """``ArrayOps`` on numpy whose conv and linear steps are the fused numba kernels."""
 
-    conv_step, linear_step = NumbaConvStep, NumbaLinearStep
-
     def __init__(self):
         super().__init__("numba", np, None, training=numba_training())
 

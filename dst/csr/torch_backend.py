@@ -6,15 +6,12 @@ import warnings
 import numpy as np
 import torch
 
-from dst.csr.steps import ConvStep, LinearStep
-
 
 class TorchOps:
     """``ArrayOps`` for torch tensors on ``device``, with torch.sparse CSR matrices; inference only."""
 
     name = "torch"
     context = contextlib.nullcontext
-    conv_step, linear_step = ConvStep, LinearStep
     training = None  # torch.sparse has no SDDMM on CSR patterns; the trainer is written against numpy/cupy
     xp = None
 
