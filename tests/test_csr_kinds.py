@@ -6,7 +6,6 @@ and describe / check_model / _compile know kinds only through the registry.
 """
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +23,8 @@ from dst.csr.kinds.bsr import BSRStep
 from dst.csr.model import SparseNet, memory_report
 from dst.csr.npz import FILE_FORMAT, check_model
 from dst.engine.masked import MaskedNet
+from dst.engine.patterns import get_pattern
+from dst.engine.patterns.block import Block
 
 needs_numba = pytest.mark.skipif(not numba_available(), reason="numba is not installed")
 CPU_BACKENDS = ["scipy", "torch", pytest.param("numba", marks=needs_numba)]
@@ -46,12 +47,12 @@ def structured_net(layout: str, seed: int = 0, k: int = 5, block_shape=(4, 4), d
             mask = np.zeros((out_features, in_features), dtype=bool)
             for row in range(out_features):
                 mask[row, generator.choice(in_features, fan_in, replace=False)] = True
-            layer.pattern = SimpleNamespace(name="fan_in")
+            layer.pattern = get_pattern("fan_in")
         else:
             r, c = block_shape
             blocks = generator.random((out_features // r, in_features // c)) < density
             mask = np.kron(blocks, np.ones((r, c), dtype=bool))
-            layer.pattern = SimpleNamespace(name="block", block_shape=block_shape)
+            layer.pattern = Block(*block_shape)
         with torch.no_grad():
             layer.mask.copy_(torch.from_numpy(mask))
             layer.weight.mul_(layer.mask)
@@ -326,11 +327,11 @@ def test_registering_a_name_twice_is_refused():
 
 # ----------------------------------------------------------------------------- what "auto" and a layout pick
 
-def test_auto_maps_each_pattern_name_to_its_kind():
+def test_auto_takes_the_kind_each_pattern_names():
     net = structured_net("fan_in")
     first, last = net.masked_layers().values()
-    for name, expected in (("n_m", "fan_in"), ("fan_in", "fan_in"), ("unstructured", "linear"), ("other", "linear")):
-        first.pattern = SimpleNamespace(name=name)
+    for name, expected in (("2:4", "fan_in"), ("fan_in", "fan_in"), ("unstructured", "linear")):
+        first.pattern = get_pattern(name)  # the kind is the one the pattern names (its sparse_kind)
         assert kinds_of(SparseNet.from_masked(net, "scipy"))[1] == expected, name
     del first.pattern
     assert kinds_of(SparseNet.from_masked(net, "scipy"))[1] == "linear"  # no pattern at all: CSR
@@ -342,7 +343,7 @@ def test_a_cnn_keeps_csr_convs_when_its_linears_take_a_structured_kind(backend):
     net = MaskedNet(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                                   nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3)), 0.5, "uniform").eval()
     conv, *linears = net.masked_layers().values()
-    conv.pattern = SimpleNamespace(name="fan_in")  # no fan_in kind for convs: CSR under "auto"
+    conv.pattern = get_pattern("fan_in")  # no fan_in kind for convs: CSR under "auto"
     for layer in linears:
         k = 3
         mask = torch.zeros_like(layer.mask)
@@ -351,7 +352,7 @@ def test_a_cnn_keeps_csr_convs_when_its_linears_take_a_structured_kind(backend):
         with torch.no_grad():
             layer.mask.copy_(mask)
             layer.weight.mul_(mask)
-        layer.pattern = SimpleNamespace(name="n_m")
+        layer.pattern = get_pattern("1:3")
     inputs = torch.randn(2, 1, 8, 8)
     for layout in ("auto", "fan_in"):  # a kind name for the whole net leaves the layers it cannot take CSR
         sparse = SparseNet.from_masked(net, backend, layout=layout)

@@ -32,8 +32,9 @@ def describe(masked_net: MaskedNet, layout="auto") -> tuple[list[dict], dict[str
     The architecture is a JSON-able list of steps, each with its ``"kind"``; the weights map
     each masked layer's name to its kind's numpy arrays (``dst.csr.kinds``), with the structure
     taken from the mask (explicit zeros kept). ``layout`` picks each weighted layer's kind:
-    "auto" reads the layer's ``pattern`` (fan_in and n_m -> ``fan_in``, block -> ``bsr`` with its
-    block shape, anything else -> CSR), "csr" or a kind name applies to every masked layer that
+    "auto" takes the kind the layer's ``pattern`` names (its ``sparse_kind``: fan_in and N:M ->
+    ``fan_in``, blocks -> ``bsr`` with their block shape, unstructured -> CSR; CSR too where that
+    kind does not convert the layer, a conv under fan_in), "csr" or a kind name applies to every masked layer that
     kind converts (the others, convs for fan_in and bsr, stay CSR), a dict maps layer names to
     either (layers it leaves out are "auto"; a kind it names must convert that layer). A kind may come with its
     options as ``(name, {option: value})``, e.g. ``("bsr", {"block_shape": (4, 4)})``. ValueError
@@ -102,10 +103,8 @@ def _kind_for(module: nn.Module, choice, label: str, strict: bool):
     if not defaults:
         raise TypeError(f"cannot convert {label}: no layer kind converts {type(module).__name__}")
     if name == "auto":
-        pattern = getattr(module, "pattern", None)
-        chosen = next((kind for kind in KINDS.values() if getattr(pattern, "name", None) in kind.patterns
-                       and isinstance(module, kind.modules)), None)
-        if chosen is None:  # unstructured, no pattern, or no structured kind for this module type: CSR
+        chosen = KINDS.get(getattr(module, "pattern", None).sparse_kind)
+        if chosen is None or not isinstance(module, chosen.modules):  # CSR, or a kind for other modules
             return defaults[0], {}
         return chosen, {}
     if name == CSR:

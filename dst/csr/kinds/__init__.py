@@ -4,8 +4,8 @@ A kind (``dst.csr.kinds.base.Kind``, or ``WeightedKind`` for one that holds weig
 class registered with ``@register`` that knows one step of the layer chain end to end:
 
     name, modules          its architecture ``"kind"`` value; the torch module types it converts
-    default, patterns      picked for its modules by default, or under layout="auto" for these
-                           mask pattern names (``layer.pattern.name``)
+    default                picked for its modules by default (under layout="auto", a layer's pattern names
+                           its kind instead: ``layer.pattern.sparse_kind``)
     describe(module, ...)  -> (architecture entry, host arrays or None): ``dst.csr.convert``
     check(step, host, ..)  untrusted-input checks of both: ``dst.csr.npz.check_model``
     build(ops, group, ..)  its step on a backend's ops; ``absorb`` folds a following ReLU or pool in

@@ -43,7 +43,6 @@ class Kind:
     weighted = False
     modules: tuple[type, ...] = ()  # the torch module types this kind converts
     default = True  # the kind ``describe`` picks for its modules when no layout asks for another
-    patterns: tuple[str, ...] = ()  # mask pattern names (``layer.pattern.name``) that choose it under "auto"
     takes_images = False  # its input must be (C, H, W, N): the probe input is then images
 
     def describe(self, module, name: str, label: str, **options) -> tuple[dict, dict | None]:

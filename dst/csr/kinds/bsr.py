@@ -6,7 +6,7 @@ Host arrays: ``values`` ``(blocks, r, c)`` float32, each active block dense; ``c
 ``bsr_array``, torch ``to_sparse_bsr``'s tensor, other array modules (cupy) a gather of the
 ``(c, N)`` input slabs and one batched block product per block row (``BSRStep``); numba runs
 ``dst.csr.kinds.bsr_kernels``, bias and ReLU fused. Chosen under layout="auto" for masks whose
-pattern is "block" (its ``block_shape``); asking for it where the mask is not made of whole
+pattern names it (blocks; their ``block_shape``); asking for it where the mask is not made of whole
 aligned blocks, or the shape is not divisible by the block, is a ValueError.
 """
 
@@ -36,7 +36,6 @@ class BSR(WeightedKind):
     name = "bsr"
     modules = (MaskedLinear,)
     default = False
-    patterns = ("block",)
 
     def describe(self, module, name: str, label: str, block_shape=None, pattern=None, **options):
         block_shape = getattr(pattern, "block_shape", None) if block_shape is None else block_shape

@@ -6,8 +6,8 @@ file and on numba 16-bit where the layer has at most 65,536 inputs). No row poin
 loops of one fixed length: ``y[o] = sum_j values[o, j] * x[col_indices[o, j]]``. The array
 backends (scipy, cupy, torch) run that as one gather and a sum over ``k`` (``FanInStep``, the
 same code on each); numba runs ``dst.csr.kinds.fan_in_kernels``, bias and ReLU fused.
-Chosen under layout="auto" for masks whose pattern is "fan_in" or "n_m" (N:M rows hold a
-constant count too); asking for it where rows differ in count is a ValueError.
+Chosen under layout="auto" for masks whose pattern names it (``sparse_kind``: fan_in, and N:M, whose
+rows hold a constant count too); asking for it where rows differ in count is a ValueError.
 """
 
 import numpy as np
@@ -33,7 +33,6 @@ class FanIn(WeightedKind):
     name = "fan_in"
     modules = (MaskedLinear,)
     default = False
-    patterns = ("fan_in", "n_m")
 
     def describe(self, module, name: str, label: str, **options) -> tuple[dict, dict]:
         mask, weight, bias = host_weight(module)
