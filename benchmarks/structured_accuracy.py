@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batches", type=int, help="cap on batches per epoch (a smoke run)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the results file")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                        help="only write --output as the union of these results files (one per process), then "
+                             "print the table")
     args = parser.parse_args()
     for option in ("epochs", "max_batches"):
         value = getattr(args, option)
@@ -73,8 +76,27 @@ def key(row: dict) -> tuple:
     return row["model"], row["method"], row["pattern"], row["sparsity"], row["seed"]
 
 
+def combine(paths: list[Path], output: Path) -> dict:
+    """One results file holding every row of ``paths`` (written by parallel processes); a run twice is refused."""
+    record, seen = None, {}
+    for path in paths:
+        source = json.loads(path.read_text())
+        record = record or {key: value for key, value in source.items() if key != "rows"} | {"rows": []}
+        record.setdefault("recipes", {}).update(source.get("recipes", {}))
+        for row in source["rows"]:
+            if key(row) in seen:
+                raise SystemExit(f"{path}: the run {key(row)} is also in {seen[key(row)]}")
+            seen[key(row)] = path
+            record["rows"].append(row)
+    output.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
 def main() -> None:
     args = parse_args()
+    if args.combine:
+        print(pattern_table(summarize_patterns(combine(args.combine, args.output)["rows"])))
+        return
     torch.set_num_threads(1)
     record = json.loads(args.output.read_text()) if args.resume and args.output.exists() else {"rows": []}
     done = {key(row) for row in record["rows"]}

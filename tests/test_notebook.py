@@ -105,7 +105,7 @@ def quick_parameters(tmp_path, **overrides) -> dict:
     return {"GLOBAL_SPARSITY": 0.9, "num_epochs": 2, "dst_frequency": 1, "max_batches_per_epoch": 5,
             "sparse_mlp_hidden": 256, "sparse_mlp_batches": 5, "results_dir": str(tmp_path / "results"),
             "plots_dir": str(tmp_path / "plots"), "decade_steps": 30, "pixel_steps": 60,
-            "crossover_sparsities": [0.9, 0.99], **overrides}
+            "crossover_sparsities": [0.9, 0.99], "pattern_runs": 3, **overrides}
 
 
 def outputs_text(cells) -> str:
@@ -120,7 +120,8 @@ def images(cell) -> int:
 
 def assert_every_figure_is_shown(cells, when: str):
     figure_cells = [cell for cell in cells if cell["cell_type"] == "code" and "dst.show(" in source(cell)]
-    assert len(figure_cells) == 7, when  # Step 5, pixels, decade (committed and small), Step 6, benchmarks, runs
+    # Step 5, pixels, decade (committed and small), Step 6, benchmarks, the two hardware-aware figures, runs
+    assert len(figure_cells) == 9, when
     for cell in figure_cells:
         assert images(cell) == source(cell).count("dst.show("), f"{when}: cell {cell['id']} shows {images(cell)}"
     for cell in cells:
@@ -192,7 +193,7 @@ def test_notebook_shows_every_figure_in_a_fresh_kernel_and_on_a_rerun_and_writes
     assert f"by the epoch whose DST step moved them (as drawn): epoch 1: {moved:,}" in text
 
     assert "MNIST:" in text and "same prediction for 100.0%" in text
-    assert "training runs: 16/16, done in" in text  # "A decade in one figure": 5 sparse methods x 3 + dense
+    assert "training runs: 19/19, done in" in text  # "A decade in one figure": 6 sparse methods x 3 + dense
     assert "against Dettmers & Zettlemoyer 2019" in text and "| lenet300-100 | snfs | 99 % |" in text
     assert "| method | test accuracy % | fc1 weights | fc2 weights | fc3 weights |" in text
     assert "against the static mask" in text  # the committed sweep, in sentences computed from its rows

@@ -84,15 +84,20 @@ def describe_pattern_speed(rows: list[dict]) -> list[str]:
     sentences = []
     for row in rows:
         what = (f"batch {row['batch']}, {100 * (1 - row['density']):g} % sparse: {row['pattern']} "
-                f"(as {row['sparse_kind']})")
+                f"(as {row['sparse_kind']}) runs {_against(row['pattern_ms'], row['dense_ms'])} dense")
         times = f"{row['pattern_ms']:.3f} ms; dense {row['dense_ms']:.3f} ms"
         if row["pattern"] == UNSTRUCTURED:
-            sentences.append(f"{what} is {speed_phrase(row['pattern_ms'], row['dense_ms'])} than dense ({times})")
+            sentences.append(f"{what} ({times})")
             continue
-        sentences.append(f"{what} is {speed_phrase(row['pattern_ms'], row['dense_ms'])} than dense and "
-                         f"{speed_phrase(row['pattern_ms'], row['unstructured_ms'])} than unstructured CSR at the "
+        sentences.append(f"{what} and {_against(row['pattern_ms'], row['unstructured_ms'])} unstructured CSR at the "
                          f"same density ({times}; unstructured {row['unstructured_ms']:.3f} ms)")
     return sentences
+
+
+def _against(candidate_ms: float, baseline_ms: float) -> str:
+    """'2.5x faster than', '1.3x slower than' or 'at about the same speed as' (``speed_phrase``'s threshold)."""
+    phrase = speed_phrase(candidate_ms, baseline_ms)
+    return "at about the same speed as" if phrase == "about the same speed" else f"{phrase} than"
 
 
 def summarize_patterns(rows: list[dict]) -> list[dict]:
