@@ -17,7 +17,10 @@ once against the backend's array module.
 
 The DST topology update is ``dst.engine.update_rule``'s, the simulated engine's rule: it
 works on sorted flat positions ``row * in + col``, from which the CSR arrays are
-rebuilt, so nothing in it is the size of the dense matrix either.
+rebuilt, so nothing in it is the size of the dense matrix either. Nor are its
+temporaries many copies of the model: the new arrays are merged from the kept and the
+regrown entries (no concatenation and argsort of every position), one array at a time,
+and a wide layer's random init is drawn in row chunks straight into its CSR arrays.
 """
 
 import math
@@ -49,6 +52,14 @@ def trainable_regrow(regrow: str) -> RegrowCriterion:
     return criterion
 
 
+# Layers up to this many positions draw their random topology whole (``sample_inactive`` over the
+# layer); larger ones in chunks of rows of about this many positions, straight into the CSR arrays,
+# so an init's temporaries stay ~100 MB however wide the layer (4 Mi positions, 32 MiB as int64).
+INIT_CHUNK_POSITIONS = 1 << 22
+# numpy's hypergeometric draws need fewer than this many positions in all.
+HYPERGEOMETRIC_LIMIT = 10**9
+
+
 def index_dtype(numel: int) -> type:
     """int32 while every index fits, as scipy itself would pick; int64 beyond."""
     return narrowest_dtype(numel, (np.int32, np.int64))
@@ -62,7 +73,8 @@ class SparseLinear:
             row-major: with ``indptr`` they are the CSR data and indices arrays.
         indptr: (out + 1,) row ``i`` owns entries ``indptr[i]:indptr[i + 1]``.
         rows: (nnz,) each weight's row, only where the backend's SDDMM needs it (else None).
-        matrix: the backend's CSR matrix over those same arrays (None for numba, whose kernels read them).
+        matrix: the backend's CSR matrix over those same arrays (for numba, a ``TrainingLayout``: its
+            work split and the CSC permutation of these arrays its parallel W.T @ dZ gathers over).
         bias, bias_grad: (out,) dense.
         weight_grad: (nnz,) the loss gradient at the active positions only.
         state, bias_state: optimizer values by name (momentum, Adam moments),
@@ -72,14 +84,8 @@ class SparseLinear:
 
     def __init__(self, shape: tuple[int, int], positions, weight, bias, backend: Backend):
         """Build from sorted unique flat positions ``row * in + col`` (host int64) and matching values."""
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.backend, self.products = backend, require_training(backend)
-        xp = backend.xp
-        self.bias = xp.array(bias, dtype=xp.float32)  # a copy: never share a caller's (torch) memory
-        self.bias_grad = xp.zeros_like(self.bias)
-        self.bias_state: dict = {}
-        self.state: dict = {}
-        self._set_topology(np.asarray(positions, dtype=np.int64), xp.array(weight, dtype=xp.float32))
+        self._set_state(shape, bias, backend)
+        self._set_topology(np.asarray(positions, dtype=np.int64), backend.xp.array(weight, dtype=backend.xp.float32))
 
     @classmethod
     def random(cls, out_features: int, in_features: int, density: float, rng: np.random.Generator,
@@ -89,28 +95,63 @@ class SparseLinear:
         Values are drawn like ``nn.Linear``'s default init, U(-1/sqrt(in), 1/sqrt(in)),
         times ``1/sqrt(density)`` (as ``MaskedNet(scale_init=True)`` does): each unit
         sees ``density * in`` inputs, so this keeps its activation variance where
-        a dense layer's would be instead of shrinking it layer after layer.
+        a dense layer's would be instead of shrinking it layer after layer. A layer of
+        more than ``INIT_CHUNK_POSITIONS`` positions is drawn in row chunks (``random_csr``).
         """
         numel = out_features * in_features
-        positions = sample_inactive(np.empty(0, dtype=np.int64), numel, active_count(numel, density), rng)
+        count = active_count(numel, density)
         bound = 1.0 / math.sqrt(in_features)
-        weight = rng.uniform(-bound, bound, size=len(positions)) / math.sqrt(density)
-        bias = rng.uniform(-bound, bound, size=out_features)
-        return cls((out_features, in_features), positions, weight.astype(np.float32), bias, backend)
+        if numel <= INIT_CHUNK_POSITIONS:
+            positions = sample_inactive(np.empty(0, dtype=np.int64), numel, count, rng)
+            weight = rng.uniform(-bound, bound, size=len(positions)) / math.sqrt(density)
+            bias = rng.uniform(-bound, bound, size=out_features)
+            return cls((out_features, in_features), positions, weight.astype(np.float32), bias, backend)
+        layer = cls.__new__(cls)
+        layer._set_state((out_features, in_features), rng.uniform(-bound, bound, size=out_features), backend)
+        indptr, columns, weight = random_csr((out_features, in_features), count, bound, density, rng)
+        layer._set_csr(indptr, columns, backend.asarray(weight))
+        return layer
+
+    def _set_state(self, shape: tuple[int, int], bias, backend: Backend) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.backend, self.products = backend, require_training(backend)
+        xp = backend.xp
+        self.bias = xp.array(bias, dtype=xp.float32)  # a copy: never share a caller's (torch) memory
+        self.bias_grad = xp.zeros_like(self.bias)
+        self.bias_state: dict = {}
+        self.state: dict = {}
+        self._buffers: dict = {}
+        self.matrix = None
 
     def _set_topology(self, positions: np.ndarray, weight) -> None:
+        self._set_csr(*csr_from_positions(positions, self.shape), weight)
+
+    def _set_csr(self, indptr: np.ndarray, columns: np.ndarray, weight) -> None:
+        """Adopt host CSR index arrays (of ``index_dtype``) and the matching device ``weight``."""
         xp = self.backend.xp
-        out_features, in_features = self.shape
-        dtype = index_dtype(max(len(positions), out_features, in_features) + 1)
-        rows, columns = np.divmod(positions, in_features)
-        indptr = np.zeros(out_features + 1, dtype=dtype)
-        np.cumsum(np.bincount(rows, minlength=out_features), out=indptr[1:])
-        self.rows = xp.asarray(rows.astype(dtype)) if self.products.keeps_rows else None
-        self.columns = xp.asarray(columns.astype(dtype))
+        self.matrix = self.weight_grad = None  # the old topology's, freed before the new ones are made
+        if self.products.keeps_rows:
+            rows = np.repeat(np.arange(self.shape[0], dtype=columns.dtype), np.diff(indptr))
+            self.rows = xp.asarray(rows)
+        else:
+            self.rows = None
+        self.columns = xp.asarray(columns)
         self.indptr = xp.asarray(indptr)
         self.weight = weight
         self.weight_grad = xp.zeros_like(weight)
         self.matrix = self.products.matrix(self.weight, self.columns, self.indptr, self.shape)
+
+    def work_buffer(self, name: str, shape: tuple[int, ...], dtype=np.float32):
+        """A scratch array kept under ``name`` between steps, reallocated only when its shape changes.
+
+        The products write their outputs here (one batch shape at a time, as the inference steps
+        do), so a step makes no fresh activation-sized arrays; the next step overwrites them.
+        """
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != tuple(shape) or buffer.dtype != dtype:
+            self._buffers[name] = None  # the old one goes before the new one is made
+            buffer = self._buffers[name] = self.backend.xp.empty(shape, dtype=dtype)
+        return buffer
 
     @property
     def active_count(self) -> int:
@@ -119,15 +160,16 @@ class SparseLinear:
     def positions(self) -> np.ndarray:
         """Sorted flat positions ``row * in + col`` of the active weights (host int64)."""
         indptr = self.backend.to_numpy(self.indptr)
-        rows = np.repeat(np.arange(self.shape[0], dtype=np.int64), np.diff(indptr))
-        return rows * self.shape[1] + self.backend.to_numpy(self.columns)
+        positions = np.repeat(np.arange(self.shape[0], dtype=np.int64) * self.shape[1], np.diff(indptr))
+        positions += self.backend.to_numpy(self.columns)  # in place: no second int64 copy
+        return positions
 
     @property
     def density(self) -> float:
         return self.active_count / (self.shape[0] * self.shape[1])
 
     def forward(self, inputs):
-        """(in, batch) -> (out, batch)."""
+        """(in, batch) -> (out, batch); on numba, a work buffer the next forward overwrites."""
         outputs = self.products.matmul(self, inputs)
         outputs += self.bias[:, None]
         return outputs
@@ -156,19 +198,28 @@ class SparseLinear:
             return LayerUpdate(active=len(before), pruned=0, regrown=0)
         magnitudes = self.backend.to_numpy(xp.abs(self.weight))
         pruned, regrown = choose_moves(before, magnitudes, numel, count, criterion, random=random)
-        keep_host = np.ones(len(before), dtype=bool)
+        del magnitudes
+        # The new entries are the kept ones and the regrown ones, merged in position order: a regrown
+        # position lands after every kept and regrown position below it. No concatenation, no argsort.
+        pruned_positions = np.sort(before[pruned])
+        regrown_at = (np.searchsorted(before, regrown) - np.searchsorted(pruned_positions, regrown)
+                      + np.arange(count))
+        del before
+        bounds = np.arange(self.shape[0] + 1, dtype=np.int64) * self.shape[1]  # each row's first position
+        old_indptr = self.backend.to_numpy(self.indptr)
+        indptr = (old_indptr - np.searchsorted(pruned_positions, bounds)
+                  + np.searchsorted(regrown, bounds)).astype(old_indptr.dtype)
+        keep_host = np.ones(self.active_count, dtype=bool)
         keep_host[pruned] = False
-        keep = self.backend.asarray(keep_host)
-        positions = np.concatenate([before[keep_host], regrown])
-        order = np.argsort(positions)
-        order_device = self.backend.asarray(order)
-
-        def remap(values):
-            return xp.concatenate([values[keep], xp.zeros(count, dtype=values.dtype)])[order_device]
-
-        weight = remap(self.weight)
-        self.state = {name: remap(values) for name, values in self.state.items()}
-        self._set_topology(positions[order], weight)
+        is_old_host = np.ones(self.active_count, dtype=bool)
+        is_old_host[regrown_at] = False
+        columns = merged(np, self.backend.to_numpy(self.columns), keep_host, is_old_host, regrown % self.shape[1])
+        keep, is_old = self.backend.asarray(keep_host), self.backend.asarray(is_old_host)
+        self.matrix = self.weight_grad = None  # the old topology's, freed before the new arrays are made
+        weight = merged(xp, self.weight, keep, is_old, 0)
+        for name in list(self.state):  # one at a time: each old array is freed before the next is made
+            self.state[name] = merged(xp, self.state[name], keep, is_old, 0)
+        self._set_csr(indptr, columns, weight)
         return LayerUpdate(active=self.active_count, pruned=count, regrown=count)
 
     def to_dense(self) -> np.ndarray:
@@ -184,9 +235,74 @@ class SparseLinear:
         if self.rows is not None:
             held["rows"] = self.rows
         held.update({f"state.{name}": values for name, values in self.state.items()})
+        held.update({f"matrix.{name}": values for name, values in getattr(self.matrix, "arrays", dict)().items()})
         held.update({f"bias_state.{name}": values for name, values in self.bias_state.items()})
         return held
 
     def nbytes(self) -> int:
         """Bytes of weights, indices, gradients and optimizer state held by this layer."""
         return sum(int(values.nbytes) for values in self.arrays().values())
+
+
+def merged(xp, values, keep, is_old, fill):
+    """``values[keep]`` at the ``is_old`` entries, ``fill`` (a scalar, or one value each) at the others."""
+    new = xp.empty_like(values)
+    new[is_old] = values[keep]
+    new[~is_old] = fill
+    return new
+
+
+def csr_from_positions(positions: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, columns) of sorted unique flat positions ``row * in + col``, in ``index_dtype``, chunk by chunk."""
+    out_features, in_features = shape
+    dtype = index_dtype(max(len(positions), out_features, in_features) + 1)
+    row_starts = np.arange(out_features + 1, dtype=np.int64) * in_features
+    indptr = np.searchsorted(positions, row_starts).astype(dtype)
+    columns = np.empty(len(positions), dtype=dtype)
+    for start in range(0, len(positions), INIT_CHUNK_POSITIONS):
+        stop = start + INIT_CHUNK_POSITIONS
+        columns[start:stop] = positions[start:stop] % in_features
+    return indptr, columns
+
+
+def random_csr(shape: tuple[int, int], count: int, bound: float, density: float,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, columns, float32 weight): ``count`` uniform random positions, values U(-bound, bound) / sqrt(density).
+
+    Drawn in chunks of rows of about ``INIT_CHUNK_POSITIONS`` positions: how many of the
+    ``count`` fall in each chunk is a hypergeometric draw (so the set is uniform over all
+    ``count``-subsets, as one ``sample_inactive`` over the layer would be), then the chunk's
+    positions and values go straight into the arrays. No temporary outgrows a chunk.
+    """
+    out_features, in_features = shape
+    dtype = index_dtype(max(count, out_features, in_features) + 1)
+    indptr = np.zeros(out_features + 1, dtype=dtype)
+    columns = np.empty(count, dtype=dtype)
+    weight = np.empty(count, dtype=np.float32)
+    rows_per_chunk = max(1, INIT_CHUNK_POSITIONS // in_features)
+    remaining_positions, remaining, filled = out_features * in_features, count, 0
+    for first in range(0, out_features, rows_per_chunk):
+        rows = min(rows_per_chunk, out_features - first)
+        size = rows * in_features
+        taken = hypergeometric(rng, size, remaining_positions - size, remaining)
+        positions = sample_inactive(np.empty(0, dtype=np.int64), size, taken, rng)
+        local_rows, local_columns = np.divmod(positions, in_features)
+        columns[filled:filled + taken] = local_columns
+        indptr[first + 1:first + rows + 1] = np.bincount(local_rows, minlength=rows)
+        weight[filled:filled + taken] = rng.uniform(-bound, bound, size=taken) / math.sqrt(density)
+        filled, remaining, remaining_positions = filled + taken, remaining - taken, remaining_positions - size
+    np.cumsum(indptr, out=indptr)
+    return indptr, columns, weight
+
+
+def hypergeometric(rng: np.random.Generator, good: int, bad: int, sample: int) -> int:
+    """How many of ``sample`` positions drawn without replacement from ``good + bad`` are good.
+
+    numpy draws it exactly below ``HYPERGEOMETRIC_LIMIT`` positions; beyond, the binomial
+    (the same law up to the finite-population correction, negligible at such sizes), kept feasible.
+    """
+    if sample == 0 or bad == 0:
+        return min(sample, good)
+    if good + bad < HYPERGEOMETRIC_LIMIT:
+        return int(rng.hypergeometric(good, bad, sample))
+    return int(min(max(rng.binomial(sample, good / (good + bad)), sample - bad), good))
