@@ -106,10 +106,22 @@ class SparseLinear:
             weight = rng.uniform(-bound, bound, size=len(positions)) / math.sqrt(density)
             bias = rng.uniform(-bound, bound, size=out_features)
             return cls((out_features, in_features), positions, weight.astype(np.float32), bias, backend)
+        bias = rng.uniform(-bound, bound, size=out_features)
+        return cls.from_csr((out_features, in_features), *random_csr((out_features, in_features), count, bound,
+                                                                    density, rng), bias, backend)
+
+    @classmethod
+    def from_csr(cls, shape: tuple[int, int], indptr, columns, weight, bias, backend: Backend) -> "SparseLinear":
+        """Build from host CSR arrays (sorted columns within each row), adopted without a positions round trip.
+
+        ``indptr`` and ``columns`` are cast to ``index_dtype`` (no copy where they have it already);
+        optimizer state starts empty (``SparseMLP`` adds zeros, or a checkpoint's values go in ``state``).
+        """
         layer = cls.__new__(cls)
-        layer._set_state((out_features, in_features), rng.uniform(-bound, bound, size=out_features), backend)
-        indptr, columns, weight = random_csr((out_features, in_features), count, bound, density, rng)
-        layer._set_csr(indptr, columns, backend.asarray(weight))
+        layer._set_state(shape, bias, backend)
+        dtype = index_dtype(max(len(columns), *layer.shape) + 1)
+        layer._set_csr(np.asarray(indptr).astype(dtype, copy=False), np.asarray(columns).astype(dtype, copy=False),
+                       backend.asarray(np.asarray(weight, dtype=np.float32)))
         return layer
 
     def _set_state(self, shape: tuple[int, int], bias, backend: Backend) -> None:

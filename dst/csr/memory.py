@@ -73,5 +73,5 @@ def check_fits(needed: dict[str, int], what: str, available: int | None = None) 
 
 
 def gib(count: int) -> str:
-    """Bytes as GiB, for messages."""
-    return f"{count / 2**30:.2f} GiB"
+    """Bytes as GiB (MiB below one), for messages."""
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"

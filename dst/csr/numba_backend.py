@@ -126,8 +126,9 @@ SERIAL_BELOW = 1 << 22
 # Bytes of gathered rows one cache block of the parallel products holds: half of this machine's
 # 32 MiB L3, so the block stays there while every work item takes its weights in it.
 BLOCK_BYTES = 16 << 20
-# Work items per thread: a few, so a thread slowed by other work on the machine holds up little.
-ITEMS_PER_THREAD = 4
+# Work items per thread, handed out one at a time (``numba.parallel_chunksize(1)``), so a thread
+# slowed by other work on the machine takes fewer of them instead of holding the step up.
+ITEMS_PER_THREAD = 8
 
 
 def balanced_items(pointers: np.ndarray, items: int) -> np.ndarray:
@@ -195,8 +196,9 @@ def numba_training() -> TrainingProducts:
     def matmul(layer, inputs):
         outputs = layer.work_buffer("outputs", (layer.shape[0], inputs.shape[1]), inputs.dtype)
         if parallel(layer, inputs.shape[1]):
-            blocked_matmul(layer.indptr, layer.columns, layer.weight, inputs, outputs, layer.matrix.row_items(),
-                           block_rows(inputs.shape[1]))
+            with numba.parallel_chunksize(1):
+                blocked_matmul(layer.indptr, layer.columns, layer.weight, inputs, outputs,
+                               layer.matrix.row_items(), block_rows(inputs.shape[1]))
         else:
             train_matmul(layer.indptr, layer.columns, layer.weight, inputs, outputs)
         return outputs
@@ -204,8 +206,9 @@ def numba_training() -> TrainingProducts:
     def matmul_transposed(layer, grad_outputs):
         grad_inputs = layer.work_buffer("grad_inputs", (layer.shape[1], grad_outputs.shape[1]), grad_outputs.dtype)
         if parallel(layer, grad_outputs.shape[1]):
-            blocked_matmul_transposed(*layer.matrix.csc(), layer.weight, grad_outputs, grad_inputs,
-                                      layer.matrix.column_items(), block_rows(grad_outputs.shape[1]))
+            with numba.parallel_chunksize(1):
+                blocked_matmul_transposed(*layer.matrix.csc(), layer.weight, grad_outputs, grad_inputs,
+                                          layer.matrix.column_items(), block_rows(grad_outputs.shape[1]))
         else:
             grad_inputs.fill(0.0)
             train_matmul_transposed(layer.indptr, layer.columns, layer.weight, grad_outputs, grad_inputs)
@@ -213,8 +216,9 @@ def numba_training() -> TrainingProducts:
 
     def sddmm(layer, left, right):
         if parallel(layer, left.shape[1]):
-            blocked_sddmm(layer.indptr, layer.columns, left, right, layer.weight_grad, layer.matrix.row_items(),
-                          block_rows(left.shape[1]))
+            with numba.parallel_chunksize(1):
+                blocked_sddmm(layer.indptr, layer.columns, left, right, layer.weight_grad,
+                              layer.matrix.row_items(), block_rows(left.shape[1]))
         else:
             train_sddmm(layer.indptr, layer.columns, left, right, layer.weight_grad)
 
