@@ -310,6 +310,8 @@ def plot(rows: list[dict]) -> Figure:
         time_axis.plot(widths, [row["step_ms_median"] for row in own], "-o", label=f"{density}")
         line, = memory_axis.plot(widths, [row["peak_rss_bytes"] / 2**30 for row in own], "-o",
                                  label=f"{density}: peak RSS")
+        memory_axis.plot(widths, [(row["peak_rss_bytes"] - row["rss_before_model_bytes"]) / 2**30 for row in own],
+                         ":o", color=line.get_color(), label=f"{density}: peak RSS beyond the bare process")
         memory_axis.plot(widths, [row["model_bytes_after"] / 2**30 for row in own], "--", color=line.get_color(),
                          label=f"{density}: model (weights, grads, state, indices)")
     for axis, label in ((time_axis, "ms per training step (batch 128)"), (memory_axis, "GiB")):
@@ -344,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic", action="store_true", help="MNIST-shaped noise instead of MNIST (smoke tests)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--replot", action="store_true", help="redraw the figure from the JSON, train nothing")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
@@ -370,6 +373,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(train_width(json.loads(argv[1]))))
         return
     args = parse_args(argv)
+    path = args.results_dir / "sparse_training_scale.json"
+    if args.replot:
+        plot(json.loads(path.read_text())["rows"]).savefig(path.with_suffix(".png"), dpi=120, bbox_inches="tight")
+        print(f"redrew {path.with_suffix('.png')}")
+        return
     rows = []
     for width in args.scale:
         spec = {"width": width, "density": args.density, "allocation": args.allocation, "epochs": args.epochs,
@@ -382,7 +390,6 @@ def main(argv: list[str] | None = None) -> None:
     from dst.tutorial.benchmark import benchmark_environment
 
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / "sparse_training_scale.json"
     merged = merge_rows(path, rows)
     report = {"network": "784-W-W-10 MLP, ReLU, softmax cross-entropy", "backend": "numba",
               "optimizer": "sgd lr 0.01 momentum 0.9" if DEFAULT_OPTIMIZER.momentum else DEFAULT_OPTIMIZER.name,
