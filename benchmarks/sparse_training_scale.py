@@ -330,7 +330,7 @@ def plot(rows: list[dict]) -> Figure:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sparse_training --scale",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=parse_widths, required=True, metavar="WIDTH[,WIDTH...]",
+    parser.add_argument("--scale", type=parse_widths, metavar="WIDTH[,WIDTH...]",
                         help="hidden widths to train, each in its own process")
     parser.add_argument("--density", "--sparsity", type=parse_density, default="eps20",
                         help="epsN (SET's epsilon: N x (n_in + n_out) weights a layer) or a sparsity in [0, 1)")
@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic", action="store_true", help="MNIST-shaped noise instead of MNIST (smoke tests)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
-    parser.add_argument("--replot", action="store_true", help="redraw the figure from the JSON, train nothing")
+    parser.add_argument("--replot", action="store_true", help="redraw the figure from the JSON, train nothing "
+                        "(python -m benchmarks.sparse_training_scale --replot)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
@@ -355,6 +356,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """The CLI values, checked together (argparse checks each one)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.replot:
+        return args
+    if args.scale is None:
+        parser.error("--scale WIDTH[,WIDTH...] is required (or --replot)")
     if args.resume is not None:
         if len(args.scale) != 1:
             parser.error(f"--resume continues one width's run; --scale gave {len(args.scale)}")

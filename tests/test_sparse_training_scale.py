@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["--scale", "64,128", "--resume", "x.npz"], "one width"),
     (["--scale", "64", "--resume", "missing.npz"], "no checkpoint"),
     (["--scale", "64", "--checkpoint", "a.npz"], "--checkpoint-every"),
+    (["--density", "eps20"], "--scale WIDTH"),
 ])
 def test_bad_cli_values_are_refused_with_a_clear_message(argv, match, capsys):
     with pytest.raises(SystemExit):

@@ -253,3 +253,12 @@ def test_available_memory_reads_meminfo_and_falls_back(monkeypatch, tmp_path):
     assert memory.available_memory_bytes() == 512 * 1024
     monkeypatch.setattr(memory, "MEMINFO", tmp_path / "missing")
     assert memory.available_memory_bytes() is None or memory.available_memory_bytes() > 0
+
+
+def test_warm_up_also_readies_the_parallel_kernels():
+    model = SparseMLP.random(12, (6,), 3, sparsity=0.5, backend="numba")
+    rng = np.random.default_rng(0)
+    assert model.warm_up(rng.standard_normal((4, 12)), rng.integers(0, 3, 4)) > 0
+    from dst.csr.numba_backend import TrainingLayout
+
+    assert model.layers["fc1"].matrix.__class__ is TrainingLayout

@@ -250,6 +250,9 @@ class SparseMLP:
         twin.train_step(features, host_array(y, np.int64).reshape(-1))
         twin.update_topology(0.1)
         twin.predict(features)
+        warm_up_parallel = getattr(self.backend.training.matrix, "warm_up", None)  # numba's wide-layer kernels
+        if warm_up_parallel is not None:
+            warm_up_parallel()
         return time.perf_counter() - started
 
     def evaluate(self, x, y, batch_size: int = 1000) -> float:

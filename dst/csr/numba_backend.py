@@ -151,6 +151,21 @@ class TrainingLayout:
         self.columns, self.indptr, self.shape = columns, indptr, shape
         self._row_items = self._column_items = self._csc = None
 
+    @staticmethod
+    def warm_up() -> None:
+        """Compile (or load) the parallel products and the CSC permutation on a tiny layer.
+
+        ``SparseMLP.warm_up`` calls it: its twin is too small to take the parallel path,
+        and a wide model's first step would otherwise pay for their compilation.
+        """
+        indptr, columns = np.array([0, 1, 2], dtype=np.int32), np.array([0, 1], dtype=np.int32)
+        weight, dense = np.ones(2, dtype=np.float32), np.ones((2, 1), dtype=np.float32)
+        layout, items = TrainingLayout(weight, columns, indptr, (2, 2)), np.array([0, 2], dtype=np.int64)
+        out = np.empty((2, 1), dtype=np.float32)
+        blocked_matmul(indptr, columns, weight, dense, out, items, 1)
+        blocked_matmul_transposed(*layout.csc(), weight, dense, out, items, 1)
+        blocked_sddmm(indptr, columns, dense, dense, np.empty(2, dtype=np.float32), items, 1)
+
     def row_items(self) -> np.ndarray:
         items = ITEMS_PER_THREAD * numba.get_num_threads()
         if self._row_items is None or len(self._row_items) != items + 1:
