@@ -262,3 +262,16 @@ def test_warm_up_also_readies_the_parallel_kernels():
     from dst.csr.numba_backend import TrainingLayout
 
     assert model.layers["fc1"].matrix.__class__ is TrainingLayout
+
+
+def test_a_criterion_that_fails_leaves_the_layer_able_to_train():
+    from dst.engine.update_rule import RegrowCriterion
+
+    def wrong(active, numel, count, gradient, random):
+        return active[:count]  # active positions: refused by the update rule
+
+    model = SparseMLP.random(12, (10,), 3, sparsity=0.5, backend="numba")
+    with pytest.raises(ValueError, match="inactive"):
+        model.update_topology(0.3, RegrowCriterion("wrong", "active positions", False, False, wrong))
+    rng = np.random.default_rng(0)
+    assert np.isfinite(model.train_step(rng.standard_normal((4, 12)), rng.integers(0, 3, 4)))

@@ -208,8 +208,16 @@ class SparseLinear:
         count = moved_count(len(before), numel, prune_ratio)
         if count == 0:
             return LayerUpdate(active=len(before), pruned=0, regrown=0)
+        # The gradient (never an input here: RigL is refused) and numba's CSC permutation are remade
+        # for the new topology anyway; freed now, they leave room for the update's own temporaries.
+        self.matrix = self.weight_grad = None
         magnitudes = self.backend.to_numpy(xp.abs(self.weight))
-        pruned, regrown = choose_moves(before, magnitudes, numel, count, criterion, random=random)
+        try:
+            pruned, regrown = choose_moves(before, magnitudes, numel, count, criterion, random=random)
+        except Exception:  # a criterion's bad answer (the tutorial's exercise): the layer stays as it was
+            self.weight_grad = xp.zeros_like(self.weight)  # overwritten by every backward anyway
+            self.matrix = self.products.matrix(self.weight, self.columns, self.indptr, self.shape)
+            raise
         del magnitudes
         # The new entries are the kept ones and the regrown ones, merged in position order: a regrown
         # position lands after every kept and regrown position below it. No concatenation, no argsort.
@@ -227,7 +235,6 @@ class SparseLinear:
         is_old_host[regrown_at] = False
         columns = merged(np, self.backend.to_numpy(self.columns), keep_host, is_old_host, regrown % self.shape[1])
         keep, is_old = self.backend.asarray(keep_host), self.backend.asarray(is_old_host)
-        self.matrix = self.weight_grad = None  # the old topology's, freed before the new arrays are made
         weight = merged(xp, self.weight, keep, is_old, 0)
         for name in list(self.state):  # one at a time: each old array is freed before the next is made
             self.state[name] = merged(xp, self.state[name], keep, is_old, 0)
