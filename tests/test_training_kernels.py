@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dst.csr import linear, memory
+from dst.csr import csr_build, memory
 from dst.csr.backends import get_backend
-from dst.csr.linear import SparseLinear, csr_from_positions, random_csr
+from dst.csr.csr_build import csr_from_positions, random_csr
+from dst.csr.linear import SparseLinear
 from dst.csr.mlp import SparseMLP
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
@@ -158,7 +159,7 @@ def test_work_buffers_are_reused_across_steps_and_replaced_for_a_new_batch_shape
 # ----------------------------------------------------------------------------- bounded init and update
 
 def test_chunked_init_draws_exactly_the_count_sorted_unique_and_in_range(monkeypatch):
-    monkeypatch.setattr(linear, "INIT_CHUNK_POSITIONS", 64)  # 64 positions a chunk: many chunks
+    monkeypatch.setattr(csr_build, "INIT_CHUNK_POSITIONS", 64)  # 64 positions a chunk: many chunks
     rng = np.random.default_rng(0)
     indptr, columns, weight = random_csr((50, 30), 400, 0.1, 0.25, rng)
     assert indptr[-1] == len(columns) == len(weight) == 400 and np.all(np.diff(indptr) >= 0)
@@ -170,7 +171,7 @@ def test_chunked_init_draws_exactly_the_count_sorted_unique_and_in_range(monkeyp
 
 
 def test_chunked_init_is_uniform_over_positions(monkeypatch):
-    monkeypatch.setattr(linear, "INIT_CHUNK_POSITIONS", 8)
+    monkeypatch.setattr(csr_build, "INIT_CHUNK_POSITIONS", 8)
     rng = np.random.default_rng(1)
     counts = np.zeros(6 * 4)
     for _ in range(2000):
@@ -181,9 +182,9 @@ def test_chunked_init_is_uniform_over_positions(monkeypatch):
 
 def test_hypergeometric_beyond_numpys_limit_stays_feasible():
     rng = np.random.default_rng(0)
-    assert linear.hypergeometric(rng, 10**10, 5, 10) >= 5
-    assert linear.hypergeometric(rng, 3, 10**10, 10) <= 3
-    assert linear.hypergeometric(rng, 5, 0, 5) == 5 and linear.hypergeometric(rng, 5, 7, 0) == 0
+    assert csr_build.hypergeometric(rng, 10**10, 5, 10) >= 5
+    assert csr_build.hypergeometric(rng, 3, 10**10, 10) <= 3
+    assert csr_build.hypergeometric(rng, 5, 0, 5) == 5 and csr_build.hypergeometric(rng, 5, 7, 0) == 0
 
 
 def old_prune_and_regrow(layer, prune_ratio, random):

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from dst.csr.linear import index_dtype
+from dst.csr.csr_build import index_dtype
 
 # Bytes per active weight the DST update needs besides the model (``SparseLinear.prune_and_regrow``):
 # the int64 positions (8), numpy's argpartition index and magnitudes copy (8 + 4), the keep and
