@@ -19,6 +19,9 @@ masked one that fits in memory. Results go to benchmarks/results/sparse_training
 .png and _mnist.json (``--quick``: sparse_training_quick.*).
 
 Run from the repository root:  python -m benchmarks.sparse_training [--quick] [--mnist]
+
+``--scale WIDTH[,WIDTH...]`` is the other benchmark here: one MNIST epoch per width at the
+scale of "Truly Sparse Neural Networks at Scale" (``benchmarks.sparse_training_scale``).
 """
 
 import argparse
@@ -279,13 +282,21 @@ def mnist_runs(quick: bool) -> dict:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg == "--scale" or arg.startswith("--scale=") for arg in argv):  # the big run: its own module
+        from benchmarks import sparse_training_scale
+
+        sparse_training_scale.main(argv)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="--scale WIDTH[,WIDTH...] trains one MNIST epoch per width at scale "
+                                            "(python -m benchmarks.sparse_training --scale 16384 --help)")
     parser.add_argument("--quick", action="store_true", help="two widths, two sparsities (~1 min)")
     parser.add_argument("--mnist", action="store_true", help="also train on MNIST (~6 min; data in ./data)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--replot", action="store_true", help="redraw sparse_training.png from the committed JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.replot:
         rows = json.loads((RESULTS / "sparse_training.json").read_text())["rows"]
         for row in rows:  # files written while the scipy backend was called "numpy"

@@ -49,7 +49,8 @@ def test_patterns_are_timed_against_dense_and_unstructured_at_their_own_density(
     assert rows[0]["pattern_ms"] == rows[0]["unstructured_ms"]
     assert pattern_density("2:4", 0.9) == 0.5 and pattern_density("fan_in", 0.9) == pytest.approx(0.1)
     sentences = describe_pattern_speed(rows)
-    assert len(sentences) == 4 and "than unstructured CSR at the same density" in sentences[1]
+    assert len(sentences) == 4 and " unstructured CSR at the same density" in sentences[1]
+    assert sentences[1].startswith("batch 1, 50 % sparse: 2:4 (as ") and " runs " in sentences[1]
     assert f"{rows[1]['pattern_ms']:.3f} ms" in sentences[1]
 
 
@@ -65,3 +66,10 @@ def test_tradeoff_points_pair_a_patterns_speed_with_its_accuracy_change():
     assert points == [{"label": "unstructured (90 %)", "kind": "unstructured", "speedup": 2.0, "accuracy_change": 0.0},
                       {"label": "fan_in (90 %)", "kind": "fan_in", "speedup": 4.0,
                        "accuracy_change": pytest.approx(-0.2)}]
+
+
+def test_speed_is_worded_by_the_one_threshold_both_ways():
+    from dst.tutorial.hardware import _against
+
+    assert _against(1.0, 3.0) == "3x faster than" and _against(3.0, 1.0) == "3x slower than"
+    assert _against(1.0, 1.01) == "at about the same speed as"

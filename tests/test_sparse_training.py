@@ -390,3 +390,11 @@ def test_both_engines_make_the_same_dst_step_from_the_same_generator(backend):
     sparse_report = sparse.update_topology(0.3, random=torch.Generator().manual_seed(3))
     assert sparse_report == masked_report
     assert_same_network(sparse, net)
+
+
+def test_the_truly_sparse_trainer_refuses_a_criterion_whose_dense_signal_it_never_forms():
+    from dst.csr.linear import trainable_regrow
+
+    for name in ("gradient", "momentum"):
+        with pytest.raises(ValueError, match=f"cannot regrow by '{name}'.*the dense {name}.*\\['random'\\]"):
+            trainable_regrow(name)

@@ -17,6 +17,8 @@ Modules, one concept each:
     model          SparseNet: that chain run step by step; save/load; memory report
     npz            its .npz file, read as untrusted input
     linear         SparseLinear: a CSR weight trained without ever being dense
+    csr_build      its CSR index arrays: from positions, at random in row chunks, merged after an update
+    memory         whether a SparseMLP fits in this machine's memory, checked before allocating
     optimizers     SGD and Adam on arrays of active weights; their torch twins
     mlp            SparseMLP: the truly sparse trainer, and SparseMLPStep for DSTScheduler
     comparison     the same MLP run trained truly sparse and masked, with comparable metrics

@@ -25,16 +25,20 @@ import torch
 from dst.core.checks import check_data, check_hidden, check_positive_int, class_labels, is_positive_int
 from dst.core.models import MLP
 from dst.core.progress import Progress
-from dst.csr.backends import get_backend
+from dst.csr.backends import get_backend, require_training
 from dst.csr.linear import SparseLinear, trainable_regrow
+from dst.csr.memory import check_fits, training_bytes
 from dst.csr.optimizers import OPTIMIZERS, OptimizerConfig
-from dst.engine.allocation import check_sparsity, layer_densities
+from dst.engine.allocation import active_count, check_sparsity, layer_densities
 from dst.engine.masked import MaskedNet
 from dst.engine.masked_layers import MaskedLinear
 from dst.engine.schedule import DSTConfig, DSTScheduler
 from dst.engine.update_rule import LayerUpdate, RandomSource, RegrowCriterion, check_prune_ratio
 
 DEFAULT_OPTIMIZER = OptimizerConfig()
+# ReLU's backward masks the gradient this many rows at a time, so its boolean temporary stays
+# small (1 MiB at batch 128) however wide the layer.
+RELU_CHUNK_ROWS = 8192
 
 # SET-style topology updates for one-epoch MNIST runs (~470 steps of 128): 4 updates, each
 # moving 20% of every layer's connections. Regrown weights start at zero (see dst.engine.prune_regrow).
@@ -71,7 +75,11 @@ class SparseMLP:
     def random(cls, in_features: int = 784, hidden: tuple[int, ...] = (1000, 1000), num_classes: int = 10,
                sparsity: float = 0.99, allocation: str = "erk", optimizer: OptimizerConfig = DEFAULT_OPTIMIZER,
                seed: int = 0, backend: str | None = None) -> "SparseMLP":
-        """A freshly initialised sparse MLP; its densities come from ``layer_densities``."""
+        """A freshly initialised sparse MLP; its densities come from ``layer_densities``.
+
+        A ``MemoryError`` before anything is allocated if training it would not fit in the
+        memory available (``dst.csr.memory``), stating what it needs and what there is.
+        """
         check_sparsity(sparsity)
         widths = (in_features, *check_hidden(hidden), num_classes)
         if not all(is_positive_int(width) for width in widths):
@@ -80,6 +88,11 @@ class SparseMLP:
                   in enumerate(pairwise(widths), start=1)}
         densities = layer_densities(shapes, sparsity, allocation)
         ops = get_backend(backend)
+        counts = [(shape, active_count(shape[0] * shape[1], densities[name])) for name, shape in shapes.items()]
+        needed = training_bytes(counts, len(optimizer.state_names), require_training(ops).keeps_rows,
+                                keeps_csc=ops.name == "numba")
+        check_fits(needed, f"a SparseMLP {'-'.join(map(str, widths))} at {sparsity:.4g} sparsity "
+                           f"({sum(count for _, count in counts):,} active weights)")
         rng = np.random.default_rng(seed)
         layers = [SparseLinear.random(*shape, densities[name], rng, ops)
                   for name, shape in shapes.items()]
@@ -140,7 +153,7 @@ class SparseMLP:
 
     def predict(self, x):
         """Logits (batch, classes) as a host numpy array."""
-        return self.ops.to_numpy(self._forward(self._features(x))[-1]).T
+        return self.ops.to_numpy(self._forward(self._features(x))[-1]).T.copy()  # not the layer's buffer
 
     def train_step(self, x, y) -> float:
         """One optimizer step on the batch (x, y); returns its mean cross-entropy loss."""
@@ -166,7 +179,7 @@ class SparseMLP:
             update(self.optimizer, layer.bias, layer.bias_grad, layer.bias_state, self.steps)
             if index > 0:
                 grad = grad_inputs
-                grad *= activations[index] > 0
+                relu_backward_(grad, activations[index])
         return loss
 
     def update_topology(self, prune_ratio: float, regrow: str = "random",
@@ -237,6 +250,9 @@ class SparseMLP:
         twin.train_step(features, host_array(y, np.int64).reshape(-1))
         twin.update_topology(0.1)
         twin.predict(features)
+        warm_up_parallel = getattr(self.ops.training.matrix, "warm_up", None)  # numba's wide-layer kernels
+        if warm_up_parallel is not None:
+            warm_up_parallel()
         return time.perf_counter() - started
 
     def evaluate(self, x, y, batch_size: int = 1000) -> float:
@@ -280,6 +296,12 @@ class SparseMLPStep:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def relu_backward_(grad, activations) -> None:
+    """``grad *= activations > 0`` in place, in chunks of rows (no activation-sized temporary)."""
+    for start in range(0, len(grad), RELU_CHUNK_ROWS):
+        grad[start:start + RELU_CHUNK_ROWS] *= activations[start:start + RELU_CHUNK_ROWS] > 0
 
 
 def host_array(values, dtype) -> np.ndarray:

@@ -16,11 +16,24 @@ outputs so both cores share it:
   pass over the row, bias and ReLU fused.
 
 Training (``dst.csr.linear.SparseLinear``), activations feature-major ``(features,
-batch)``: ``train_matmul`` (W @ A), ``train_matmul_transposed`` (W.T @ dZ) and
-``train_sddmm`` (``dZ[row_k] . A[col_k]`` for every active weight). Serial on purpose:
-on the 2-core development machine shared with other work, numba's parallel versions
-waited ~8 ms a call for their second thread and were no faster on wide layers, whose
-time goes into fetching rows from memory.
+batch)``: W @ A, W.T @ dZ and the SDDMM ``dZ[row_k] . A[col_k]`` for every active weight,
+each twice:
+
+* ``train_matmul``, ``train_matmul_transposed``, ``train_sddmm``: serial, the reference,
+  and the path of small layers (the tutorial's), where a ``prange`` costs more than it
+  saves: on the shared 2-core development machine a parallel call could wait ~8 ms
+  for its second thread.
+* ``blocked_matmul``, ``blocked_matmul_transposed``, ``blocked_sddmm``: for wide layers,
+  whose time goes into gathering rows at random from activation arrays far bigger
+  than the cache. Each work item is a range of output rows (``prange`` over items,
+  balanced by active weights); it walks the rows it gathers from in blocks sized to
+  share the L3 cache, and within a block takes, row by row, the weights whose column
+  lies in it (a cursor per row remembers where the last block stopped). Every output
+  still sums its terms in the serial order (columns ascending), so W @ A and the SDDMM
+  equal the serial kernels bitwise. W.T @ dZ is the same gather over the CSC
+  permutation of the CSR arrays (``csc_permutation``, rebuilt only when the topology
+  changes), rows ascending within a column as the serial scatter adds them: bitwise
+  equal too, and no two items ever write the same output.
 
 numba compiles each kernel on its first call (cached on disk next to this file, so
 later processes only load it); time nothing before one call.
@@ -161,3 +174,90 @@ def train_sddmm(indptr, columns, left, right, out):  # pragma: no cover - compil
             for b in range(left.shape[1]):
                 total += left[row, b] * right[column, b]
             out[k] = total
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def blocked_matmul(indptr, columns, weight, inputs, outputs, item_rows, block_rows):  # pragma: no cover
+    """``outputs (out, batch) = W @ inputs (in, batch)``, ``train_matmul``'s sums, in parallel and cache blocks.
+
+    ``item_rows``: (items + 1,) the output rows of each work item, ``item_rows[i]:item_rows[i + 1]``;
+    ``block_rows``: how many rows of ``inputs`` one cache block holds.
+    """
+    batch, in_rows = inputs.shape[1], inputs.shape[0]
+    for item in numba.prange(len(item_rows) - 1):
+        first, last = item_rows[item], item_rows[item + 1]
+        cursor = indptr[first:last].copy()  # each row's next weight: columns ascend within a row
+        outputs[first:last, :] = 0.0
+        for block_stop in range(block_rows, in_rows + block_rows, block_rows):
+            for row in range(first, last):
+                k, stop = cursor[row - first], indptr[row + 1]
+                while k < stop and columns[k] < block_stop:
+                    value, column = weight[k], columns[k]
+                    for b in range(batch):
+                        outputs[row, b] += value * inputs[column, b]
+                    k += 1
+                cursor[row - first] = k
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def blocked_matmul_transposed(csc_indptr, csc_rows, csc_order, weight, grad_outputs, grad_inputs,
+                              item_columns, block_rows):  # pragma: no cover - compiled
+    """``grad_inputs (in, batch) = W.T @ grad_outputs (out, batch)`` (overwritten), as ``train_matmul_transposed`` sums.
+
+    The CSC arrays come from ``csc_permutation``: input column ``c`` owns entries
+    ``csc_indptr[c]:csc_indptr[c + 1]``, of rows ``csc_rows`` (ascending) and CSR index ``csc_order``,
+    so the values are read from the CSR ``weight`` the optimizer updates. ``item_columns`` splits the
+    input columns into work items; ``block_rows``: how many rows of ``grad_outputs`` one cache block holds.
+    """
+    batch, out_rows = grad_outputs.shape[1], grad_outputs.shape[0]
+    for item in numba.prange(len(item_columns) - 1):
+        first, last = item_columns[item], item_columns[item + 1]
+        cursor = csc_indptr[first:last].copy()
+        grad_inputs[first:last, :] = 0.0
+        for block_stop in range(block_rows, out_rows + block_rows, block_rows):
+            for column in range(first, last):
+                k, stop = cursor[column - first], csc_indptr[column + 1]
+                while k < stop and csc_rows[k] < block_stop:
+                    value, row = weight[csc_order[k]], csc_rows[k]
+                    for b in range(batch):
+                        grad_inputs[column, b] += value * grad_outputs[row, b]
+                    k += 1
+                cursor[column - first] = k
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def blocked_sddmm(indptr, columns, left, right, out, item_rows, block_rows):  # pragma: no cover - compiled
+    """``out[k] = left[row_k] . right[col_k]``, ``train_sddmm``'s dot products, in parallel, ``right`` in blocks."""
+    batch, right_rows = left.shape[1], right.shape[0]
+    for item in numba.prange(len(item_rows) - 1):
+        first, last = item_rows[item], item_rows[item + 1]
+        cursor = indptr[first:last].copy()
+        for block_stop in range(block_rows, right_rows + block_rows, block_rows):
+            for row in range(first, last):
+                k, stop = cursor[row - first], indptr[row + 1]
+                while k < stop and columns[k] < block_stop:
+                    column, total = columns[k], np.float32(0.0)
+                    for b in range(batch):
+                        total += left[row, b] * right[column, b]
+                    out[k] = total
+                    k += 1
+                cursor[row - first] = k
+
+
+@numba.njit(cache=True)
+def csc_permutation(indptr, columns, column_count, csc_indptr, csc_rows, csc_order):  # pragma: no cover
+    """Fill the CSC arrays of a CSR pattern: a counting sort by column, rows ascending within each column.
+
+    ``csc_indptr`` (column_count + 1,) must come in zeroed; ``csc_rows`` and ``csc_order`` (nnz,) are
+    overwritten with each entry's row and its index in the CSR arrays.
+    """
+    for k in range(len(columns)):
+        csc_indptr[columns[k] + 1] += 1
+    for column in range(column_count):
+        csc_indptr[column + 1] += csc_indptr[column]
+    cursor = csc_indptr[:-1].copy()
+    for row in range(len(indptr) - 1):
+        for k in range(indptr[row], indptr[row + 1]):
+            position = cursor[columns[k]]
+            csc_rows[position], csc_order[position] = row, k
+            cursor[columns[k]] = position + 1

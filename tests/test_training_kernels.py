@@ -1,0 +1,280 @@
+"""The parallel, cache-blocked training kernels equal the serial ones; the layer's bounded init and update.
+
+The serial kernels (``train_matmul``, ``train_matmul_transposed``, ``train_sddmm``) are the
+reference; a numpy product of the dense matrix checks them in turn. Shapes include empty
+rows and columns, batch 1 and blocks of one row, so every cursor path runs.
+"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dst.csr import csr_build, memory
+from dst.csr.backends import get_backend
+from dst.csr.csr_build import csr_from_positions, random_csr
+from dst.csr.linear import SparseLinear
+from dst.csr.mlp import SparseMLP
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
+                                reason="numba is not installed (optional backend)")
+
+
+def random_layer(rng, out_features, in_features, density, empty_rows=(), empty_columns=()):
+    """Sorted int32 CSR arrays of a random pattern, with the given rows and columns left empty."""
+    mask = rng.random((out_features, in_features)) < density
+    mask[list(empty_rows), :] = False
+    mask[:, list(empty_columns)] = False
+    positions = np.flatnonzero(mask).astype(np.int64)
+    indptr, columns = csr_from_positions(positions, (out_features, in_features))
+    weight = rng.standard_normal(len(positions)).astype(np.float32)
+    return indptr, columns, weight, mask
+
+
+def csc_of(indptr, columns, in_features):
+    from dst.csr.numba_kernels import csc_permutation
+
+    csc_indptr = np.zeros(in_features + 1, dtype=indptr.dtype)
+    csc_rows = np.empty(len(columns), dtype=columns.dtype)
+    csc_order = np.empty(len(columns), dtype=indptr.dtype)
+    csc_permutation(indptr, columns, in_features, csc_indptr, csc_rows, csc_order)
+    return csc_indptr, csc_rows, csc_order
+
+
+layer_shapes = st.tuples(st.integers(1, 40), st.integers(1, 40), st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+                         st.integers(1, 9), st.integers(1, 8), st.integers(1, 6), st.integers(0, 10**6))
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_shapes)
+def test_blocked_kernels_equal_the_serial_ones_bitwise(case):
+    from dst.csr.numba_backend import balanced_items
+    from dst.csr.numba_kernels import (
+        blocked_matmul,
+        blocked_matmul_transposed,
+        blocked_sddmm,
+        train_matmul,
+        train_matmul_transposed,
+        train_sddmm,
+    )
+
+    out_features, in_features, density, batch, block, items, seed = case
+    rng = np.random.default_rng(seed)
+    indptr, columns, weight, mask = random_layer(rng, out_features, in_features, density,
+                                                 empty_rows=range(0, out_features, 3),
+                                                 empty_columns=range(1, in_features, 4))
+    inputs = rng.standard_normal((in_features, batch)).astype(np.float32)
+    grad_outputs = rng.standard_normal((out_features, batch)).astype(np.float32)
+    row_items = balanced_items(indptr, items)
+
+    serial, blocked = np.empty((out_features, batch), np.float32), np.full((out_features, batch), np.nan, np.float32)
+    train_matmul(indptr, columns, weight, inputs, serial)
+    blocked_matmul(indptr, columns, weight, inputs, blocked, row_items, block)
+    np.testing.assert_array_equal(blocked, serial)
+    dense = np.zeros((out_features, in_features), np.float32)
+    dense[mask] = weight
+    np.testing.assert_allclose(serial, dense @ inputs, rtol=1e-5, atol=1e-5)
+
+    serial_t = np.zeros((in_features, batch), np.float32)
+    blocked_t = np.full((in_features, batch), np.nan, np.float32)  # every entry overwritten, empty columns too
+    train_matmul_transposed(indptr, columns, weight, grad_outputs, serial_t)
+    csc = csc_of(indptr, columns, in_features)
+    blocked_matmul_transposed(*csc, weight, grad_outputs, blocked_t, balanced_items(csc[0], items), block)
+    np.testing.assert_array_equal(blocked_t, serial_t)
+    np.testing.assert_allclose(serial_t, dense.T @ grad_outputs, rtol=1e-5, atol=1e-5)
+
+    serial_g, blocked_g = np.empty(len(weight), np.float32), np.full(len(weight), np.nan, np.float32)
+    train_sddmm(indptr, columns, grad_outputs, inputs, serial_g)
+    blocked_sddmm(indptr, columns, grad_outputs, inputs, blocked_g, row_items, block)
+    np.testing.assert_array_equal(blocked_g, serial_g)
+    np.testing.assert_allclose(serial_g, (grad_outputs @ inputs.T)[mask], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 30), st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.integers(0, 1000))
+def test_csc_permutation_lists_each_column_rows_ascending(out_features, in_features, density, seed):
+    indptr, columns, weight, mask = random_layer(np.random.default_rng(seed), out_features, in_features, density)
+    csc_indptr, csc_rows, csc_order = csc_of(indptr, columns, in_features)
+    np.testing.assert_array_equal(np.diff(csc_indptr), mask.sum(axis=0))
+    rows_of = np.repeat(np.arange(out_features), np.diff(indptr))
+    np.testing.assert_array_equal(rows_of[csc_order], csc_rows)  # each entry's row, through the order
+    np.testing.assert_array_equal(columns[csc_order], np.repeat(np.arange(in_features), np.diff(csc_indptr)))
+    for column in range(in_features):
+        assert np.all(np.diff(csc_rows[csc_indptr[column]:csc_indptr[column + 1]]) > 0)
+    assert sorted(csc_order.tolist()) == list(range(len(columns)))
+
+
+def test_balanced_items_cover_every_row_once_with_about_equal_work():
+    from dst.csr.numba_backend import balanced_items
+
+    indptr = np.array([0, 0, 10, 10, 11, 30, 30, 40], dtype=np.int32)
+    bounds = balanced_items(indptr, 4)
+    assert bounds[0] == 0 and bounds[-1] == 7 and np.all(np.diff(bounds) >= 0)
+    assert balanced_items(np.zeros(6, np.int32), 3).tolist()[-1] == 5  # no weights at all
+
+
+@pytest.mark.parametrize("batch", [1, 7, 128])
+def test_a_step_on_the_parallel_path_equals_one_on_the_serial_path(monkeypatch, batch):
+    from dst.csr import numba_backend
+
+    rng = np.random.default_rng(batch)
+    x, y = rng.standard_normal((batch, 50)).astype(np.float32), rng.integers(0, 5, batch)
+    runs = {}
+    for path, threshold, block_bytes in (("serial", 1 << 60, 1 << 24), ("parallel", 0, 4 * batch * 3)):
+        monkeypatch.setattr(numba_backend, "SERIAL_BELOW", threshold)
+        monkeypatch.setattr(numba_backend, "BLOCK_BYTES", block_bytes)  # three rows a block: many blocks
+        model = SparseMLP.random(50, (40, 30), 5, sparsity=0.7, seed=3, backend="numba")
+        losses = [model.train_step(x, y) for _ in range(3)]
+        model.update_topology(0.3)
+        losses += [model.train_step(x, y) for _ in range(2)]
+        runs[path] = losses, {name: (layer.weight.copy(), layer.weight_grad.copy())
+                              for name, layer in model.layers.items()}
+    assert runs["serial"][0] == runs["parallel"][0]
+    for name, (weight, grad) in runs["serial"][1].items():
+        np.testing.assert_array_equal(runs["parallel"][1][name][0], weight)
+        np.testing.assert_array_equal(runs["parallel"][1][name][1], grad)
+
+
+def test_work_buffers_are_reused_across_steps_and_replaced_for_a_new_batch_shape(monkeypatch):
+    from dst.csr import numba_backend
+
+    monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 0)
+    model = SparseMLP.random(20, (16,), 4, sparsity=0.5, backend="numba")
+    rng = np.random.default_rng(0)
+    model.train_step(rng.standard_normal((8, 20)), rng.integers(0, 4, 8))
+    held = {name: dict(layer._buffers) for name, layer in model.layers.items()}
+    model.train_step(rng.standard_normal((8, 20)), rng.integers(0, 4, 8))
+    model.update_topology(0.5)  # a new topology keeps the buffers: their shape is the batch's
+    model.train_step(rng.standard_normal((8, 20)), rng.integers(0, 4, 8))
+    for name, layer in model.layers.items():
+        assert all(layer._buffers[key] is buffer for key, buffer in held[name].items())
+    first = model.predict(np.ones((3, 20)))
+    second = model.predict(np.zeros((3, 20)))
+    assert not np.array_equal(first, second)  # predict hands back a copy, not the buffer
+    assert model.layers["fc1"]._buffers["outputs"].shape == (16, 3)
+
+
+# ----------------------------------------------------------------------------- bounded init and update
+
+def test_chunked_init_draws_exactly_the_count_sorted_unique_and_in_range(monkeypatch):
+    monkeypatch.setattr(csr_build, "INIT_CHUNK_POSITIONS", 64)  # 64 positions a chunk: many chunks
+    rng = np.random.default_rng(0)
+    indptr, columns, weight = random_csr((50, 30), 400, 0.1, 0.25, rng)
+    assert indptr[-1] == len(columns) == len(weight) == 400 and np.all(np.diff(indptr) >= 0)
+    positions = np.repeat(np.arange(50) * 30, np.diff(indptr)) + columns
+    assert np.all(np.diff(positions) > 0) and positions[-1] < 1500 and np.all((columns >= 0) & (columns < 30))
+    assert np.abs(weight).max() <= 0.1 / np.sqrt(0.25) and weight.dtype == np.float32
+    layer = SparseLinear.random(50, 30, 0.25, rng, get_backend("scipy"))
+    assert layer.active_count == 375 and np.all(np.diff(layer.positions()) > 0)
+
+
+def test_chunked_init_is_uniform_over_positions(monkeypatch):
+    monkeypatch.setattr(csr_build, "INIT_CHUNK_POSITIONS", 8)
+    rng = np.random.default_rng(1)
+    counts = np.zeros(6 * 4)
+    for _ in range(2000):
+        indptr, columns, _ = random_csr((6, 4), 5, 1.0, 1.0, rng)
+        counts[np.repeat(np.arange(6) * 4, np.diff(indptr)) + columns] += 1
+    np.testing.assert_allclose(counts / 2000, 5 / 24, atol=0.04)
+
+
+def test_hypergeometric_beyond_numpys_limit_stays_feasible():
+    rng = np.random.default_rng(0)
+    assert csr_build.hypergeometric(rng, 10**10, 5, 10) >= 5
+    assert csr_build.hypergeometric(rng, 3, 10**10, 10) <= 3
+    assert csr_build.hypergeometric(rng, 5, 0, 5) == 5 and csr_build.hypergeometric(rng, 5, 7, 0) == 0
+
+
+def old_prune_and_regrow(layer, prune_ratio, random):
+    """The update as it was before its temporaries were bounded: concatenate, argsort, gather."""
+    from dst.engine.update_rule import REGROW, choose_moves, moved_count
+
+    before = layer.positions()
+    numel = layer.shape[0] * layer.shape[1]
+    count = moved_count(len(before), numel, prune_ratio)
+    pruned, regrown = choose_moves(before, np.abs(layer.weight), numel, count, REGROW["random"], random=random)
+    keep = np.ones(len(before), dtype=bool)
+    keep[pruned] = False
+    positions = np.concatenate([before[keep], regrown])
+    order = np.argsort(positions)
+
+    def remap(values):
+        return np.concatenate([values[keep], np.zeros(count, dtype=values.dtype)])[order]
+
+    return positions[order], remap(layer.weight), {name: remap(values) for name, values in layer.state.items()}
+
+
+@pytest.mark.parametrize("backend", ["scipy", "numba"])
+@settings(max_examples=25, deadline=None)
+@given(sparsity=st.floats(0.0, 0.97), prune_ratio=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
+def test_the_merged_update_equals_concatenate_and_argsort(backend, sparsity, prune_ratio, seed):
+    model = SparseMLP.random(20, (30,), 5, sparsity=sparsity, seed=seed, backend=backend)
+    rng = np.random.default_rng(seed)
+    for _ in range(2):
+        model.train_step(rng.standard_normal((8, 20)), rng.integers(0, 5, 8))
+    for layer in model.layers.values():
+        positions, weight, state = old_prune_and_regrow(layer, prune_ratio, np.random.default_rng(seed))
+        layer.prune_and_regrow(prune_ratio, np.random.default_rng(seed))
+        np.testing.assert_array_equal(layer.positions(), positions)
+        np.testing.assert_array_equal(layer.weight, weight)
+        for name, values in state.items():
+            np.testing.assert_array_equal(layer.state[name], values)
+        assert layer.columns.dtype == layer.indptr.dtype == np.int32
+        assert layer.indptr[-1] == layer.active_count == len(layer.weight_grad)
+
+
+# ----------------------------------------------------------------------------- the memory check
+
+def test_a_model_that_cannot_fit_fails_before_allocating_and_says_what_it_needs(monkeypatch):
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 2**30)  # a 1 GiB machine
+    with pytest.raises(MemoryError, match=r"needs \d+\.\d\d GiB .* has 1\.00 GiB available"):
+        SparseMLP.random(784, (262144, 262144), 10, sparsity=0.99, allocation="uniform")
+    SparseMLP.random(784, (256, 256), 10, sparsity=0.9)  # a small one still builds
+
+
+def test_the_estimate_matches_what_the_layers_hold(monkeypatch):
+    from dst.csr import numba_backend
+
+    monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 0)  # builds the CSC permutation
+    model = SparseMLP.random(30, (40, 20), 5, sparsity=0.6, seed=0, backend="numba")
+    model.train_step(np.ones((4, 30)), [0, 1, 2, 3])
+    layers = [(layer.shape, layer.active_count) for layer in model.layers.values()]
+    needed = memory.training_bytes(layers, state_count=1, keeps_rows=False, keeps_csc=True)
+    assert needed["held"] == model.nbytes()
+    scipy_model = SparseMLP.random(30, (40, 20), 5, sparsity=0.6, seed=0, backend="scipy")
+    assert memory.training_bytes(layers, 1, keeps_rows=True, keeps_csc=False)["held"] == scipy_model.nbytes()
+
+
+def test_available_memory_reads_meminfo_and_falls_back(monkeypatch, tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       1000 kB\nMemAvailable:    512 kB\n")
+    monkeypatch.setattr(memory, "MEMINFO", meminfo)
+    assert memory.available_memory_bytes() == 512 * 1024
+    monkeypatch.setattr(memory, "MEMINFO", tmp_path / "missing")
+    assert memory.available_memory_bytes() is None or memory.available_memory_bytes() > 0
+
+
+def test_warm_up_also_readies_the_parallel_kernels():
+    model = SparseMLP.random(12, (6,), 3, sparsity=0.5, backend="numba")
+    rng = np.random.default_rng(0)
+    assert model.warm_up(rng.standard_normal((4, 12)), rng.integers(0, 3, 4)) > 0
+    from dst.csr.numba_backend import TrainingLayout
+
+    assert model.layers["fc1"].matrix.__class__ is TrainingLayout
+
+
+def test_a_criterion_that_fails_leaves_the_layer_able_to_train():
+    from dst.engine.update_rule import RegrowCriterion
+
+    def wrong(active, numel, count, random):
+        return active[:count]  # active positions: refused by the update rule
+
+    model = SparseMLP.random(12, (10,), 3, sparsity=0.5, backend="numba")
+    criterion = RegrowCriterion("wrong", "active positions", needs=None, uses_random=False,
+                                score=lambda signal, numel, random: np.zeros(numel), sample=wrong)
+    with pytest.raises(ValueError, match="inactive"):
+        model.update_topology(0.3, criterion)
+    rng = np.random.default_rng(0)
+    assert np.isfinite(model.train_step(rng.standard_normal((4, 12)), rng.integers(0, 3, 4)))
