@@ -16,10 +16,18 @@ class registered with ``@register`` that knows one step of the layer chain end t
 
 Built-in kinds: ``conv`` and ``linear`` (CSR, any mask), ``fan_in`` (condensed constant
 fan-in), ``bsr`` (block-sparse rows) and the weightless ``relu``, ``maxpool``, ``flatten``.
-A new kind is one module here (imported below) plus its tests.
+A new kind is one module here plus its tests (and a ``<name>_kernels`` module if it brings numba
+kernels): every module of this package is imported below, and each registers its kinds; the
+``*_kernels`` modules are left to the numba steps that need them, so numba stays optional.
 """
 
-from dst.csr.kinds import bsr, conv, fan_in, linear, plain  # noqa: F401  (each registers its kinds)
+import importlib
+import pkgutil
+
 from dst.csr.kinds.base import KINDS, Kind, WeightedKind, get_kind, register
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.endswith("_kernels"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["KINDS", "Kind", "WeightedKind", "get_kind", "register"]
