@@ -33,7 +33,6 @@ import warnings
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 import torch
 from torch import nn
 
@@ -41,6 +40,8 @@ from dst.core.models import SimpleNet
 from dst.csr.backends import numba_available
 from dst.csr.model import SparseNet
 from dst.engine.masked import MaskedNet
+from dst.engine.patterns import Pattern, get_pattern
+from dst.engine.patterns.block import Block
 from dst.tutorial.benchmark import benchmark_environment, cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,25 +66,9 @@ def lscpu_model() -> str | None:
     return cpu_model()
 
 
-def pattern_mask(shape: tuple[int, int], sparsity: float, pattern: str, block_shape, rng) -> np.ndarray:
-    """A random boolean (out, in) mask at ``sparsity`` in ``pattern``: unstructured, fan_in or block."""
-    rows, columns = shape
-    density = 1.0 - sparsity
-    if pattern == "fan_in":
-        k = max(1, round(density * columns))
-        mask = np.zeros(shape, dtype=bool)
-        chosen = np.argsort(rng.random(shape), axis=1)[:, :k]
-        np.put_along_axis(mask, chosen, True, axis=1)
-        return mask
-    if pattern == "block":
-        r, c = block_shape
-        count = (rows // r) * (columns // c)
-        blocks = np.zeros(count, dtype=bool)
-        blocks[rng.choice(count, max(1, round(density * count)), replace=False)] = True
-        return np.kron(blocks.reshape(rows // r, columns // c), np.ones(block_shape, dtype=bool))
-    mask = np.zeros(rows * columns, dtype=bool)
-    mask[rng.choice(rows * columns, max(1, round(density * rows * columns)), replace=False)] = True
-    return mask.reshape(shape)
+def pattern_of(pattern: str, block_shape=None) -> Pattern:
+    """The engine's pattern for a row of this benchmark: "unstructured", "fan_in", or "block" of ``block_shape``."""
+    return Block(*block_shape) if pattern == "block" else get_pattern(pattern)
 
 
 def masked_model(layer: str, sparsity: float, pattern: str, block_shape=None, seed: int = 0) -> tuple:
@@ -94,19 +79,23 @@ def masked_model(layer: str, sparsity: float, pattern: str, block_shape=None, se
     with warnings.catch_warnings():  # inputs a random mask leaves unread: irrelevant to a timing
         warnings.simplefilter("ignore")
         net = MaskedNet(base, sparsity, "uniform").eval()
-    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
     kind = {"fan_in": "fan_in", "block": ("bsr", {"block_shape": block_shape})}.get(pattern, "csr")
     layout = {}
     for name, module in net.masked_layers().items():
         shape = tuple(module.mask_2d().shape)
-        fits = isinstance(module.weight, torch.Tensor) and module.weight.dim() == 2 and (
-            pattern == "fan_in" or (pattern == "block" and shape[0] % block_shape[0] == 0
-                                    and shape[1] % block_shape[1] == 0))
-        mask = pattern_mask(shape, sparsity, pattern if fits else "unstructured", block_shape, rng)
+        chosen = pattern_of(pattern, block_shape)
+        try:
+            fits = module.weight.dim() == 2 and chosen.active_count(shape, 1.0 - sparsity) > 0
+        except ValueError:  # a shape the blocks do not tile
+            fits = False
+        chosen = chosen if fits else get_pattern("unstructured")
+        mask = chosen.random_mask(shape, 1.0 - sparsity, generator)
         layout[name] = kind if fits else "csr"
         with torch.no_grad():
             module.mask.copy_(torch.from_numpy(mask).reshape(module.mask.shape))
             module.weight.mul_(module.mask)
+        module.pattern = chosen
     return net, layout
 
 

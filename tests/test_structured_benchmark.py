@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,15 +11,20 @@ from dst.csr.backends import numba_available
 
 @pytest.mark.parametrize("pattern,block_shape", [("fan_in", None), ("block", (4, 4)), ("block", (1, 8)),
                                                  ("unstructured", None)])
-def test_pattern_masks_hold_their_structure_and_density(pattern, block_shape):
-    mask = structured.pattern_mask((64, 96), 0.75, pattern, block_shape, np.random.default_rng(0))
-    assert abs(mask.mean() - 0.25) < 0.02
-    if pattern == "fan_in":
-        assert set(mask.sum(axis=1)) == {24}
-    if pattern == "block":
-        r, c = block_shape
-        blocks = mask.reshape(64 // r, r, 96 // c, c)
-        assert np.array_equal(blocks.any(axis=(1, 3)), blocks.all(axis=(1, 3)))
+def test_the_timed_nets_hold_the_pattern_they_claim_where_it_fits(pattern, block_shape, monkeypatch):
+    monkeypatch.setitem(structured.LAYERS, "tiny", (96, 64))
+    for layer in ("tiny", "SimpleNet"):
+        net, layout = structured.masked_model(layer, 0.75, pattern, block_shape)
+        for name, module in net.masked_layers().items():
+            mask = module.mask_2d()
+            if layout[name] == "csr":  # convs, and layers the blocks do not tile: unstructured
+                assert module.pattern.kind == "unstructured", name
+            else:
+                assert module.pattern == structured.pattern_of(pattern, block_shape), name
+                module.pattern.check_mask(mask)  # every group holds the same count
+            assert mask.sum() == module.pattern.active_count(mask.shape, 0.25), name
+    if pattern != "unstructured":
+        assert any(kind != "csr" for kind in layout.values())
 
 
 @pytest.mark.skipif(not numba_available(), reason="numba is not installed")
