@@ -360,3 +360,17 @@ def test_a_cnn_keeps_csr_convs_when_its_linears_take_a_structured_kind(backend):
         assert_matches(net, sparse, inputs)
     with pytest.raises(ValueError, match=r"layer '0' \(MaskedConv2d\): kind 'fan_in' converts \['MaskedLinear'\]"):
         SparseNet.from_masked(net, backend, layout={"0": "fan_in"})
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+@pytest.mark.parametrize("layout", ["fan_in", "bsr"])
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("serial_work", [0, 1 << 40])  # every call parallel, then every call on one thread
+def test_the_numba_kernels_agree_on_one_thread_and_on_several(layout, batch, serial_work, monkeypatch):
+    from dst.csr.kinds import bsr_kernels, fan_in_kernels
+
+    monkeypatch.setattr(fan_in_kernels, "SERIAL_WORK", serial_work)
+    monkeypatch.setattr(bsr_kernels, "SERIAL_WORK", serial_work)
+    net = structured_net(layout, seed=3)
+    assert_matches(net, SparseNet.from_masked(net, "numba"),  # "auto": each layer its pattern's kind
+                   torch.randn(batch, IN, generator=torch.Generator().manual_seed(1)))

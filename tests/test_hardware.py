@@ -73,3 +73,11 @@ def test_speed_is_worded_by_the_one_threshold_both_ways():
 
     assert _against(1.0, 3.0) == "3x faster than" and _against(3.0, 1.0) == "3x slower than"
     assert _against(1.0, 1.01) == "at about the same speed as"
+
+
+def test_a_difference_decided_by_an_unstable_run_is_called_that_and_not_the_patterns_cost():
+    rows = [row("rigl", "unstructured", 0, 98.0), row("rigl", "unstructured", 1, 98.2),
+            row("rigl/block1x8", "block1x8", 0, 98.1), row("rigl/block1x8", "block1x8", 1, 11.35)]
+    (sentence,) = describe_pattern_accuracy(summarize_patterns(rows))
+    assert "but its seeds disagree (± 61.34 points, unstructured ± 0.14)" in sentence
+    assert "training instability, not the pattern's cost" in sentence

@@ -105,8 +105,9 @@ def summarize_patterns(rows: list[dict]) -> list[dict]:
 
     The method family is SET or RigL (SRigL is RigL under fan_in). Returns rows ``{"model", "method",
     "family", "sparsity", "pattern", "test_acc", "final_sparsity", "std", "seeds", "change"}``: ``change`` is
-    the mean minus the unstructured mean of the same model, family and sparsity (None where that is missing);
-    ``final_sparsity`` is what the nets reached (a pattern rounds each layer's count to what it can hold).
+    the mean minus the unstructured mean of the same model, family and sparsity (None where that is missing),
+    ``reference_std`` that reference's spread over seeds; ``final_sparsity`` is what the nets reached (a pattern
+    rounds each layer's count to what it can hold).
     """
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -120,11 +121,16 @@ def summarize_patterns(rows: list[dict]) -> list[dict]:
         summary.append({"model": model, "method": members[0]["method"], "family": family, "sparsity": sparsity,
                         "pattern": pattern, "test_acc": mean,
                         "final_sparsity": statistics.fmean(member["final_sparsity"] for member in members),
-                        "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                        "std": _std(accuracies),
                         "seeds": len(accuracies),
                         "change": None if pattern == UNSTRUCTURED or not reference else
-                        mean - statistics.fmean(member["test_acc"] for member in reference)})
+                        mean - statistics.fmean(member["test_acc"] for member in reference),
+                        "reference_std": None if not reference else _std([member["test_acc"] for member in reference])})
     return summary
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def pattern_table(summary: list[dict]) -> str:
@@ -140,17 +146,31 @@ def pattern_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Seeds of one setting that differ by more than this (points, sample std) mean a run trained badly: the difference
+# against unstructured then says more about training stability than about the pattern.
+UNSTABLE_STD = 1.0
+
+
 def describe_pattern_accuracy(summary: list[dict]) -> list[str]:
-    """One sentence per structured row: what the pattern cost (or gained) against unstructured, same density."""
+    """One sentence per structured row: what the pattern cost (or gained) against unstructured, same density.
+
+    Where the row's seeds or its reference's disagree by more than ``UNSTABLE_STD`` points, the sentence
+    says so instead of calling the difference the pattern's.
+    """
     sentences = []
     for row in summary:
         if row["change"] is None:
             continue
         change = row["change"]
         direction = "below" if change < 0 else "above"
-        sentences.append(f"{row['model']}, {100 * row['sparsity']:g} % sparse: {row['method']} reached "
-                         f"{row['test_acc']:.2f} %, {abs(change):.2f} points {direction} {row['family']} "
-                         f"unstructured (mean of {row['seeds']} seed{'s' if row['seeds'] != 1 else ''})")
+        sentence = (f"{row['model']}, {100 * row['sparsity']:g} % sparse: {row['method']} reached "
+                    f"{row['test_acc']:.2f} %, {abs(change):.2f} points {direction} {row['family']} "
+                    f"unstructured (mean of {row['seeds']} seed{'s' if row['seeds'] != 1 else ''})")
+        if max(row["std"], row["reference_std"] or 0.0) > UNSTABLE_STD:
+            sentence += (f"; but its seeds disagree (± {row['std']:.2f} points, unstructured ± "
+                         f"{row['reference_std']:.2f}): a run trained badly, so this is training instability, "
+                         "not the pattern's cost")
+        sentences.append(sentence)
     return sentences
 
 

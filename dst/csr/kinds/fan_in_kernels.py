@@ -8,8 +8,8 @@ given machine and ``k``, and equal to the masked dense forward within float32 ro
 ran 2.5x faster than the four-running-sums loop of the CSR kernel here. At batch N four
 weights go per pass over the output row, its inner loop over the batch contiguous (SIMD).
 Rows are split over threads (``prange``) only when a call has enough work to pay for waking
-them: at batch 1 a 1568->128 layer at 90 % is ~20,000 multiply-adds, a few microseconds,
-about what a parallel region costs to start.
+them (``SERIAL_WORK``): at batch 1 a 1000->1000 layer at 90 % is 100,000 multiply-adds, 24 us on
+one thread, less than waking a second one costs.
 """
 
 import numba
@@ -19,8 +19,10 @@ from dst.csr.array_ops import narrowest_dtype
 from dst.csr.kinds.base import FeaturesStep
 from dst.csr.numba_kernels import FASTMATH
 
-# Multiply-adds below which a call runs on one thread (see the module docstring).
-SERIAL_WORK = 1 << 16
+# Multiply-adds below which a call runs on one thread. Waking numba's second thread (OMP_WAIT_POLICY=PASSIVE)
+# cost ~37 us here (AMD EPYC, 2 cores): at batch 1 a 1000->1000 fan_in layer at 90 % (100,000) took 24 us on
+# one thread and 50 us on two; at 50 % (500,000) 111 us and 94 us. The crossover sits near 300,000.
+SERIAL_WORK = 1 << 18
 NO_BIAS = np.zeros(0, dtype=np.float32)
 
 
