@@ -33,11 +33,16 @@ def test_accuracy_is_averaged_per_family_and_set_against_unstructured_at_the_sam
     assert summary["set", "2:4", 0.5]["change"] is None  # no unstructured run at 50 %: nothing to compare
     assert summary["rigl", "unstructured", 0.9]["change"] is None and summary["rigl", "unstructured", 0.9]["seeds"] == 2
     table = pattern_table(summarize_patterns(ROWS))
-    assert "| lenet300-100 | srigl | 90 % (90.03 %) | fan_in | 98.00 ± 0.14 | -0.20 | 2 |" in table
+    assert "| model | family | sparsity | unstructured (%) | fan_in | 2:4 | block4x4 | seeds |" in table
+    assert "| lenet300-100 | rigl | 90 % | 98.20 ± 0.28 | -0.20 |  |  | 2 |" in table
+    assert "| lenet300-100 | set | 90 % | 97.50 ± 0.00 |  |  | -0.50 | 1 |" in table
+    assert "| lenet300-100 | set | 50 % |  |  |  |  | 1 |" in table  # 2:4 without an unstructured run: no change
     sentences = describe_pattern_accuracy(summarize_patterns(ROWS))
-    assert "lenet300-100, 90 % sparse: srigl reached 98.00 %, 0.20 points below rigl unstructured (mean of 2 seeds)" \
-        in sentences
-    assert len(sentences) == 2  # the two rows with an unstructured reference
+    assert sentences == [
+        "lenet300-100, rigl: against unstructured at the same density the patterns changed test accuracy by -0.20 "
+        "(fan_in, 90 %) to -0.20 points (fan_in, 90 %), median -0.20 over 1 settings",
+        "lenet300-100, set: against unstructured at the same density the patterns changed test accuracy by -0.50 "
+        "(block4x4, 90 %) to -0.50 points (block4x4, 90 %), median -0.50 over 1 settings"]
 
 
 def test_patterns_are_timed_against_dense_and_unstructured_at_their_own_density():
@@ -78,6 +83,7 @@ def test_speed_is_worded_by_the_one_threshold_both_ways():
 def test_a_difference_decided_by_an_unstable_run_is_called_that_and_not_the_patterns_cost():
     rows = [row("rigl", "unstructured", 0, 98.0), row("rigl", "unstructured", 1, 98.2),
             row("rigl/block1x8", "block1x8", 0, 98.1), row("rigl/block1x8", "block1x8", 1, 11.35)]
-    (sentence,) = describe_pattern_accuracy(summarize_patterns(rows))
-    assert "but its seeds disagree (± 61.34 points, unstructured ± 0.14)" in sentence
+    (sentence,) = describe_pattern_accuracy(summarize_patterns(rows))  # nothing stable is left to sum up
+    assert "block1x8 at 90 %: left out, its seeds disagree (± 61.34 points, unstructured ± 0.14)" in sentence
     assert "training instability, not the pattern's cost" in sentence
+    assert "-43.38 (unstable)" in pattern_table(summarize_patterns(rows))

@@ -134,16 +134,32 @@ def _std(values: list[float]) -> float:
 
 
 def pattern_table(summary: list[dict]) -> str:
-    """A markdown table of ``summarize_patterns``: accuracy per pattern and its change against unstructured."""
-    lines = ["| model | method | sparsity (reached) | pattern | test acc. (%) | vs unstructured (points) | seeds |",
-             "|---|---|---|---|---|---|---|"]
-    for row in summary:
-        change = "" if row["change"] is None else f"{row['change']:+.2f}"
-        spread = f" ± {row['std']:.2f}" if row["seeds"] > 1 else ""
-        lines.append(f"| {row['model']} | {row['method']} | {100 * row['sparsity']:g} % "
-                     f"({100 * row['final_sparsity']:.2f} %) | {row['pattern']} | {row['test_acc']:.2f}{spread} | "
-                     f"{change} | {row['seeds']} |")
+    """A markdown table of ``summarize_patterns``: per model, method family and sparsity, unstructured's accuracy and
+    each pattern's change against it (points; "unstable" where the seeds disagree, see ``UNSTABLE_STD``)."""
+    patterns = list(dict.fromkeys(row["pattern"] for row in summary if row["pattern"] != UNSTRUCTURED))
+    lines = ["| model | family | sparsity | unstructured (%) | " + " | ".join(patterns) + " | seeds |",
+             "|---|---|---|---|" + "---|" * len(patterns) + "---|"]
+    settings = list(dict.fromkeys((row["model"], row["family"], row["sparsity"]) for row in summary))
+    for model, family, sparsity in settings:
+        rows = {row["pattern"]: row for row in summary
+                if (row["model"], row["family"], row["sparsity"]) == (model, family, sparsity)}
+        reference = rows.get(UNSTRUCTURED)
+        cells = [_change_cell(rows.get(pattern)) for pattern in patterns]
+        seeds = "/".join(str(count) for count in sorted({row["seeds"] for row in rows.values()}))
+        accuracy = "" if reference is None else f"{reference['test_acc']:.2f} ± {reference['std']:.2f}"
+        lines.append(f"| {model} | {family} | {100 * sparsity:g} % | {accuracy} | " + " | ".join(cells)
+                     + f" | {seeds} |")
     return "\n".join(lines)
+
+
+def _change_cell(row: dict | None) -> str:
+    if row is None or row["change"] is None:
+        return ""
+    return f"{row['change']:+.2f}" + (" (unstable)" if _unstable(row) else "")
+
+
+def _unstable(row: dict) -> bool:
+    return max(row["std"], row["reference_std"] or 0.0) > UNSTABLE_STD
 
 
 # Seeds of one setting that differ by more than this (points, sample std) mean a run trained badly: the difference
@@ -152,25 +168,26 @@ UNSTABLE_STD = 1.0
 
 
 def describe_pattern_accuracy(summary: list[dict]) -> list[str]:
-    """One sentence per structured row: what the pattern cost (or gained) against unstructured, same density.
-
-    Where the row's seeds or its reference's disagree by more than ``UNSTABLE_STD`` points, the sentence
-    says so instead of calling the difference the pattern's.
-    """
+    """What the patterns cost against unstructured at the same density: one sentence per model and method family
+    (the range over its stable rows), then one per unstable row, named as such and left out of the range."""
     sentences = []
-    for row in summary:
-        if row["change"] is None:
-            continue
-        change = row["change"]
-        direction = "below" if change < 0 else "above"
-        sentence = (f"{row['model']}, {100 * row['sparsity']:g} % sparse: {row['method']} reached "
-                    f"{row['test_acc']:.2f} %, {abs(change):.2f} points {direction} {row['family']} "
-                    f"unstructured (mean of {row['seeds']} seed{'s' if row['seeds'] != 1 else ''})")
-        if max(row["std"], row["reference_std"] or 0.0) > UNSTABLE_STD:
-            sentence += (f"; but its seeds disagree (± {row['std']:.2f} points, unstructured ± "
-                         f"{row['reference_std']:.2f}): a run trained badly, so this is training instability, "
-                         "not the pattern's cost")
-        sentences.append(sentence)
+    for model, family in dict.fromkeys((row["model"], row["family"]) for row in summary):
+        rows = [row for row in summary
+                if (row["model"], row["family"]) == (model, family) and row["change"] is not None]
+        stable = [row for row in rows if not _unstable(row)]
+        if stable:
+            cheapest, dearest = max(stable, key=lambda row: row["change"]), min(stable, key=lambda row: row["change"])
+            sentences.append(
+                f"{model}, {family}: against unstructured at the same density the patterns changed test accuracy by "
+                f"{dearest['change']:+.2f} ({dearest['pattern']}, {100 * dearest['sparsity']:g} %) to "
+                f"{cheapest['change']:+.2f} points ({cheapest['pattern']}, {100 * cheapest['sparsity']:g} %), "
+                f"median {statistics.median(row['change'] for row in stable):+.2f} over {len(stable)} settings")
+        for row in rows:
+            if _unstable(row):
+                sentences.append(
+                    f"{model}, {family}, {row['pattern']} at {100 * row['sparsity']:g} %: left out, its seeds disagree "
+                    f"(± {row['std']:.2f} points, unstructured ± {row['reference_std']:.2f}): a run trained badly, "
+                    "which is training instability, not the pattern's cost")
     return sentences
 
 

@@ -6,6 +6,7 @@ Both take plain data and return the Figure, drawn like every figure of ``dst.tut
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from dst.tutorial.plots import check_rows, finish, lecture_style
 
@@ -53,9 +54,16 @@ def plot_pattern_tradeoff(points, save_path=None):
     ax.axvline(1.0, color="black", linewidth=1.2, label="dense speed")
     ax.axhline(0.0, color="tab:gray", linewidth=1.0, linestyle="--", label="unstructured accuracy")
     ax.set_xscale("log")
-    ax.set_xlabel("inference speed vs dense (x, log scale; right is faster)")
+    speedups = [point["speedup"] for point in points] + [1.0]
+    ax.set_xlim(min(speedups) / 1.4, max(speedups) * 1.6)  # room for the labels right of the marks
+    ax.xaxis.set_major_locator(FixedLocator([tick for tick in (0.25, 0.5, 1, 2, 4, 8, 16, 32)
+                                             if min(speedups) / 1.4 <= tick <= max(speedups) * 1.6]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.margins(y=0.25)
+    ax.set_xlabel("inference speed vs dense (log scale; right is faster)")
     ax.set_ylabel("test accuracy vs unstructured (points)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=9)
+    ax.legend(loc="best", fontsize=9)
     fig.tight_layout()
     return finish(fig, save_path)
