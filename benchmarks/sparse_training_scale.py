@@ -43,6 +43,16 @@ from dst.engine.schedule import DSTScheduler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "results" / "checkpoints"  # git-ignored
+
+
+def _shown(path: Path) -> str:
+    """``path`` as the results file records it: relative to the repository where it lies inside it (no machine's
+    folders in a committed file)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
 IN_FEATURES, CLASSES = 784, 10
 # Steps that are not timed: the first (buffers, CSC permutations) and each one right after an update.
 UNTIMED_AFTER_UPDATE = 1
@@ -269,7 +279,7 @@ def train_epochs(model: SparseMLP, run: dict, spec: dict, train_x, train_y) -> d
             "ns_per_active_weight_sample": (None if median_ms is None
                                             else median_ms * 1e6 / (active * batch_size)),
             "last_loss": run["losses"][-1] if run["losses"] else None,
-            "checkpoint": str(checkpoint) if spec["checkpoint_every"] else None}
+            "checkpoint": _shown(checkpoint) if spec["checkpoint_every"] else None}
 
 
 # ----------------------------------------------------------------------------- the sweep

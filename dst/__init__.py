@@ -6,7 +6,7 @@ training loops), ``engine`` (the simulated engine), ``csr`` (the truly sparse en
 A part imports only the parts below it. ``API`` below lists the public names with one line
 each (``help(dst)`` shows it too). Each name is imported from its module on first use, so
 ``import dst.engine.masked`` stays as light as that module. Where to add a regrow criterion,
-a sparse backend, a CSR layer type or a sparse optimizer: CONTRIBUTING.md.
+a sparsity pattern, a sparse backend, a CSR layer kind or a sparse optimizer: CONTRIBUTING.md.
 """
 
 import importlib

@@ -369,8 +369,8 @@ def test_a_cnn_keeps_csr_convs_when_its_linears_take_a_structured_kind(backend):
 def test_the_numba_kernels_agree_on_one_thread_and_on_several(layout, batch, serial_work, monkeypatch):
     from dst.csr.kinds import bsr_kernels, fan_in_kernels
 
-    monkeypatch.setattr(fan_in_kernels, "SERIAL_WORK", serial_work)
-    monkeypatch.setattr(bsr_kernels, "SERIAL_WORK", serial_work)
+    for kernels in (fan_in_kernels, bsr_kernels):  # each module's own binding of numba_kernels.SERIAL_WORK
+        monkeypatch.setattr(kernels, "SERIAL_WORK", serial_work)
     net = structured_net(layout, seed=3)
     assert_matches(net, SparseNet.from_masked(net, "numba"),  # "auto": each layer its pattern's kind
                    torch.randn(batch, IN, generator=torch.Generator().manual_seed(1)))

@@ -22,6 +22,7 @@ import numpy as np
 
 from dst.csr.array_ops import ArrayOps, TrainingProducts, narrowest_dtype
 from dst.csr.numba_kernels import (
+    NO_BIAS,
     blocked_matmul,
     blocked_matmul_transposed,
     blocked_sddmm,
@@ -34,7 +35,6 @@ from dst.csr.numba_kernels import (
 )
 from dst.csr.steps import LinearStep, MaskNumberedWeight, conv_output_shape
 
-NO_BIAS = np.zeros(0, dtype=np.float32)
 # Floats in one conv work item's accumulator: 16 KiB leaves most of a 32-48 KiB L1 cache to the input runs.
 ACCUMULATOR_FLOATS = 4096
 

@@ -44,6 +44,12 @@ import numpy as np
 
 # FMA contraction only: no reassociation, so every output sums its terms in one fixed order.
 FASTMATH = {"contract"}
+# Multiply-adds below which the structured kinds' kernels (dst.csr.kinds.*_kernels) run on one thread. Waking
+# numba's second thread (OMP_WAIT_POLICY=PASSIVE) cost ~37 us here (AMD EPYC, 2 cores): at batch 1 a 1000->1000
+# fan_in layer at 90 % (100,000) took 24 us on one thread and 50 us on two; at 50 % (500,000) 111 us and 94 us.
+# The crossover sits near 300,000.
+SERIAL_WORK = 1 << 18
+NO_BIAS = np.zeros(0, dtype=np.float32)  # the kernels' "no bias": an empty array, one type for numba
 # UNSIGNED: the hot loops index flat arrays with np.uint64. A signed index makes numba add a
 # negative-index check to every access, which stops LLVM from vectorising: 2.5x slower on long runs.
 

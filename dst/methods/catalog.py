@@ -212,6 +212,7 @@ class SNFS(Method):
 
     def __post_init__(self):
         _check_ratio("snfs", self.prune_ratio)
+        _check_pattern("snfs", self.pattern)
         if get_pattern(self.pattern).kind != "unstructured":
             raise ValueError(f"snfs moves regrown weights between layers, so a layer's count changes, which "
                              f"pattern {get_pattern(self.pattern).label!r} cannot hold; snfs takes "

@@ -165,6 +165,14 @@ class FeaturesStep:
         return (self.out_features, shape[1]), None
 
 
+class KeptOutputStep(FeaturesStep):
+    """A compiled (numba) step that writes into an output buffer kept per input shape, passed to its call."""
+
+    def prepare(self, shape):
+        out_shape, _ = super().prepare(shape)
+        return out_shape, np.empty(out_shape, dtype=np.float32)
+
+
 def array_module(ops):
     """The numpy-like module of ``ops``: numpy or cupy, or torch for the torch backend (same calls used here)."""
     return torch if ops.xp is None else ops.xp

@@ -11,14 +11,8 @@ import numba
 import numpy as np
 
 from dst.csr.array_ops import narrowest_dtype
-from dst.csr.kinds.base import FeaturesStep
-from dst.csr.numba_kernels import FASTMATH
-
-# Multiply-adds below which a call runs on one thread. Waking numba's second thread (OMP_WAIT_POLICY=PASSIVE)
-# cost ~37 us here (AMD EPYC, 2 cores): at batch 1 a 1000->1000 fan_in layer at 90 % (100,000) took 24 us on
-# one thread and 50 us on two; at 50 % (500,000) 111 us and 94 us. The crossover sits near 300,000.
-SERIAL_WORK = 1 << 18
-NO_BIAS = np.zeros(0, dtype=np.float32)
+from dst.csr.kinds.base import KeptOutputStep
+from dst.csr.numba_kernels import FASTMATH, NO_BIAS, SERIAL_WORK
 
 
 @numba.njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -85,7 +79,7 @@ def bsr_parallel(x, blocks, block_columns, row_pointers, bias, relu, out):  # pr
         _block_row(flat_x, flat_blocks, block_columns, row_pointers, bias, relu, flat_out, block_row, r, c, batch)
 
 
-class NumbaBSRStep(FeaturesStep):
+class NumbaBSRStep(KeptOutputStep):
     """``dst.csr.kinds.bsr.BSRStep`` on numpy arrays run by the kernels above, into a buffer kept per input
     shape; block column indices 16-bit where the layer has at most 65,536 block columns."""
 
@@ -101,10 +95,6 @@ class NumbaBSRStep(FeaturesStep):
         self.row_pointers = np.ascontiguousarray(host["row_pointers"], dtype=np.int32)
         bias = host.get("bias")
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
-
-    def prepare(self, shape):
-        out_shape, _ = super().prepare(shape)
-        return out_shape, np.empty(out_shape, dtype=np.float32)
 
     def __call__(self, x, out):
         kernel = bsr_serial if self.blocks.size * x.shape[1] < SERIAL_WORK else bsr_parallel

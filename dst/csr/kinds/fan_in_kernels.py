@@ -8,7 +8,7 @@ given machine and ``k``, and equal to the masked dense forward within float32 ro
 ran 2.5x faster than the four-running-sums loop of the CSR kernel here. At batch N four
 weights go per pass over the output row, its inner loop over the batch contiguous (SIMD).
 Rows are split over threads (``prange``) only when a call has enough work to pay for waking
-them (``SERIAL_WORK``): at batch 1 a 1000->1000 layer at 90 % is 100,000 multiply-adds, 24 us on
+them (``dst.csr.numba_kernels.SERIAL_WORK``): at batch 1 a 1000->1000 layer at 90 % is 100,000 multiply-adds, 24 us on
 one thread, less than waking a second one costs.
 """
 
@@ -16,14 +16,8 @@ import numba
 import numpy as np
 
 from dst.csr.array_ops import narrowest_dtype
-from dst.csr.kinds.base import FeaturesStep
-from dst.csr.numba_kernels import FASTMATH
-
-# Multiply-adds below which a call runs on one thread. Waking numba's second thread (OMP_WAIT_POLICY=PASSIVE)
-# cost ~37 us here (AMD EPYC, 2 cores): at batch 1 a 1000->1000 fan_in layer at 90 % (100,000) took 24 us on
-# one thread and 50 us on two; at 50 % (500,000) 111 us and 94 us. The crossover sits near 300,000.
-SERIAL_WORK = 1 << 18
-NO_BIAS = np.zeros(0, dtype=np.float32)
+from dst.csr.kinds.base import KeptOutputStep
+from dst.csr.numba_kernels import FASTMATH, NO_BIAS, SERIAL_WORK
 
 
 @numba.njit(cache=True, fastmath=True, inline="always")
@@ -97,7 +91,7 @@ def fan_in_parallel(x, values, col_indices, bias, relu, out):  # pragma: no cove
         _row(flat_x, flat_values, flat_indices, bias, relu, flat_out, row, k, batch)
 
 
-class NumbaFanInStep(FeaturesStep):
+class NumbaFanInStep(KeptOutputStep):
     """``dst.csr.kinds.fan_in.FanInStep`` on numpy arrays run by the kernels above, into a buffer kept per
     input shape; column indices 16-bit where the layer has at most 65,536 inputs."""
 
@@ -111,10 +105,6 @@ class NumbaFanInStep(FeaturesStep):
         self.col_indices = np.ascontiguousarray(host["col_indices"], dtype=index_type)
         bias = host.get("bias")
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
-
-    def prepare(self, shape):
-        out_shape, _ = super().prepare(shape)
-        return out_shape, np.empty(out_shape, dtype=np.float32)
 
     def __call__(self, x, out):
         serial = self.values.size * x.shape[1] < SERIAL_WORK
