@@ -127,3 +127,27 @@ def test_convs_without_relu_or_pool_match(make_net, batch):
     with torch.no_grad():
         expected = model(inputs).numpy()
     assert_close(SparseNet.from_masked(model, "numba")(inputs), expected)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_small_calls_run_on_one_thread_with_the_same_outputs_and_leave_the_thread_count_alone(batch, monkeypatch):
+    import numba
+
+    from dst.csr import numba_backend
+
+    torch.manual_seed(0)
+    masked = MaskedNet(SimpleNet(), 0.9).eval()
+    inputs = torch.randn(batch, 1, 28, 28)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    before = numba.get_num_threads()
+    outputs, set_to = {}, []
+    original = numba.set_num_threads
+    monkeypatch.setattr(numba, "set_num_threads", lambda threads: set_to.append(threads) or original(threads))
+    for serial_work in (0, 1 << 60):  # every call on all threads, then every call on one
+        monkeypatch.setattr(numba_backend, "SERIAL_WORK", serial_work)
+        set_to.clear()
+        outputs[serial_work] = SparseNet.from_masked(masked, "numba")(inputs)
+        assert numba.get_num_threads() == before
+        # one thread for each conv and linear call, then back (twice: the probe check and the call)
+        assert set_to == ([] if serial_work == 0 or before == 1 else [1, before] * 2 * len(masked.masked_layers()))
+    np.testing.assert_array_equal(outputs[0], outputs[1 << 60])  # each output sums in one fixed order
