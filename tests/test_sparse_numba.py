@@ -151,3 +151,20 @@ def test_small_calls_run_on_one_thread_with_the_same_outputs_and_leave_the_threa
         # one thread for each conv and linear call, then back (twice: the probe check and the call)
         assert set_to == ([] if serial_work == 0 or before == 1 else [1, before] * 2 * len(masked.masked_layers()))
     np.testing.assert_array_equal(outputs[0], outputs[1 << 60])  # each output sums in one fixed order
+
+
+def test_only_a_sleeping_thread_pool_sends_small_calls_to_one_thread():
+    import os
+    import subprocess
+    import sys
+
+    def serial_work(policy: str | None) -> int:
+        environment = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+        if policy is not None:
+            environment["OMP_WAIT_POLICY"] = policy
+        script = "from dst.csr.numba_kernels import SERIAL_WORK; print(SERIAL_WORK)"
+        return int(subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                                  check=True).stdout)
+
+    assert serial_work("PASSIVE") == serial_work("passive") == 1 << 18
+    assert serial_work(None) == serial_work("ACTIVE") == 0  # spinning threads wake for free

@@ -114,8 +114,8 @@ class NumbaLinearStep(LinearStep):
 @contextlib.contextmanager
 def threads_for(work: int):
     """Run the parallel kernels called inside on the calling thread alone when ``work`` (multiply-adds) is below
-    ``SERIAL_WORK``: waking a second thread costs more than it saves there (a 1568->128 CSR layer at 90 %, batch 1:
-    45 us on two threads, 13 us on one). ``numba.set_num_threads`` applies to this thread's launches only."""
+    ``SERIAL_WORK`` (where the thread pool sleeps between calls, waking it costs more than it saves: see
+    ``dst.csr.numba_kernels``). ``numba.set_num_threads`` applies to this thread's launches only."""
     threads = numba.get_num_threads()
     if work >= SERIAL_WORK or threads == 1:
         yield

@@ -39,16 +39,21 @@ numba compiles each kernel on its first call (cached on disk next to this file, 
 later processes only load it); time nothing before one call.
 """
 
+import os
+
 import numba
 import numpy as np
 
 # FMA contraction only: no reassociation, so every output sums its terms in one fixed order.
 FASTMATH = {"contract"}
-# Multiply-adds below which the structured kinds' kernels (dst.csr.kinds.*_kernels) run on one thread. Waking
-# numba's second thread (OMP_WAIT_POLICY=PASSIVE) cost ~37 us here (AMD EPYC, 2 cores): at batch 1 a 1000->1000
-# fan_in layer at 90 % (100,000) took 24 us on one thread and 50 us on two; at 50 % (500,000) 111 us and 94 us.
-# The crossover sits near 300,000.
-SERIAL_WORK = 1 << 18
+# Multiply-adds below which a numba layer runs on the calling thread alone (the CSR conv and linear through
+# ``dst.csr.numba_backend.threads_for``, fan_in and bsr through their one-thread kernels). Only where the thread
+# pool sleeps between calls (OMP_WAIT_POLICY=PASSIVE, which the benchmarks set so that no engine's spinning
+# threads slow the next): waking the second thread then costs ~37 us here (AMD EPYC, 2 cores; a 1568->128 CSR
+# layer at 90 %, batch 1: 38 us on two threads, 13 us on one; a 1000->1000 one at 50 %: 169 us and 256 us), and
+# the crossover sits near 200,000. Under OpenMP's default the threads spin between calls and two win at every size
+# measured (the same 1568->128 layer: 6.2 us on two, 12.4 us on one): no threshold.
+SERIAL_WORK = (1 << 18) if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" else 0
 NO_BIAS = np.zeros(0, dtype=np.float32)  # the kernels' "no bias": an empty array, one type for numba
 # UNSIGNED: the hot loops index flat arrays with np.uint64. A signed index makes numba add a
 # negative-index check to every access, which stops LLVM from vectorising: 2.5x slower on long runs.

@@ -8,8 +8,8 @@ given machine and ``k``, and equal to the masked dense forward within float32 ro
 ran 2.5x faster than the four-running-sums loop of the CSR kernel here. At batch N four
 weights go per pass over the output row, its inner loop over the batch contiguous (SIMD).
 Rows are split over threads (``prange``) only when a call has enough work to pay for waking
-them (``dst.csr.numba_kernels.SERIAL_WORK``): at batch 1 a 1000->1000 layer at 90 % is 100,000 multiply-adds, 24 us on
-one thread, less than waking a second one costs.
+them (``dst.csr.numba_kernels.SERIAL_WORK``, where the threads sleep between calls): at batch 1 a 1000->1000 layer
+at 90 % is 100,000 multiply-adds, 24 us on one thread, less than waking a sleeping second one costs.
 """
 
 import numba
