@@ -80,7 +80,12 @@ def combine(paths: list[Path], output: Path) -> dict:
     """One results file holding every row of ``paths`` (written by parallel processes); a run twice is refused."""
     record, seen = None, {}
     for path in paths:
-        source = json.loads(path.read_text())
+        try:
+            source = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--combine {path}: not a readable results file ({error})") from None
+        if not isinstance(source, dict) or not isinstance(source.get("rows"), list):
+            raise SystemExit(f"--combine {path}: not a results file of this benchmark (no list of rows)")
         record = record or {key: value for key, value in source.items() if key != "rows"} | {"rows": []}
         record.setdefault("recipes", {}).update(source.get("recipes", {}))
         for row in source["rows"]:
