@@ -207,6 +207,16 @@ def test_notebook_shows_every_figure_in_a_fresh_kernel_and_on_a_rerun_and_writes
     assert "**uniform** allocation at 99 %" in text and "**erk** allocation at 99 %" in text
     assert "Truly Sparse CSR (CPU), batch 100: faster than dense+mask" in text
     assert "centre" in text and "connections per pixel" in text
+    # the hardware-aware section: every pattern timed at both batch sizes, each against dense and unstructured CSR,
+    # the committed accuracy as a table and sentences, and the trade-off's points
+    for pattern, kind in (("fan_in", "fan_in"), ("2:4", "fan_in"), ("block4x4", "bsr")):
+        for batch in (1, 100):
+            assert re.search(rf"• batch {batch}, [0-9.]+ % sparse: {re.escape(pattern)} \(as {kind}\) runs .* dense "
+                             r"and .* unstructured CSR at the same density", text), (pattern, batch)
+    assert "| model | family | sparsity | unstructured (%) |" in text
+    assert "lenet300-100, rigl: against unstructured at the same density the patterns changed" in text
+    assert re.search(r"• fan_in \(90 %\): [0-9.]+x dense speed at batch 1, -0.14 points against unstructured RigL",
+                     text)
 
     rerun = outputs_text(second)
     assert "| 2 x 5 |" in rerun and "| 2 x 3 |" in rerun  # both runs in the table, each with its budget
