@@ -37,7 +37,9 @@ tutorial: install data
 html: tutorial
 	$(BIN)/jupyter nbconvert --to html $(EXECUTED) --output-dir docs --output dst_tutorial_s$(SPARSITY)
 
+# The optional peers (onnxruntime) come from their own requirements file: the tutorial and tests never need them.
 benchmarks: install
+	$(BIN)/pip install --quiet -r requirements-benchmarks.txt
 	$(BIN)/python -m benchmarks.training_step
 	$(BIN)/python -m benchmarks.sparse_inference
 	$(BIN)/python -m benchmarks.sparse_training

@@ -24,12 +24,14 @@ can stall for ~90 ms and the spinning steals the core the single-threaded rows r
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.peers import ONNXRUNTIME, onnxruntime_forwards
 from dst.core.models import SimpleNet
 from dst.csr.backends import default_cpu_backend, numba_available
 from dst.csr.model import SparseNet, memory_report
@@ -45,6 +47,10 @@ BACKEND_ROWS = {"numba": benchmark_rows.CSR_CPU, "scipy": benchmark_rows.CSR_SCI
                 "torch": benchmark_rows.TORCH_SPARSE_CPU}
 if default_cpu_backend() == "scipy":
     BACKEND_ROWS = {"scipy": benchmark_rows.CSR_CPU, "torch": benchmark_rows.TORCH_SPARSE_CPU}
+PROTOCOL = ("each (allocation, sparsity, batch): every engine warmed up, then timed interleaved (one call of each per "
+            "round) for `runs` rounds, median per engine; once with torch's, numba's and onnxruntime's own thread "
+            "counts, once with one thread each; onnxruntime's thread spinning off; run it with "
+            "OMP_WAIT_POLICY=PASSIVE so no engine's idle threads spin on the cores the next one needs")
 # The issue's goals: SimpleNet, uniform, batch 100, against the masked net with torch's own threads.
 GOALS = {0.95: 5.0, 0.99: 10.0}
 
@@ -96,13 +102,15 @@ def _set_numba_threads(threads: int | None) -> int | None:
 
 
 def numba_first_call_seconds() -> float | None:
-    """Seconds of this process's first numba forward (compiling, or loading numba's disk cache)."""
+    """Seconds of this process's first numba conversion and forward (compiling, or loading numba's disk cache).
+
+    The conversion is inside: ``SparseNet.from_masked`` already runs the model once, on its probe batch.
+    """
     if not numba_available():
         return None
     model = MaskedNet(SimpleNet(), 0.9, generator=torch.Generator().manual_seed(0)).eval()
-    sparse = SparseNet.from_masked(model, "numba")
     started = time.perf_counter()
-    sparse(torch.zeros(2, 1, 28, 28))
+    SparseNet.from_masked(model, "numba")(torch.zeros(2, 1, 28, 28))
     return time.perf_counter() - started
 
 
@@ -111,7 +119,7 @@ def sweep(sparsities, batch_sizes, allocations, runs: int, warmup: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     base = SimpleNet()
     inputs = {batch: torch.randn(batch, 1, 28, 28, generator=generator) for batch in batch_sizes}
-    rows = []
+    rows, peers, skipped = [], [], {}
     for allocation in allocations:
         for sparsity in sparsities:
             masked = MaskedNet(base, sparsity, allocation, generator=generator).eval()
@@ -122,8 +130,24 @@ def sweep(sparsities, batch_sizes, allocations, runs: int, warmup: int) -> dict:
             for batch in batch_sizes:
                 dense_macs, sparse_macs = multiply_adds(masked, inputs[batch])
                 forwards = inference_forwards(masked, inputs[batch], "cpu")
-                timings = time_with_threads(forwards, None, runs, warmup)
-                single = time_with_threads(forwards, 1, runs, warmup)
+                peer = onnxruntime_forwards(masked, inputs[batch])
+                if isinstance(peer, str):
+                    skipped[ONNXRUNTIME] = peer
+                    peer = {}
+                timings = time_with_threads(forwards | {ONNXRUNTIME: peer["own threads"]} if peer else forwards,
+                                            None, runs, warmup)
+                single = time_with_threads(forwards | {ONNXRUNTIME: peer["1 thread"]} if peer else forwards,
+                                           1, runs, warmup)
+                if peer:
+                    peers.append({"peer": ONNXRUNTIME, "allocation": allocation, "sparsity": sparsity,
+                                  "batch_size": batch, "ms": timings[ONNXRUNTIME]["median"],
+                                  "single_thread_ms": single[ONNXRUNTIME]["median"],
+                                  **{f"{backend}_ms": timings[name]["median"]
+                                     for backend, name in BACKEND_ROWS.items()},
+                                  **{f"{backend}_single_thread_ms": single[name]["median"]
+                                     for backend, name in BACKEND_ROWS.items()},
+                                  "masked_ms": timings[benchmark_rows.MASKED_CPU]["median"],
+                                  "masked_single_thread_ms": single[benchmark_rows.MASKED_CPU]["median"]})
                 dense_ms, single_dense_ms = (t[benchmark_rows.MASKED_CPU]["median"] for t in (timings, single))
                 for backend, row_name in BACKEND_ROWS.items():
                     sparse_ms, single_sparse_ms = (t[row_name]["median"] for t in (timings, single))
@@ -138,9 +162,10 @@ def sweep(sparsities, batch_sizes, allocations, runs: int, warmup: int) -> dict:
                         "file_bytes": file_bytes, "memory_ratio": memory[backend]["ratio"],
                         "file_ratio": memory[backend]["dense_bytes"] / file_bytes,
                         "dense_macs": dense_macs, "sparse_macs": sparse_macs})
-    return {"environment": benchmark_environment("cpu"),
-            "settings": {"runs": runs, "warmup": warmup, "statistic": "median ms per forward of the batch"},
-            "rows": rows}
+    return {"environment": benchmark_environment("cpu") | {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+            "settings": {"runs": runs, "warmup": warmup, "statistic": "median ms per forward of the batch",
+                         "protocol": PROTOCOL},
+            "rows": rows, "peers": peers, "skipped": skipped}
 
 
 def format_table(results: dict) -> str:
@@ -171,6 +196,25 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_peers(results: dict) -> str:
+    """The peers against this package's engines (uniform allocation), or the reason each was skipped."""
+    lines = [f"skipped {name}: {reason}" for name, reason in results.get("skipped", {}).items()]
+    peers = [row for row in results.get("peers", []) if row["allocation"] == "uniform"]
+    if not peers:
+        return "\n".join(lines)
+    backends = [key[:-3] for key in peers[0] if key.endswith("_ms") and key not in ("masked_ms",)
+                and not key.endswith("single_thread_ms") and key != "ms"]
+    lines.append(f"{'peer':28} {'sparsity':>8} {'batch':>5} | {'peer ms':>8} " + " ".join(
+        f"{backend + ' ms':>10}" for backend in backends) + f" | {'1 thread: peer':>14} "
+        + " ".join(f"{backend:>10}" for backend in backends))
+    for row in peers:
+        lines.append(f"{row['peer']:28} {row['sparsity']:8.2f} {row['batch_size']:5d} | {row['ms']:8.3f} "
+                     + " ".join(f"{row[backend + '_ms']:10.3f}" for backend in backends)
+                     + f" | {row['single_thread_ms']:14.3f} "
+                     + " ".join(f"{row[backend + '_single_thread_ms']:10.3f}" for backend in backends))
+    return "\n".join(lines)
+
+
 def goal_lines(results: dict) -> list[str]:
     """The default CPU engine's speedups at batch 100 against the issue's goals (uniform), and what ERK gives."""
     lines = []
@@ -187,7 +231,8 @@ def goal_lines(results: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sparsities and runs, uniform allocation only")
+    parser.add_argument("--quick", action="store_true", help="fewer sparsities and runs, uniform allocation only; "
+                        "prints the tables and writes nothing")
     parser.add_argument("--threads", type=int, help="torch and numba threads for the dense, torch.sparse "
                         "and numba rows (default: their own choice)")
     parser.add_argument("--replot", action="store_true", help="redraw sparse_inference.png from the committed "
@@ -206,13 +251,16 @@ def main() -> None:
     if args.quick:
         results = sweep([0.9, 0.99], [1, 100], ["uniform"], runs=3, warmup=1)
     else:
-        results = sweep([0.5, 0.8, 0.9, 0.95, 0.98, 0.99], [1, 100], ["uniform", "erk"], runs=10, warmup=3)
+        results = sweep([0.5, 0.8, 0.9, 0.95, 0.98, 0.99], [1, 100], ["uniform", "erk"], runs=30, warmup=3)
     results["settings"]["seconds"] = time.perf_counter() - started
     results["settings"]["numba_first_call_seconds"] = first_call
     print(format_table(results))
+    print(format_peers(results))
     print("\n".join(goal_lines(results)))
     if first_call is not None:
         print(f"numba's first call in this process (compiling or loading its cache): {first_call:.2f} s, untimed")
+    if args.quick:  # a smoke run: the committed results stay as they are
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / "sparse_inference.json"
     json_path.write_text(json.dumps(results, indent=1))

@@ -1,0 +1,55 @@
+"""Optional peer engines for the inference benchmark: what a user could deploy instead of this package's engines.
+
+``onnxruntime_forwards`` exports the masked net's function as a plain dense model (its zeros stored as zeros) to
+ONNX and runs it with onnxruntime, once with its own thread count and once with one thread, each with its
+threads' spinning switched off (``session.intra_op.allow_spinning = 0``), so that no engine's idle threads steal
+the cores of the engine timed next. The packages come from ``requirements-benchmarks.txt`` (``make benchmarks``
+installs it); where they are missing, the function returns the one-line reason instead and the benchmark skips
+the row. MKL's sparse BLAS is not among the peers yet.
+"""
+
+import copy
+import io
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from dst.engine.masked import MaskedNet
+
+ONNXRUNTIME = "onnxruntime (dense model)"
+
+
+def onnxruntime_forwards(masked: MaskedNet, inputs: torch.Tensor) -> dict[str, object] | str:
+    """``{"own threads": forward, "1 thread": forward}`` running ``masked``'s function in onnxruntime, or the reason
+    it cannot run here (a string). Each forward takes no argument and runs ``inputs`` (a fixed batch)."""
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it)
+        import onnxruntime
+    except ImportError as error:
+        return f"{ONNXRUNTIME}: not installed ({error.name}); make benchmarks installs requirements-benchmarks.txt"
+    plain = copy.deepcopy(masked).eval()
+    for layer in plain.masked_layers().values():
+        layer.apply_mask = False  # the stored inactive weights are zero: the same function, no mask step
+    exported = io.BytesIO()
+    # The TorchScript exporter (dynamo=False): the torch.export one needs onnxscript besides onnx, for a plain
+    # Sequential of convs and linears that both export alike. Its deprecation notice says nothing about this net.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(plain, (inputs[:1],), exported, dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    feed = {"x": inputs.detach().cpu().numpy().astype(np.float32)}
+    forwards = {}
+    for label, threads in (("own threads", os.cpu_count() or 1), ("1 thread", 1)):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(exported.getvalue(), options, providers=["CPUExecutionProvider"])
+        expected = plain(inputs).detach().numpy()
+        got = session.run(None, feed)[0]
+        if not np.allclose(got, expected, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(expected).max()))):
+            raise ValueError("onnxruntime's exported model does not compute the masked net's function")
+        forwards[label] = (lambda session=session: session.run(None, feed)), None
+    return forwards
