@@ -69,6 +69,7 @@ def conv_pool(x, values, col_indices, row_pointers, bias, kernel_h, kernel_w, pa
     channels, height, width, batch = x.shape
     out_channels, out_height, out_width, _ = out.shape
     flat_x = x.reshape(channels * height * width * batch)  # indexed with unsigned ints: see UNSIGNED
+    flat_out = out.reshape(out_channels * out_height * out_width * batch)
     conv_width = pool_w * out_width  # conv output columns the pool reads (floor mode drops the rest)
     run_length = conv_width * batch  # one conv output row: columns x batch, contiguous
     kernel_area = kernel_h * kernel_w
@@ -96,20 +97,24 @@ def conv_pool(x, values, col_indices, row_pointers, bias, kernel_h, kernel_w, pa
                     target = np.uint64(conv_row * run_length + first * batch)
                     for t in range(np.uint64(length)):
                         accumulator[target + t] += value * flat_x[source + t]
+        # Flat indices, no array views: at batch 1 a view per window position cost more than the arithmetic.
+        unsigned_batch = np.uint64(batch)
         for row in range(rows):
-            pooled = out[channel, first_row + row].reshape(out_width * batch)
+            pooled = np.uint64(((channel * out_height + first_row + row) * out_width) * batch)
             for w in range(out_width):
-                window = pooled[w * batch:(w + 1) * batch]
-                corner = row * pool_h * run_length + w * pool_w * batch  # the window's top-left conv output
-                window[:] = accumulator[corner:corner + batch]
+                window = pooled + np.uint64(w * batch)
+                corner = np.uint64(row * pool_h * run_length + w * pool_w * batch)  # top-left conv output
+                for n in range(unsigned_batch):
+                    flat_out[window + n] = accumulator[corner + n]
                 for a in range(pool_h):
                     for b in range(pool_w):
-                        candidate = accumulator[corner + a * run_length + b * batch:][:batch]
-                        for n in range(batch):
-                            window[n] = max(window[n], candidate[n])
+                        candidate = corner + np.uint64(a * run_length + b * batch)
+                        for n in range(unsigned_batch):
+                            flat_out[window + n] = max(flat_out[window + n], accumulator[candidate + n])
                 # The bias and ReLU commute with the max: they touch the pooled values only.
-                for n in range(batch):
-                    window[n] = max(window[n] + offset, np.float32(0.0)) if relu else window[n] + offset
+                for n in range(unsigned_batch):
+                    value = flat_out[window + n] + offset
+                    flat_out[window + n] = max(value, np.float32(0.0)) if relu else value
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
