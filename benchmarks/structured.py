@@ -25,9 +25,7 @@ OMP_WAIT_POLICY=PASSIVE (see benchmarks/sparse_inference.py).
 
 import argparse
 import json
-import shutil
 import statistics
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -42,7 +40,7 @@ from dst.csr.model import SparseNet
 from dst.engine.masked import MaskedNet
 from dst.engine.patterns import Pattern, get_pattern
 from dst.engine.patterns.block import Block
-from dst.tutorial.benchmark import benchmark_environment, cpu_model
+from dst.tutorial.benchmark import benchmark_environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYERS = {"linear 1568->128": (1568, 128), "linear 1000->1000": (1000, 1000), "linear 4096->4096": (4096, 4096),
@@ -54,16 +52,6 @@ BLOCKS = ((4, 4), (8, 8), (1, 8))
 DENSE, MASKED, CSR, FAN_IN = "dense torch", "masked", "CSR numba", "fan-in numba"
 # The issue's goals (issue 20): SRigL's CPU figure for condensed fan-in, and BSR paying from 75 % at batch 100.
 FAN_IN_GOAL = 3.4
-
-
-def lscpu_model() -> str | None:
-    """The CPU model as ``lscpu`` names it (else /proc/cpuinfo's)."""
-    if shutil.which("lscpu"):
-        output = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in output.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    return cpu_model()
 
 
 def pattern_of(pattern: str, block_shape=None) -> Pattern:
@@ -211,7 +199,6 @@ def sweep(layers, sparsities, batches, threads_list, repeats: int, warmup: int, 
                     else:
                         skipped["2:4 semi-structured (CUDA)"] = reason
     environment = benchmark_environment("cpu")
-    environment["cpu_model"] = lscpu_model()
     return {"environment": environment,
             "protocol": f"per (layer, sparsity): every engine built once; per (batch, threads): each engine run "
                         f"{warmup}x untimed, then {repeats} timed calls in a block (all of one engine, then the "

@@ -26,6 +26,7 @@ import torch
 from dst.core.data import TensorLoader, load_mnist_tensors
 from dst.methods.catalog import METHODS, Target
 from dst.methods.sweep import Recipe, train_run
+from dst.tutorial.benchmark import cpu_model
 from dst.tutorial.hardware import pattern_table, summarize_patterns
 
 RESULTS = Path(__file__).resolve().parent / "results" / "structured_accuracy.json"
@@ -108,7 +109,7 @@ def main() -> None:
     train = load_mnist_tensors("./data", train=True)
     test_loader = TensorLoader(*load_mnist_tensors("./data", train=False), batch_size=1000)
     record.update(environment={"torch": torch.__version__, "python": platform.python_version(),
-                               "cpu_count": os.cpu_count(), "processor": _cpu_model()},
+                               "cpu_count": os.cpu_count(), "processor": cpu_model() or platform.processor()},
                   keep_dense={model: list(KEEP_DENSE[model]) for model in PLAN}, allocation="uniform")
     for model in args.models:
         recipe = replace(RECIPES[model], **({"epochs": args.epochs} if args.epochs else {}),
@@ -133,16 +134,6 @@ def main() -> None:
                         temporary.write_text(json.dumps(record, indent=1) + "\n")
                         os.replace(temporary, args.output)
     print(pattern_table(summarize_patterns(record["rows"])))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -87,3 +87,12 @@ def test_a_difference_decided_by_an_unstable_run_is_called_that_and_not_the_patt
     assert "block1x8 at 90 %: left out, its seeds disagree (± 61.34 points, unstructured ± 0.14)" in sentence
     assert "training instability, not the pattern's cost" in sentence
     assert "-43.38 (unstable)" in pattern_table(summarize_patterns(rows))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"batches": (1, 0)}, r"batches\[1\]"), ({"runs": 0}, "runs"), ({"sparsity": 1.0}, "sparsity"),
+    ({"patterns": ["2:5:1"]}, "unknown sparsity pattern")])
+def test_bad_settings_are_refused_before_anything_is_built_or_timed(arguments, message):
+    settings = {"sparsity": 0.9, "patterns": ["fan_in"], "batches": (1,), "runs": 2} | arguments
+    with pytest.raises((TypeError, ValueError), match=message):
+        time_patterns(16, 8, settings.pop("sparsity"), settings.pop("patterns"), **settings)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
 from dst.engine.allocation import check_sparsity, layer_densities, warn_if_disconnected
-from dst.engine.masked_layers import MASKED_TYPES, MaskedLayer, masked_type
+from dst.engine.masked_layers import MASKED_TYPES, MaskedLayer, masked_type, matrix_shape
 from dst.engine.optimizer_state import optimizers_of
 from dst.engine.patterns import Pattern, get_pattern
 from dst.engine.patterns.unstructured import Unstructured
@@ -63,8 +63,7 @@ def random_mask(shape: torch.Size, density: float, generator: torch.Generator | 
     Unstructured: exactly ``active_count(numel, density)`` True entries at random places.
     """
     pattern = get_pattern(pattern)
-    matrix = (shape[0], math.prod(shape[1:]))
-    return torch.from_numpy(pattern.random_mask(matrix, density, generator)).reshape(shape)
+    return torch.from_numpy(pattern.random_mask(matrix_shape(shape), density, generator)).reshape(shape)
 
 
 class MaskedNet(nn.Module):
@@ -139,7 +138,7 @@ class MaskedNet(nn.Module):
         patterns = {name: pattern if densities[name] < 1.0 else Unstructured() for name in targets}
         for name, module in targets.items():  # every layer checked before any mask is drawn
             try:
-                patterns[name].active_count(_matrix_shape(module.weight), densities[name])
+                patterns[name].active_count(matrix_shape(module.weight.shape), densities[name])
             except ValueError as error:
                 raise ValueError(f"layer {name!r} ({tuple(module.weight.shape)}) cannot follow the pattern: {error}; "
                                  "keep it dense (keep_dense=...) or choose another pattern") from None
@@ -248,11 +247,6 @@ def _after_load(net: nn.Module, incompatible_keys) -> None:
                     layer.mask = layer.mask.to(torch.bool)
                 layer.weight.masked_fill_(~layer.mask, 0.0)
                 layer.watch()
-
-
-def _matrix_shape(weight: torch.Tensor) -> tuple[int, int]:
-    """The (out, in) matrix a weight is read as: a conv's (out, in*kh*kw)."""
-    return weight.shape[0], math.prod(weight.shape[1:])
 
 
 def _is_target(module: nn.Module) -> bool:

@@ -20,6 +20,8 @@ cannot be pickled as a whole model, and makes ``layer.weight`` a computed tensor
 instead of the Parameter that optimizers and DST index their state by.
 """
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -98,6 +100,11 @@ class MaskedLayer(nn.Module):
     def active_count(self) -> int:
         return int(self.mask.sum())
 
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """The (out, in) matrix the mask is read as: (out, in*kh*kw) for a conv (``mask_2d``'s shape, no copy)."""
+        return matrix_shape(self.mask.shape)
+
     def mask_2d(self) -> np.ndarray:
         """A copy of the mask as a 2-D boolean array: (out, in) for linear, (out, in*kh*kw) for conv.
 
@@ -105,6 +112,11 @@ class MaskedLayer(nn.Module):
         snapshot kept for later (one per epoch, say) would silently follow every DST step.
         """
         return self.mask.reshape(self.mask.shape[0], -1).cpu().numpy().copy()
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """A weight's shape as the 2-D matrix masks and patterns read: (out, in), a conv's (out, in*kh*kw)."""
+    return int(shape[0]), math.prod(shape[1:])
 
 
 class MaskedLinear(nn.Linear, MaskedLayer):

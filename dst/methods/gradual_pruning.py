@@ -81,7 +81,7 @@ class GradualPruning:
         for name, layer in layers.items():  # every layer checked before any changes
             if self.final_densities[name] < 1.0:
                 try:
-                    self.pattern.active_count(_matrix(layer), self.final_densities[name])
+                    self.pattern.active_count(layer.matrix_shape, self.final_densities[name])
                 except ValueError as error:
                     raise ValueError(f"layer {name!r} cannot be pruned to pattern {self.pattern.label!r}: "
                                      f"{error}") from None
@@ -97,7 +97,7 @@ class GradualPruning:
         targets = {}
         for name, layer in self.masked_net.masked_layers().items():
             final = self.final_densities[name]
-            grid = layer.pattern.grid(_matrix(layer))
+            grid = layer.pattern.grid(layer.matrix_shape)
             length = layer.pattern.group_length(grid)
             density = cubic_density(t, final, self.start, self.end)
             targets[name] = max(layer.pattern.active_per_group(grid, final), min(length, round(density * length)))
@@ -123,8 +123,3 @@ class GradualPruning:
         """Nothing happens per epoch (the schedule counts steps)."""
         return None
 
-
-
-def _matrix(layer) -> tuple[int, int]:
-    """The (out, in) matrix a layer's mask is read as (a conv's (out, in*kh*kw))."""
-    return layer.mask.shape[0], layer.mask[0].numel()

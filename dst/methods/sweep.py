@@ -182,7 +182,7 @@ def check_reached_target(model: MaskedNet, method: Method, target: Target) -> No
     """
     densities = target.densities(model)
     layers = model.masked_layers()
-    expected = {name: layer.pattern.active_count(tuple(layer.mask_2d().shape), densities[name])
+    expected = {name: layer.pattern.active_count(layer.matrix_shape, densities[name])
                 for name, layer in layers.items()}
     reached = {name: layer.active_count for name, layer in layers.items()}
     for name, layer in layers.items():

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from dst.core.checks import check_positive_int
 from dst.csr.backends import default_cpu_backend
 from dst.csr.model import SparseNet
+from dst.engine.allocation import check_sparsity
 from dst.engine.masked import MaskedNet
 from dst.engine.patterns import get_pattern
 from dst.tutorial.benchmark import time_interleaved
@@ -39,6 +41,9 @@ def time_patterns(in_features: int, out_features: int, sparsity: float, patterns
     Returns rows ``{"pattern", "kind", "sparse_kind", "density", "batch", "pattern_ms", "unstructured_ms",
     "dense_ms", "runs"}``; ``kind`` is the pattern's kind, ``sparse_kind`` the truly sparse layer kind it ran as.
     """
+    check_positive_int(in_features=in_features, out_features=out_features, runs=runs,
+                       **{f"batches[{index}]": batch for index, batch in enumerate(batches)})
+    check_sparsity(sparsity)
     backend = backend or default_cpu_backend()
     generator = torch.Generator().manual_seed(seed)
     dense = nn.Linear(in_features, out_features).eval()
