@@ -131,7 +131,7 @@ def with_settings(methods: list[Method], settings: list[str]) -> list[Method]:
             raise SystemExit(f"--set {text!r}: {name} has no setting {field!r}; its settings are {names}")
         kind = type(getattr(methods[name], field))
         try:
-            typed = kind(value)
+            typed = _boolean(value) if kind is bool else kind(value)
         except ValueError as error:
             raise SystemExit(f"--set {text!r}: {field} takes a {kind.__name__}: {error}") from None
         try:  # the method checks its settings when it is built, before any run starts
@@ -139,6 +139,15 @@ def with_settings(methods: list[Method], settings: list[str]) -> list[Method]:
         except (TypeError, ValueError) as error:
             raise SystemExit(f"--set {text!r}: {error}") from None
     return list(methods.values())
+
+
+def _boolean(text: str) -> bool:
+    """'true'/'false' (any case, or 1/0) as a bool: ``bool("False")`` would be True."""
+    if text.lower() in ("true", "1"):
+        return True
+    if text.lower() in ("false", "0"):
+        return False
+    raise ValueError(f"write true or false, got {text!r}")
 
 
 def row_key(row: dict) -> tuple:

@@ -182,7 +182,9 @@ def test_gradual_pruning_keeps_the_pattern_at_every_pruning_and_ends_on_the_targ
 
 
 def test_methods_take_a_pattern_label_it_and_refuse_what_they_cannot_keep():
-    assert replace(METHODS["set"], pattern="2:4").label == "set/2:4"
+    assert replace(METHODS["set"], pattern="2:4", sign_split=False).label == "set/2:4"
+    with pytest.raises(ValueError, match="set.sign_split .* cannot keep pattern '2:4'.*sign_split=False"):
+        replace(METHODS["set"], pattern="2:4")
     assert replace(METHODS["rigl"], pattern="block4x4", regrow="random").label == "rigl+random/block4x4"
     assert METHODS["srigl"].label == "srigl" and METHODS["srigl"].pattern == "fan_in"
     with pytest.raises(ValueError, match="srigl is RigL under constant fan-in"):
@@ -205,7 +207,8 @@ def test_a_structured_run_ends_on_its_label(method, pattern, tmp_path):
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.randn(256, 1, 28, 28, generator=generator), torch.randint(0, 10, (256,),
                                                                                       generator=generator)
-    chosen = replace(METHODS[method], pattern=pattern) if method != "srigl" else METHODS[method]
+    chosen = replace(METHODS[method], pattern=pattern, **({"sign_split": False} if method == "set" else {})) \
+        if method != "srigl" else METHODS[method]
     if method in ("srigl", "gmp"):
         chosen = replace(chosen, every=2)
     sparsity = 0.5 if pattern == "2:4" else 0.9
@@ -224,7 +227,7 @@ def test_check_reached_target_refuses_a_net_whose_pattern_broke():
     layer.mask[0, row] = False  # one neuron one input short; move it to another neuron
     layer.mask[1, (~layer.mask[1]).nonzero()[0, 0]] = True
     with pytest.raises(RuntimeError, match="no longer follows pattern 'fan_in'"):
-        check_reached_target(net, replace(METHODS["set"], pattern="fan_in"), Target(0.9, "uniform"))
+        check_reached_target(net, replace(METHODS["set"], pattern="fan_in", sign_split=False), Target(0.9, "uniform"))
 
 
 def test_a_momentum_criterion_gets_its_momentum_from_the_step_and_gives_it_back():

@@ -80,11 +80,17 @@ def test_training_flops_follow_each_methods_formula(data, monkeypatch):
     # Sparse momentum: a dense weight gradient every step (LeNet's counts may move between layers,
     # but every layer of an MLP costs one multiply-add per weight, so the total is what matters).
     assert rows["snfs"]["train_flops_vs_dense"] == pytest.approx((2 * sparse + dense) / (3 * dense), rel=1e-12)
-    # RigL: one extra forward + dense backward on a batch per update.
+    # RigL as rigl: an update step is a forward and a dense backward instead of the sparse step.
     updates = rows["rigl"]["updates"]
     assert updates == 2  # steps 2 and 4 of 8; the cosine reaches 0 at step 6
-    expected = (8 * 3 * sparse + updates * (2 * sparse + dense)) / (8 * 3 * dense)
+    expected = ((8 - updates) * 3 * sparse + updates * (2 * sparse + dense)) / (8 * 3 * dense)
     assert rows["rigl"]["train_flops_vs_dense"] == pytest.approx(expected, rel=1e-12)
+    # With the optimizer stepping on update steps too: one extra forward + dense backward per update.
+    stepping = train_run("lenet300-100", replace(METHODS["rigl"], every=2, step_on_update=True), Target(0.9), RECIPE,
+                         train, test)
+    evaluated.pop()
+    expected = (8 * 3 * sparse + updates * (2 * sparse + dense)) / (8 * 3 * dense)
+    assert stepping["train_flops_vs_dense"] == pytest.approx(expected, rel=1e-12)
     images, labels = test[0]
     for row, model in zip(rows.values(), evaluated, strict=True):
         with torch.no_grad():

@@ -26,6 +26,7 @@ are left out of DST, and so, under RigL, are layers the loss does not reach.
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -41,12 +42,14 @@ from dst.engine.schedule import DSTConfig, DSTScheduler
 from dst.engine.update_rule import (
     SIGNALS,
     LayerUpdate,
+    MoveRule,
     RegrowCriterion,
     check_prune_ratio,
     choose_moves,
     get_regrow,
     layer_scores,
     moved_count,
+    sign_split_prune,
 )
 
 
@@ -82,30 +85,37 @@ def dense_gradients(masked_net: MaskedNet, batch: Batch,
 
 def update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str | RegrowCriterion = "random",
                  signal: torch.Tensor | None = None, optimizers=(),
-                 generator: torch.Generator | None = None) -> LayerUpdate:
+                 generator: torch.Generator | None = None, rule: MoveRule = MoveRule()) -> LayerUpdate:
     """One DST step on one masked layer (``update_rule``'s choices, within its pattern's groups), its moved
     weights and their optimizer state zeroed.
 
     ``signal`` is the dense signal the criterion ``needs`` (RigL's gradient, the momentum), shaped like
-    the weight; ``optimizers`` are those whose state at the moved positions is reset.
+    the weight; ``optimizers`` are those whose state at the moved positions is reset; ``rule`` the
+    step's details (``dst.engine.update_rule.MoveRule``: rounding, regrowth of just-pruned weights, SET's
+    sign split).
     """
-    count = layer_moved_count(layer, prune_ratio)
-    return _move(layer, count, count, get_regrow(regrow), signal, optimizers, generator)
+    if rule.sign_split:
+        return _move(layer, None, None, get_regrow(regrow), signal, optimizers, generator, rule, prune_ratio)
+    count = layer_moved_count(layer, prune_ratio, rule)
+    return _move(layer, count, count, get_regrow(regrow), signal, optimizers, generator, rule)
 
 
-def layer_moved_count(layer: MaskedLayer, prune_ratio: float) -> int:
+def layer_moved_count(layer: MaskedLayer, prune_ratio: float, rule: MoveRule = MoveRule()) -> int:
     """Connections (units, for a block pattern) one step at ``prune_ratio`` moves in ``layer``."""
     if isinstance(layer.pattern, Unstructured):
-        return moved_count(layer.active_count, layer.mask.numel(), prune_ratio)
-    return layer.pattern.moved_count(layer.mask_2d(), prune_ratio)
+        return moved_count(layer.active_count, layer.mask.numel(), prune_ratio, rule)
+    return layer.pattern.moved_count(layer.mask_2d(), prune_ratio, rule.rounding)
 
 
-def _move(layer: MaskedLayer, prune_count: int, regrow_count: int, criterion: RegrowCriterion,
-          signal: torch.Tensor | None, optimizers, generator: torch.Generator | None) -> LayerUpdate:
+def _move(layer: MaskedLayer, prune_count: int | None, regrow_count: int | None, criterion: RegrowCriterion,
+          signal: torch.Tensor | None, optimizers, generator: torch.Generator | None, rule: MoveRule,
+          sign_split_ratio: float | None = None) -> LayerUpdate:
     """Prune and regrow one masked layer: flip its mask, zero the moved weights and their optimizer state.
 
     Unstructured layers take ``choose_moves`` (which scales to any layer size); a structured
-    pattern its own ``moves``, the same rule within its groups, counted in its units.
+    pattern its own ``moves``, the same rule within its groups, counted in its units. Under
+    ``rule.sign_split`` the counts are None: ``sign_split_prune`` at ``sign_split_ratio`` chooses
+    the pruned weights, and as many regrow.
     """
     if prune_count == 0 and regrow_count == 0:
         return LayerUpdate(active=layer.active_count, pruned=0, regrown=0)
@@ -115,20 +125,36 @@ def _move(layer: MaskedLayer, prune_count: int, regrow_count: int, criterion: Re
         # Positions are row-major whatever the memory format: reshape reads (a copy if channels-last),
         # fill_at writes in place.
         active = layer.mask.reshape(-1).nonzero().squeeze(1)
-        magnitudes = layer.weight.detach().reshape(-1)[active].abs().float().cpu().numpy()
-        pruned, regrown = choose_moves(active.cpu().numpy(), magnitudes, layer.mask.numel(), prune_count, criterion,
-                                       signal=flat_signal, random=generator, regrow_count=regrow_count)
+        values = layer.weight.detach().reshape(-1)[active].float().cpu().numpy()
+        chosen = None
+        if rule.sign_split:
+            chosen = sign_split_prune(values, layer.mask.numel(), sign_split_ratio)
+            if not rule.regrow_pruned:  # as many as the inactive positions can take back, the smallest first
+                room = layer.mask.numel() - len(values)
+                chosen = chosen[np.argsort(np.abs(values[chosen]), kind="stable")[:room]]
+            prune_count = regrow_count = len(chosen)
+        pruned, regrown = choose_moves(active.cpu().numpy(), np.abs(values), layer.mask.numel(), prune_count,
+                                       criterion, signal=flat_signal, random=generator, regrow_count=regrow_count,
+                                       regrow_pruned=rule.regrow_pruned, pruned=chosen)
         pruned = active[torch.from_numpy(pruned).to(active.device)]
     else:
+        if rule.sign_split:
+            raise ValueError(f"sign_split prunes positive and negative weights separately, which a layer of "
+                             f"pattern {layer.pattern.label!r} cannot (it prunes whole units within groups); "
+                             "use sign_split=False with a pattern")
         if regrow_count != prune_count:
             raise ValueError(f"a layer of pattern {layer.pattern.label!r} regrows in each group what it pruned "
                              f"there; it cannot prune {prune_count} and regrow {regrow_count}")
         mask = layer.mask_2d()
         magnitudes = layer.weight.detach().reshape(mask.shape).abs().float().cpu().numpy()
         scores = layer_scores(criterion, flat_signal, mask.size, generator).reshape(mask.shape)
-        pruned, regrown = layer.pattern.moves(mask, magnitudes, scores, prune_count)
+        pruned, regrown = layer.pattern.moves(mask, magnitudes, scores, prune_count, rule.regrow_pruned)
         pruned = torch.from_numpy(pruned).to(layer.mask.device)
     regrown = torch.from_numpy(regrown).to(layer.mask.device)
+    if rule.regrow_pruned:
+        # A weight pruned and regrown in the same step never left: as in rigl, it keeps its value and its
+        # optimizer state, and only the connections that really changed are counted as moved.
+        pruned, regrown = pruned[~torch.isin(pruned, regrown)], regrown[~torch.isin(regrown, pruned)]
     _apply(layer, pruned, regrown, optimizers)
     return LayerUpdate(active=layer.active_count, pruned=int(pruned.numel()), regrown=int(regrown.numel()))
 
@@ -156,7 +182,8 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
                    batch: Batch | None = None, loss_fn: Callable = F.cross_entropy,
                    optimizer: torch.optim.Optimizer | None = None,
                    generator: torch.Generator | None = None,
-                   signals: dict[str, torch.Tensor] | None = None) -> dict[str, LayerUpdate]:
+                   signals: dict[str, torch.Tensor] | None = None,
+                   rule: MoveRule = MoveRule()) -> dict[str, LayerUpdate]:
     """One prune-and-regrow step on every masked layer; returns a report per layer.
 
     Each layer prunes ``round(prune_ratio * active)`` of its active weights with
@@ -186,6 +213,9 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
             shaped like each weight: precomputed gradients for "gradient" regrowth, used instead
             of computing them from ``batch`` (``dst.distributed`` passes the gradient all-reduced
             over every rank's batch), or the momentum for "momentum".
+        rule: the step's details where the reference implementations differ (``MoveRule``: how the count
+            is rounded, whether a weight pruned now may regrow now, SET's sign split); this project's
+            choices by default, each method's reference in ``dst.methods``.
 
     Raises:
         ValueError: a layer holds NaN or infinite weights (or RigL gradients); nothing is changed.
@@ -197,7 +227,7 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
                            "take its own step (its own random draws, its own batch's gradients) and the masks "
                            "would diverge: use dst.distributed.distributed_dst_step, e.g. "
                            "DSTScheduler(config, DistributedDSTStep(model, ...)), which calls it")
-    return local_dst_step(masked_net, prune_ratio, regrow, batch, loss_fn, optimizer, generator, signals)
+    return local_dst_step(masked_net, prune_ratio, regrow, batch, loss_fn, optimizer, generator, signals, rule)
 
 
 class MaskedDSTStep:
@@ -210,12 +240,15 @@ class MaskedDSTStep:
 
     def __init__(self, masked_net: MaskedNet, regrow: str | RegrowCriterion = "random",
                  optimizer: torch.optim.Optimizer | None = None, loss_fn: Callable = F.cross_entropy,
-                 generator: torch.Generator | None = None, momentum: float = 0.9):
+                 generator: torch.Generator | None = None, momentum: float = 0.9, rule: MoveRule = MoveRule()):
         if not isinstance(masked_net, MaskedNet):
             raise TypeError(f"MaskedDSTStep needs a MaskedNet, got {type(masked_net).__name__}; wrap the model "
                             "first (MaskedNet(model, sparsity=...)), or for a DDP model use DistributedDSTStep")
         self.masked_net, self.regrow, self.optimizer = masked_net, regrow, optimizer
         self.loss_fn, self.generator = loss_fn, generator
+        if not isinstance(rule, MoveRule):
+            raise TypeError(f"rule must be a dst.engine.update_rule.MoveRule, got {type(rule).__name__}")
+        self.rule = rule
         criterion = get_regrow(regrow)
         self.needs_batch = criterion.needs_gradient
         self.tracker = MomentumTracker(masked_net, momentum) if criterion.needs == "momentum" else None
@@ -223,7 +256,7 @@ class MaskedDSTStep:
     def __call__(self, prune_ratio: float, batch: Batch | None = None) -> dict[str, LayerUpdate]:
         signals = None if self.tracker is None else self.tracker.momentum
         return apply_dst_step(self.masked_net, prune_ratio, self.regrow, batch, self.loss_fn, self.optimizer,
-                              self.generator, signals)
+                              self.generator, signals, self.rule)
 
     def close(self) -> None:
         """Remove the momentum tracker's hooks, if the criterion needed one."""
@@ -234,23 +267,33 @@ class MaskedDSTStep:
 def masked_scheduler(masked_net: MaskedNet, config: DSTConfig, optimizer: torch.optim.Optimizer | None = None,
                      loss_fn: Callable = F.cross_entropy, generator: torch.Generator | None = None,
                      steps: int = 0, epochs: int = 0) -> DSTScheduler:
-    """``DSTScheduler(config, MaskedDSTStep(masked_net, config.regrow, ...))``: the common case, in one call."""
-    return DSTScheduler(config, MaskedDSTStep(masked_net, config.regrow, optimizer, loss_fn, generator),
-                        steps=steps, epochs=epochs)
+    """``DSTScheduler(config, MaskedDSTStep(masked_net, config.regrow, ..., rule=config.rule))``: the common case,
+    in one call."""
+    return DSTScheduler(config, MaskedDSTStep(masked_net, config.regrow, optimizer, loss_fn, generator,
+                                              rule=config.rule), steps=steps, epochs=epochs)
 
 
 def local_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str = "random",
                    batch: Batch | None = None, loss_fn: Callable = F.cross_entropy,
                    optimizer: torch.optim.Optimizer | None = None,
                    generator: torch.Generator | None = None,
-                   signals: dict[str, torch.Tensor] | None = None) -> dict[str, LayerUpdate]:
+                   signals: dict[str, torch.Tensor] | None = None,
+                   rule: MoveRule = MoveRule()) -> dict[str, LayerUpdate]:
     """``apply_dst_step`` on this process alone, whatever the process group: what ``distributed_dst_step`` calls
     once it has made the step's inputs (generator, gradients) the same on every rank."""
     if not isinstance(masked_net, MaskedNet):
         raise TypeError(f"apply_dst_step needs a MaskedNet, got {type(masked_net).__name__}; "
                         "wrap the model first: MaskedNet(model, sparsity=...)")
     check_prune_ratio(prune_ratio)
+    if not isinstance(rule, MoveRule):
+        raise TypeError(f"rule must be a dst.engine.update_rule.MoveRule, got {type(rule).__name__}")
     criterion = get_regrow(regrow)
+    if rule.sign_split:
+        structured = [name for name, layer in masked_net.masked_layers().items()
+                      if not isinstance(layer.pattern, Unstructured)]
+        if structured:
+            raise ValueError(f"rule.sign_split prunes positive and negative weights separately, which the "
+                             f"structured layers {structured} cannot; use sign_split=False with a pattern")
     if optimizer is not None:
         check_optimizer(optimizer)
     if criterion.needs_gradient and signals is None:
@@ -278,7 +321,7 @@ def local_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
             report[name] = LayerUpdate(active=layer.active_count, pruned=0, regrown=0)
             continue
         report[name] = update_layer(layer, prune_ratio, criterion, signals.get(name),
-                                    _optimizers_of(layer, optimizer), generator)
+                                    _optimizers_of(layer, optimizer), generator, rule)
     return report
 
 
@@ -298,24 +341,28 @@ def _check_signals(masked_net: MaskedNet, signals: dict[str, torch.Tensor]) -> N
 def update_layer_counts(layer: MaskedLayer, prune_count: int, regrow_count: int,
                         regrow: str | RegrowCriterion = "random", signal: torch.Tensor | None = None,
                         optimizer: torch.optim.Optimizer | None = None,
-                        generator: torch.Generator | None = None) -> LayerUpdate:
+                        generator: torch.Generator | None = None, regrow_pruned: bool = False) -> LayerUpdate:
     """Prune and regrow one unstructured layer with counts the caller chose, which may differ.
 
     The same rule as a DST step (``dst.engine.update_rule``'s choices: magnitude pruning among active
     weights, regrowth among positions inactive before the step, by ``regrow``'s score on ``signal``;
     moved weights and their optimizer state zeroed), for sparse momentum, which moves regrowth
     between layers. A layer with a structured pattern is refused: its groups must regrow what they lose.
+    ``regrow_pruned``: regrowth may also pick the weights pruned now (``MoveRule.regrow_pruned``).
     """
     if not isinstance(layer.pattern, Unstructured):
         raise ValueError(f"per-layer counts that differ from a DST step's cannot keep pattern {layer.pattern.label!r} "
                          "(each group regrows what it prunes); this method works on unstructured masks only")
     active, numel = layer.active_count, layer.mask.numel()
-    for name, count, most in (("prune_count", prune_count, active), ("regrow_count", regrow_count, numel - active)):
-        if not is_count(count) or count > most:
-            raise ValueError(f"{name} must be a whole number of weights in [0, {most}] for this layer "
-                             f"({active} of {numel} active), got {count!r}")
+    if not is_count(prune_count) or prune_count > active:
+        raise ValueError(f"prune_count must be a whole number of weights in [0, {active}] for this layer "
+                         f"({active} of {numel} active), got {prune_count!r}")
+    free = numel - active + (prune_count if regrow_pruned else 0)
+    if not is_count(regrow_count) or regrow_count > free:
+        raise ValueError(f"regrow_count must be a whole number of weights in [0, {free}] for this layer "
+                         f"({active} of {numel} active, {prune_count} pruned), got {regrow_count!r}")
     return _move(layer, prune_count, regrow_count, get_regrow(regrow), signal, _optimizers_of(layer, optimizer),
-                 generator)
+                 generator, MoveRule(regrow_pruned=regrow_pruned))
 
 
 def prune_layer_to(layer: MaskedLayer, per_group: int, optimizer: torch.optim.Optimizer | None = None) -> LayerUpdate:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from dst.core.checks import is_positive_int
 from dst.core.training import Batch
 from dst.engine.topology_update import TopologyUpdate
-from dst.engine.update_rule import LayerUpdate, RegrowCriterion, check_prune_ratio, get_regrow
+from dst.engine.update_rule import LayerUpdate, MoveRule, RegrowCriterion, check_prune_ratio, get_regrow
 
 SCHEDULES = ("constant", "cosine")
 UNITS = ("epoch", "step")
@@ -31,10 +31,22 @@ class DSTConfig:
     unit: str = "epoch"
     # Last unit (epoch or optimizer step count) at which updates may happen; None = never stop.
     end: int | None = None
+    # The step's details where the reference implementations differ (rounding, regrowth of just-pruned weights,
+    # SET's sign split): this project's choices by default; dst.methods sets each method's reference ones.
+    rule: MoveRule = MoveRule()
+    # The cosine's floor: ratio_min + (prune_ratio - ratio_min) * (1 + cos(pi * t / end)) / 2, as torch's
+    # CosineAnnealingLR with eta_min (sparse_learning decays its prune rate to 0.005). 0 for the plain cosine.
+    ratio_min: float = 0.0
 
     def __post_init__(self):
         check_prune_ratio(self.prune_ratio)
         get_regrow(self.regrow)
+        if not isinstance(self.rule, MoveRule):
+            raise TypeError(f"rule must be a dst.engine.update_rule.MoveRule, got {type(self.rule).__name__}")
+        check_prune_ratio(self.ratio_min)
+        if self.ratio_min and (self.schedule != "cosine" or self.ratio_min > self.prune_ratio):
+            raise ValueError(f"ratio_min is the cosine schedule's floor, in [0, prune_ratio={self.prune_ratio}]; "
+                             f"got ratio_min={self.ratio_min} with schedule={self.schedule!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
         if self.unit not in UNITS:
@@ -55,7 +67,7 @@ class DSTConfig:
         if self.end is not None and t > self.end:
             return 0.0
         if self.schedule == "cosine":
-            return self.prune_ratio * 0.5 * (1.0 + math.cos(math.pi * t / self.end))
+            return self.ratio_min + (self.prune_ratio - self.ratio_min) * 0.5 * (1.0 + math.cos(math.pi * t / self.end))
         return self.prune_ratio
 
     def is_update(self, t: int) -> bool:
@@ -105,6 +117,11 @@ class DSTScheduler:
         if not isinstance(self.update, TopologyUpdate):
             raise TypeError(f"update must be a TopologyUpdate (needs_batch, __call__(prune_ratio, batch), close()), "
                             f"got {type(self.update).__name__}")
+        own_rule = getattr(self.update, "rule", MoveRule())  # a step without one takes the default rule
+        if own_rule != self.config.rule:
+            raise ValueError(f"config.rule is {self.config.rule} but the update applies {own_rule} "
+                             f"({type(self.update).__name__}{'' if hasattr(self.update, 'rule') else ' has no other'}); "
+                             "give one rule (masked_scheduler builds the step from the config)")
         own = getattr(self.update, "regrow", None)  # the engines' steps carry their criterion; both must agree
         if own is not None and get_regrow(own) is not get_regrow(self.config.regrow):
             raise ValueError(f"the update regrows by {get_regrow(own).name!r} but config.regrow is "
@@ -120,6 +137,10 @@ class DSTScheduler:
         if self.config.unit != "step":
             return None
         return self._maybe_update(self.steps, lambda: batch)
+
+    def update_after_next_step(self) -> bool:
+        """Whether the next ``after_step`` will update (rigl skips that step's weight update: ``dst.methods.RigL``)."""
+        return self.config.unit == "step" and self.config.is_update(self.steps + 1)
 
     def after_epoch(self, loader: Iterable[Batch] | None = None) -> DSTEvent | None:
         """Count one epoch; update if epoch-based updates are due (RigL draws one batch from ``loader``).

@@ -5,6 +5,10 @@ A layer is described by the sorted flat positions of its active weights
 its size ``numel``. ``choose_moves`` picks the ``count`` active weights of smallest
 magnitude to prune and regrows ``count`` positions that were inactive *before* the step
 (a weight pruned now is not regrown now, so the step really moves ``count`` connections).
+That, rounding the count, and pruning by |w| over the whole layer are this project's choices;
+the reference implementations differ on each, and ``MoveRule`` names the difference
+(``regrow_pruned``, ``rounding``, ``sign_split``) so each method in ``dst.methods`` runs as its
+reference does.
 The simulated engine (``dst.engine.prune_regrow``, boolean masks over torch weights) and
 the truly sparse one (``dst.csr.linear``, CSR arrays) both call it, so they make the same
 choices on the same layer and random stream. That is the rule for unstructured layers;
@@ -28,6 +32,7 @@ rank under ``dst.distributed``), a ``numpy.random.Generator`` (the CSR trainer's
 None for torch's global generator. Everything here works on host numpy arrays.
 """
 
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,14 +145,75 @@ def check_prune_ratio(prune_ratio: float) -> None:
         raise ValueError(f"prune_ratio must be in [0, 1] (fraction of active weights moved), got {prune_ratio}")
 
 
-def moved_count(active: int, numel: int, prune_ratio: float) -> int:
-    """Connections one step moves: ``round(prune_ratio * active)``, fewer only if fewer positions are inactive."""
-    return min(round(prune_ratio * active), numel - active)
+# How a step turns ``prune_ratio * active`` into a count: this project rounds; google-research/rigl floors
+# (``tf.cast`` of the product to an int); sparse_learning rounds up (``math.ceil``).
+ROUNDINGS: dict[str, Callable[[float], int]] = {"round": round, "floor": math.floor, "ceil": math.ceil}
+
+
+@dataclass(frozen=True)
+class MoveRule:
+    """The details of a DST step on which the reference implementations differ; this project's choices by default.
+
+    The methods of ``dst.methods`` set them to their reference code's (each method's docstring cites it);
+    ``apply_dst_step`` and the tutorial keep the defaults.
+    """
+
+    # How the number pruned is rounded: "round" (this project), "floor" (rigl), "ceil" (sparse_learning).
+    rounding: str = "round"
+    # False (this project): regrow only at positions inactive *before* the step, so the step really moves
+    # its count of connections. True (rigl, sparse_learning, Mocanu's SET): regrow among the positions inactive
+    # after pruning, so a weight pruned now may come straight back (at zero).
+    regrow_pruned: bool = False
+    # False: prune the smallest |w| of the layer. True (Mocanu et al.'s SET): prune that fraction of the
+    # positive weights and, separately, of the negative ones, each nearest zero (``sign_split_prune``: the
+    # reference's thresholds, whatever ``rounding``); unstructured layers only.
+    sign_split: bool = False
+
+    def __post_init__(self):
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {self.rounding!r}")
+        for name in ("regrow_pruned", "sign_split"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def count(self, prune_ratio: float, active: int) -> int:
+        """``prune_ratio * active``, rounded by this rule."""
+        return int(ROUNDINGS[self.rounding](prune_ratio * active))
+
+
+def moved_count(active: int, numel: int, prune_ratio: float, rule: MoveRule = MoveRule()) -> int:
+    """Connections one step moves: ``prune_ratio * active`` rounded by ``rule`` (``round`` by default), fewer only if
+    fewer positions are inactive."""
+    return min(rule.count(prune_ratio, active), numel - active)
+
+
+def sign_split_prune(values: np.ndarray, numel: int, prune_ratio: float) -> np.ndarray:
+    """Mocanu et al.'s SET pruning: indices into ``values`` (a layer's active weights, signed; ``numel`` its size)
+    of the ``prune_ratio`` fraction of the negative weights nearest zero, of the positive ones nearest zero
+    (each fraction taken apart), and of any active weight that is exactly zero.
+
+    As ``rewireMask`` in dcmocanu/sparse-evolutionary-artificial-neural-networks
+    (``SET-MLP-Keras-Weights-Mask/set_mlp_keras_cifar10.py``): it sorts the layer's weights, zeros
+    included, and keeps those below ``values[int((1 - zeta) * firstZeroPos)]`` or above
+    ``values[int(min(size - 1, lastZeroPos + zeta * (size - lastZeroPos)))]``; the counts below are
+    those positions' (with distinct values), computed in the same floating point.
+    """
+    negative = np.flatnonzero(values < 0)
+    positive = np.flatnonzero(values > 0)
+    zero = np.flatnonzero(values == 0)
+    first_zero = len(negative)  # where the zeros start in the sorted layer
+    last_zero = numel - len(positive) - 1  # and end
+    negative_pruned = len(negative) - int((1 - prune_ratio) * first_zero)
+    positive_pruned = int(min(numel - 1, last_zero + prune_ratio * (numel - last_zero))) - last_zero
+    pruned_negative = negative[np.argsort(-values[negative], kind="stable")[:max(0, negative_pruned)]]
+    pruned_positive = positive[np.argsort(values[positive], kind="stable")[:max(0, positive_pruned)]]
+    return np.sort(np.concatenate([pruned_negative, zero, pruned_positive])).astype(np.int64)
 
 
 def choose_moves(active: np.ndarray, magnitudes: np.ndarray, numel: int, count: int, criterion: RegrowCriterion,
                  signal: np.ndarray | None = None, random: RandomSource = None,
-                 regrow_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 regrow_count: int | None = None, regrow_pruned: bool = False,
+                 pruned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Which active weights to prune and where to regrow them, in one unstructured layer.
 
     Args:
@@ -156,30 +222,42 @@ def choose_moves(active: np.ndarray, magnitudes: np.ndarray, numel: int, count: 
         count: how many are pruned (``moved_count``); at most the active positions.
         signal: (numel,) the flat dense signal the criterion ``needs`` (gradient, momentum), or None.
         regrow_count: how many regrow, if not ``count`` (sparse momentum moves regrowth between layers,
-            gradual pruning regrows none); at most the inactive positions.
+            gradual pruning regrows none); at most the positions it may regrow at.
+        regrow_pruned: False (default): regrow among the positions inactive before the step. True (rigl,
+            sparse_learning): among those inactive after pruning, so a weight pruned now may come back.
+        pruned: the indices into ``active`` to prune, where the caller chose them (``sign_split_prune``);
+            ``count`` must be their number. None: the ``count`` smallest magnitudes.
 
     Returns:
         ``(pruned, regrown)``: ``pruned`` indexes ``active`` (the ``count`` smallest magnitudes, in
         no particular order; ``active[pruned]`` are their positions), since both engines hold their
-        weights in position order; ``regrown`` holds sorted positions that were inactive, the
-        ``regrow_count`` of highest score (or the criterion's ``sample``, the same choice).
+        weights in position order; ``regrown`` holds sorted positions that were inactive (before the
+        step, or after pruning with ``regrow_pruned``), the ``regrow_count`` of highest score (or the
+        criterion's ``sample``, the same choice).
     """
     regrow_count = count if regrow_count is None else regrow_count
-    if not (0 <= count <= len(active) and 0 <= regrow_count <= numel - len(active)):
+    free = numel - len(active) + (count if regrow_pruned else 0)
+    if not (0 <= count <= len(active) and 0 <= regrow_count <= free):
         raise ValueError(f"cannot prune {count} of {len(active)} active weights and regrow {regrow_count} "
-                         f"of the {numel - len(active)} inactive positions")
+                         f"of the {free} positions it may regrow at")
     if criterion.needs is not None and signal is None and regrow_count:
         raise ValueError(f"regrow={criterion.name!r} needs the layer's {SIGNALS[criterion.needs]}")
     empty = np.empty(0, dtype=np.int64)
-    pruned = np.argpartition(magnitudes, count - 1)[:count] if count else empty
+    if pruned is None:
+        pruned = np.argpartition(magnitudes, count - 1)[:count] if count else empty
+    elif len(pruned) != count or len(np.unique(pruned)) != count or (count and not (
+            0 <= pruned.min() and pruned.max() < len(active))):
+        raise ValueError(f"pruned must hold {count} distinct indices into the {len(active)} active weights")
     if not regrow_count:
         return pruned, empty
+    # The positions that may not regrow: the active ones, less the pruned ones where they may come back.
+    taken = np.delete(active, pruned) if regrow_pruned else active
     if criterion.sample is not None:
-        regrown = _checked_choice(criterion, criterion.sample(active, numel, regrow_count, random), active, numel,
+        regrown = _checked_choice(criterion, criterion.sample(taken, numel, regrow_count, random), taken, numel,
                                   regrow_count)
         return pruned, regrown
     scores = layer_scores(criterion, signal, numel, random)
-    scores[active] = -np.inf  # inactive before the step only
+    scores[taken] = -np.inf
     return pruned, np.sort(np.argpartition(-scores, regrow_count - 1)[:regrow_count]).astype(np.int64)
 
 

@@ -6,6 +6,18 @@ sparse mask) and what changes it during training (``scheduler``: nothing, the
 shared DST update on a schedule, or gradual pruning). ``METHODS`` maps the names
 to their defaults; ``dataclasses.replace(METHODS["rigl"], every=20)`` tunes one.
 
+By default each method runs as its reference code does, on the points where the
+references differ from this project's own DST step (each class's docstring cites the
+reference file and function): how the prune count is rounded, whether a weight pruned in a
+step may regrow in it (``regrow_pruned``), SET's separate pruning of positive and negative
+weights (``sign_split``), RigL's skipped weight update on a mask-update step
+(``step_on_update``), sparse momentum's floor on its prune rate (``ratio_min``) and the
+momentum it gives regrown weights (``regrown_momentum``), and no rescaled init
+(``scale_init``). This project's deliberate improvements are those options set the other
+way; ``IMPROVEMENTS`` lists them and ``improved(method)`` applies them. What is left
+different from a reference on purpose (exact counts where a reference draws them by chance,
+zero-valued regrown weights) is in each docstring.
+
 Every sparse method ends with exactly the active counts ``MaskedNet`` gives the
 same ``Target``: the DST methods keep them throughout (sparse momentum per net,
 the others per layer), gradual pruning reaches them at its last pruning step.
@@ -17,6 +29,7 @@ weights between layers, which no per-group count can hold.
 """
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,7 +42,7 @@ from dst.engine.masked import MaskedNet
 from dst.engine.patterns import Pattern, get_pattern
 from dst.engine.prune_regrow import masked_scheduler
 from dst.engine.schedule import SCHEDULES, DSTConfig, DSTScheduler
-from dst.engine.update_rule import RegrowCriterion, check_prune_ratio, get_regrow
+from dst.engine.update_rule import ROUNDINGS, MoveRule, RegrowCriterion, check_prune_ratio, get_regrow
 from dst.methods.gradual_pruning import GradualPruning
 from dst.methods.sparse_momentum import SparseMomentumStep
 
@@ -87,9 +100,18 @@ class Method:
         return label
 
     def build(self, base_net: nn.Module, target: Target, generator: torch.Generator | None = None) -> nn.Module:
-        """A random sparse mask at ``target`` (in the method's pattern) over a copy of ``base_net``."""
+        """A random sparse mask at ``target`` (in the method's pattern) over a copy of ``base_net``; its weights
+        scaled by ``1/sqrt(density)`` where the method's ``scale_init`` says so."""
         return MaskedNet(base_net, target.sparsity, target.allocation, generator=generator,
-                         keep_dense=target.keep_dense, pattern=getattr(self, "pattern", "unstructured"))
+                         keep_dense=target.keep_dense, pattern=getattr(self, "pattern", "unstructured"),
+                         scale_init=getattr(self, "scale_init", False))
+
+    @property
+    def rule(self) -> MoveRule:
+        """The details of the method's DST step (``dst.engine.update_rule.MoveRule``) from its settings."""
+        return MoveRule(rounding=getattr(self, "rounding", "round"),
+                        regrow_pruned=getattr(self, "regrow_pruned", False),
+                        sign_split=getattr(self, "sign_split", False))
 
     def scheduler(self, model: nn.Module, target: Target, optimizer: torch.optim.Optimizer, total_steps: int,
                   steps_per_epoch: int, generator: torch.Generator | None = None):
@@ -116,13 +138,29 @@ class Static(Method):
     summary: ClassVar[str] = ("A random sparse mask that never changes: the control every DST paper needs "
                               "(same weights, no topology search).")
     pattern: str | Pattern = "unstructured"  # the mask's sparsity pattern (dst.engine.patterns)
+    # rigl's static baseline keeps the dense init (init_method='baseline'); True scales by 1/sqrt(density).
+    scale_init: bool = False
 
     def __post_init__(self):
         _check_pattern("static", self.pattern)
+        _check_bools(self, "scale_init")
 
 
 @dataclass(frozen=True)
 class SET(Method):
+    """SET as Mocanu et al.'s code: ``rewireMask`` in dcmocanu/sparse-evolutionary-artificial-neural-networks
+    (``SET-MLP-Keras-Weights-Mask/set_mlp_keras_cifar10.py``; ``weightsEvolution_II`` in the IJCAI-2019
+    tutorial's ``set_mlp.py`` is the same rule).
+
+    After every epoch each layer prunes ``zeta`` of its negative weights nearest zero and ``zeta`` of its
+    positive ones (thresholds at ``int((1 - zeta) * negatives)`` and ``int(zeta * (positives + 1))`` places,
+    ``sign_split``) and regrows exactly as many at random positions that are free after pruning
+    (``regrow_pruned``: a weight pruned now may come back, keeping its value). Left different on purpose:
+    the masks start with exact counts (the reference draws each weight with the ER probability), regrown
+    weights start at zero (the Keras reference's; ``set_mlp.py`` draws ``randn / 10``), and no update
+    follows the last epoch (nothing would train the regrown weights).
+    """
+
     name: ClassVar[str] = "set"
     summary: ClassVar[str] = ("SET (Mocanu et al. 2018): once an epoch, prune the smallest 30 % of each layer's "
                               "weights and regrow as many at random positions.")
@@ -134,10 +172,19 @@ class SET(Method):
     # whose rows carry the label "set+<criterion>".
     regrow: str | RegrowCriterion = "random"
     pattern: str | Pattern = "unstructured"  # kept at every update: pruned and regrown within its groups
+    # Mocanu et al. prune positive and negative weights separately; False prunes the smallest |w| (a pattern needs it).
+    sign_split: bool = True
+    regrow_pruned: bool = True  # the reference regrows on the rewired mask; False: only at positions free before
+    scale_init: bool = False  # the reference keeps the dense init; True scales by 1/sqrt(density)
 
     def __post_init__(self):
         _check_ratio("set", self.prune_ratio)
         _check_pattern("set", self.pattern)
+        _check_bools(self, "sign_split", "regrow_pruned", "scale_init")
+        if self.sign_split and get_pattern(self.pattern).kind != "unstructured":
+            raise ValueError(f"set.sign_split (Mocanu et al.'s pruning of positive and negative weights apart) "
+                             f"cannot keep pattern {get_pattern(self.pattern).label!r}, which prunes whole units "
+                             "within groups; use replace(METHODS['set'], pattern=..., sign_split=False)")
         get_regrow(self.regrow)
         check_steps("set.updates_per_epoch", self.updates_per_epoch)
         if self.schedule not in SCHEDULES:
@@ -146,12 +193,25 @@ class SET(Method):
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
         # end one step before the last: an update after the last step would only remove trained weights.
         config = DSTConfig(prune_ratio=self.prune_ratio, regrow=self.regrow, schedule=self.schedule, every=max(
-            1, steps_per_epoch // self.updates_per_epoch), unit="step", end=max(1, total_steps - 1))
+            1, steps_per_epoch // self.updates_per_epoch), unit="step", end=max(1, total_steps - 1), rule=self.rule)
         return masked_scheduler(model, config, optimizer=optimizer, generator=generator)
 
 
 @dataclass(frozen=True)
 class RigL(Method):
+    """RigL as google-research/rigl: ``SparseRigLOptimizer`` and ``_get_update_op`` in
+    ``rigl/sparse_optimizers_base.py``.
+
+    Every ``every`` steps each layer drops ``int(drop_fraction * active)`` of its smallest weights
+    (``rounding="floor"``) and grows as many where ``|dense gradient|`` is largest among the positions
+    free after dropping (``regrow_pruned``: the "lifted" grow score, so a dropped weight may come back,
+    keeping its value); the fraction decays by a cosine to 0 at ``end_fraction`` of training. On a
+    mask-update step the weights are not updated (``step_on_update=False``: rigl's
+    ``cond_mask_update_op`` runs the mask update instead of the optimizer), and the gradient is taken on
+    that step's batch at the weights before it. Left different on purpose: no 1e-5 noise on the drop
+    scores (it only breaks ties), and masks with exactly the allocation's counts.
+    """
+
     name: ClassVar[str] = "rigl"
     summary: ClassVar[str] = ("RigL (Evci et al. 2020): every 100 steps, regrow where the dense gradient is "
                               "largest; the fraction moved decays (cosine) and updates stop at 75 % of training.")
@@ -161,10 +221,16 @@ class RigL(Method):
     # RigL regrows by the dense gradient; another criterion makes a variant labelled "rigl+<criterion>".
     regrow: str | RegrowCriterion = "gradient"
     pattern: str | Pattern = "unstructured"  # kept at every update: pruned and regrown within its groups
+    rounding: str = "floor"  # rigl casts the drop count to an int; "round" is this project's
+    regrow_pruned: bool = True  # rigl grows on the post-drop mask; False: only at positions free before the step
+    step_on_update: bool = False  # rigl skips the weight update on a mask-update step; True also steps (SGD first)
+    scale_init: bool = False  # rigl's init_method='baseline' keeps the dense init; True scales by 1/sqrt(density)
 
     def __post_init__(self):
         _check_ratio(self.name, self.prune_ratio)
         _check_pattern(self.name, self.pattern)
+        _check_bools(self, "regrow_pruned", "step_on_update", "scale_init")
+        _check_rounding(self.name, self.rounding)
         get_regrow(self.regrow)
         check_steps(f"{self.name}.every", self.every)
         check_fraction(f"{self.name}.end_fraction (of training, where updates stop)", self.end_fraction,
@@ -172,7 +238,7 @@ class RigL(Method):
 
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
         config = DSTConfig(prune_ratio=self.prune_ratio, regrow=self.regrow, schedule="cosine", every=self.every,
-                           unit="step", end=max(1, int(self.end_fraction * total_steps)))
+                           unit="step", end=max(1, int(self.end_fraction * total_steps)), rule=self.rule)
         return masked_scheduler(model, config, optimizer=optimizer, generator=generator)
 
 
@@ -180,7 +246,9 @@ class RigL(Method):
 class SRigL(RigL):
     """RigL under constant fan-in: its drop is layer-wide by magnitude and each neuron regrows what it lost.
 
-    As ``RigLConstFanScheduler._rigl_step`` in calgaryml/condensed-sparsity. Not included: SRigL's
+    As ``RigLConstFanScheduler._rigl_step`` in calgaryml/condensed-sparsity (``src/rigl_torch/rigl_constant_fan.py``),
+    which keeps RigL's floored drop count, lifted grow score (a dropped weight may regrow) and skipped
+    optimizer step on a mask-update step, so the defaults are RigL's. Not included: SRigL's
     dynamic neuron ablation (a neuron with too few salient weights is switched off and the others'
     fan-in raised). It changes a layer's fan-in during training, where this project keeps ``k``
     fixed from the first mask so a layer's condensed (out, k) shape is known before training; the
@@ -201,6 +269,21 @@ class SRigL(RigL):
 
 @dataclass(frozen=True)
 class SNFS(Method):
+    """Sparse momentum as TimDettmers/sparse_learning: ``Masking.truncate_weights`` with ``magnitude_prune``,
+    ``momentum_growth`` and ``momentum_redistribution`` in ``sparselearning/core.py`` and ``funcs.py``.
+
+    After every epoch but the last each layer prunes ``ceil(rate * active)`` of its smallest weights
+    (``rounding="ceil"``); the total is regrown where ``|momentum|`` is largest among the positions free
+    after pruning (``regrow_pruned``), shared over layers by their mean ``|momentum|``. The rate follows
+    ``CosineDecay`` (torch's CosineAnnealingLR from ``prune_ratio`` to ``eta_min=0.005``, ``ratio_min``) over
+    training. Regrown weights start at zero with the momentum their position had accumulated
+    (``regrown_momentum``: sparse_learning's SGD buffer covers every position, since it masks weights and
+    not gradients). Left different on purpose: each layer's share is rounded so the net's total is exact
+    (sparse_learning rounds each share up and corrects the drift at the next update with
+    ``adjusted_growth``), and masks start with exact counts (it draws each weight with probability density).
+    The cosine runs to the last update (after epoch E - 1) rather than to the last step: one step in E.
+    """
+
     name: ClassVar[str] = "snfs"
     summary: ClassVar[str] = ("Sparse momentum (Dettmers & Zettlemoyer 2019): regrow where the gradient's momentum "
                               "is largest, and give layers whose momentum is larger more of the regrown weights.")
@@ -209,10 +292,27 @@ class SNFS(Method):
     momentum: float = 0.9  # the decay of the gradient average (SGD's momentum in the paper)
     # Only unstructured: SNFS moves weights between layers, which no per-group count can hold.
     pattern: str | Pattern = "unstructured"
+    rounding: str = "ceil"  # sparse_learning's math.ceil; "round" is this project's
+    regrow_pruned: bool = True  # growth on the mask after death; False: only at positions free before the step
+    ratio_min: float = 0.005  # CosineDecay's eta_min; 0 decays to nothing
+    # True: a regrown weight's SGD momentum is the momentum its position accumulated (sparse_learning);
+    # False: zero, as every other method's moved weights (needs no SGD).
+    regrown_momentum: bool = True
+    scale_init: bool = False  # sparse_learning only masks the init; True scales by 1/sqrt(density)
 
     def __post_init__(self):
         _check_ratio("snfs", self.prune_ratio)
         _check_pattern("snfs", self.pattern)
+        _check_bools(self, "regrow_pruned", "regrown_momentum", "scale_init")
+        _check_rounding("snfs", self.rounding)
+        try:
+            check_prune_ratio(self.ratio_min)
+        except (TypeError, ValueError):
+            raise ValueError(f"snfs.ratio_min (the floor of the cosine-decayed prune rate) must be in "
+                             f"[0, prune_ratio={self.prune_ratio}], got {self.ratio_min!r}") from None
+        if self.ratio_min > self.prune_ratio:
+            raise ValueError(f"snfs.ratio_min (the floor of the cosine-decayed prune rate) must be in "
+                             f"[0, prune_ratio={self.prune_ratio}], got {self.ratio_min!r}")
         if get_pattern(self.pattern).kind != "unstructured":
             raise ValueError(f"snfs moves regrown weights between layers, so a layer's count changes, which "
                              f"pattern {get_pattern(self.pattern).label!r} cannot hold; snfs takes "
@@ -223,9 +323,11 @@ class SNFS(Method):
 
     def scheduler(self, model, target, optimizer, total_steps, steps_per_epoch, generator=None):
         # The config's regrow is left at its default and unused: the step regrows by momentum (and needs no batch).
+        # Updates after every epoch but the last: ``end`` stops them there (the floor would otherwise keep one).
         config = DSTConfig(prune_ratio=self.prune_ratio, schedule="cosine", every=steps_per_epoch, unit="step",
-                           end=total_steps)
-        return DSTScheduler(config, SparseMomentumStep(model, self.momentum, optimizer))
+                           end=max(1, total_steps - 1), rule=self.rule, ratio_min=self.ratio_min)
+        return DSTScheduler(config, SparseMomentumStep(model, self.momentum, optimizer, rule=self.rule,
+                                                       regrown_momentum=self.regrown_momentum))
 
     def close(self, scheduler) -> None:
         scheduler.close()
@@ -233,6 +335,17 @@ class SNFS(Method):
 
 @dataclass(frozen=True)
 class GMP(Method):
+    """Gradual magnitude pruning as Zhu & Gupta 2017 and TensorFlow's model_pruning (``Pruning._setup_sparsity``).
+
+    Every ``every`` steps from ``start_fraction`` to ``end_fraction`` of training each layer keeps its
+    ``round(size * (1 - s_t))`` largest weights, ``s_t = s_f * (1 - (1 - p) ** 3)`` with one progress ``p``
+    for every layer. Under a uniform target that is one ``s_t`` for the whole net, the paper's rule; under
+    ERK each layer's ``s_f`` is its own, with the progress shared, as model_pruning's ``weight_sparsity_map``
+    and rigl's ERK pruning baseline (``rigl/rl/tfagents/tf_sparse_utils.py``: a ``PolynomialDecay`` per
+    layer from 0 to its sparsity) do. Left different: no moving-average threshold (model_pruning's
+    ``threshold_decay``, 0 by default).
+    """
+
     name: ClassVar[str] = "gmp"
     summary: ClassVar[str] = ("Gradual magnitude pruning (Zhu & Gupta 2017): start dense, prune the smallest "
                               "weights on a cubic schedule to the target; dense memory during training.")
@@ -267,6 +380,17 @@ def _default(method: Method, field_name: str):
     return type(method).__dataclass_fields__[field_name].default
 
 
+def _check_bools(method: Method, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(method, name), bool):
+            raise ValueError(f"{method.name}.{name} must be True or False, got {getattr(method, name)!r}")
+
+
+def _check_rounding(method: str, rounding) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"{method}.rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
+
+
 def _check_pattern(method: str, pattern) -> None:
     try:
         get_pattern(pattern)
@@ -283,6 +407,25 @@ def _check_ratio(method: str, prune_ratio) -> None:
 
 METHODS: dict[str, Method] = {method.name: method for method in (Dense(), Static(), SET(), RigL(), SRigL(), SNFS(),
                                                                    GMP())}
+
+# This project's deliberate departures from the references, as settings: (value, why). ``improved`` applies
+# each to the methods that have it; the tutorial's own DST step (``apply_dst_step``, ``MaskedNet``) has them all.
+IMPROVEMENTS: dict[str, tuple[object, str]] = {
+    "scale_init": (True, "weights scaled by 1/sqrt(density), so a sparse layer's outputs start at the dense scale"),
+    "regrow_pruned": (False, "regrow only where nothing was before, so a step really moves its count"),
+    "rounding": ("round", "the count moved is rounded, not floored or rounded up"),
+    "sign_split": (False, "prune the smallest |w|, whatever the sign"),
+    "step_on_update": (True, "the optimizer steps on a mask-update step too (no batch is spent on the mask alone)"),
+    "ratio_min": (0.0, "the cosine-decayed prune rate decays to 0"),
+    "regrown_momentum": (False, "regrown weights start with zero optimizer state, as in every other method"),
+}
+
+
+def improved(method: str | Method) -> Method:
+    """``method`` with this project's improvements (``IMPROVEMENTS``) in place of its reference's behaviour."""
+    method = get_method(method)
+    own = {field.name for field in dataclasses.fields(method)}
+    return dataclasses.replace(method, **{name: value for name, (value, _) in IMPROVEMENTS.items() if name in own})
 
 
 def get_method(method: str | Method) -> Method:

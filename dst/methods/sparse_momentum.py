@@ -26,7 +26,9 @@ from dst.engine.masked import MaskedNet
 from dst.engine.momentum import MomentumTracker, average_over_ranks
 from dst.engine.patterns.unstructured import Unstructured
 from dst.engine.process_group import is_distributed
+from dst.engine.optimizer_state import optimizers_of
 from dst.engine.prune_regrow import LayerUpdate, check_finite, update_layer_counts
+from dst.engine.update_rule import MoveRule
 
 
 def check_unstructured(masked_net: MaskedNet) -> None:
@@ -72,12 +74,16 @@ def redistribute(total: int, shares: Mapping[str, float], capacity: Mapping[str,
 
 
 def sparse_momentum_step(masked_net: MaskedNet, tracker: MomentumTracker, prune_ratio: float,
-                         optimizer: torch.optim.Optimizer | None = None) -> dict[str, LayerUpdate]:
+                         optimizer: torch.optim.Optimizer | None = None, rule: MoveRule = MoveRule(),
+                         regrown_momentum: bool = False) -> dict[str, LayerUpdate]:
     """One sparse momentum update: magnitude pruning per layer, momentum regrowth redistributed across layers.
 
-    A layer prunes ``min(round(prune_ratio * active), inactive, active - 1)`` (it never
+    A layer prunes ``min(prune_ratio * active rounded by rule.rounding, inactive, active - 1)`` (it never
     empties, and never prunes more than the whole net could regrow among the positions
-    inactive before the step). Frozen layers are left alone.
+    inactive before the step). Regrowth is among the positions inactive before the step, or, with
+    ``rule.regrow_pruned``, after pruning (sparse_learning's). ``regrown_momentum``: each regrown weight's
+    SGD momentum buffer takes the momentum its position accumulated (sparse_learning's buffer covers every
+    position); otherwise it starts at zero. Frozen layers are left alone.
     """
     layers = tracker.layers
     if is_distributed():
@@ -89,20 +95,43 @@ def sparse_momentum_step(masked_net: MaskedNet, tracker: MomentumTracker, prune_
         check_finite(name, tracker.momentum[name], "momentum")
     active = {name: layer.active_count for name, layer in layers.items()}
     inactive = {name: layer.mask.numel() - active[name] for name, layer in layers.items()}
-    prune = {name: max(0, min(round(prune_ratio * active[name]), inactive[name], active[name] - 1))
+    if rule.sign_split:
+        raise ValueError("sparse momentum prunes by |w| per layer; rule.sign_split (SET's) does not apply to it")
+    prune = {name: max(0, min(rule.count(prune_ratio, active[name]), inactive[name], active[name] - 1))
              for name in layers}
     # Mean |momentum| over the weights active before the step, as sparse_learning gathers it.
     shares = {name: float(tracker.momentum[name][layer.mask].abs().mean()) if active[name] else 0.0
               for name, layer in layers.items()}
-    regrow = redistribute(sum(prune.values()), shares, inactive)
+    free = {name: inactive[name] + (prune[name] if rule.regrow_pruned else 0) for name in layers}
+    regrow = redistribute(sum(prune.values()), shares, free)
     report = {name: LayerUpdate(active=layer.active_count, pruned=0, regrown=0)
               for name, layer in masked_net.masked_layers().items()}
     for name, layer in layers.items():
+        before = layer.mask.clone() if regrown_momentum else None
         report[name] = update_layer_counts(layer, prune[name], regrow[name], "momentum", tracker.momentum[name],
-                                           optimizer=optimizer)
+                                           optimizer=optimizer, regrow_pruned=rule.regrow_pruned)
+        if regrown_momentum:
+            _give_momentum(layer, layer.mask & ~before, tracker.momentum[name], optimizer)
     if is_distributed():
         check_ranks_agree(masked_net)
     return report
+
+
+def _give_momentum(layer, regrown: torch.Tensor, momentum: torch.Tensor, optimizer) -> None:
+    """Set the SGD momentum buffer of ``layer``'s weight at ``regrown`` (bool, weight-shaped) to ``momentum`` there."""
+    for each in optimizers_of(layer.weight) | ({optimizer} if optimizer is not None else set()):
+        buffer = each.state.get(layer.weight, {}).get("momentum_buffer")
+        if buffer is not None:
+            with torch.no_grad():
+                buffer[regrown] = momentum[regrown].to(buffer.dtype)
+
+
+def check_momentum_optimizer(optimizer) -> None:
+    """Raise unless ``optimizer`` is SGD with momentum: the only one whose buffer ``regrown_momentum`` can set."""
+    if not (isinstance(optimizer, torch.optim.SGD) and all(group["momentum"] > 0 for group in optimizer.param_groups)):
+        raise ValueError(f"regrown_momentum=True gives regrown weights their position's momentum in SGD's momentum "
+                         f"buffer (as sparse_learning does); it needs torch.optim.SGD with momentum > 0, got "
+                         f"{type(optimizer).__name__}. Use regrown_momentum=False (zero state) with other optimizers")
 
 
 class SparseMomentumStep:
@@ -114,13 +143,22 @@ class SparseMomentumStep:
 
     needs_batch = False
 
-    def __init__(self, masked_net: MaskedNet, beta: float = 0.9, optimizer: torch.optim.Optimizer | None = None):
+    def __init__(self, masked_net: MaskedNet, beta: float = 0.9, optimizer: torch.optim.Optimizer | None = None,
+                 rule: MoveRule = MoveRule(), regrown_momentum: bool = False):
         check_unstructured(masked_net)
-        self.masked_net, self.optimizer = masked_net, optimizer
+        if not isinstance(rule, MoveRule):
+            raise TypeError(f"rule must be a dst.engine.update_rule.MoveRule, got {type(rule).__name__}")
+        if rule.sign_split:
+            raise ValueError("sparse momentum prunes by |w| per layer; rule.sign_split (SET's) does not apply to it")
+        if regrown_momentum:
+            check_momentum_optimizer(optimizer)
+        self.masked_net, self.optimizer, self.rule = masked_net, optimizer, rule
+        self.regrown_momentum = regrown_momentum
         self.tracker = MomentumTracker(masked_net, beta)
 
     def __call__(self, prune_ratio: float, batch=None) -> dict[str, LayerUpdate]:
-        return sparse_momentum_step(self.masked_net, self.tracker, prune_ratio, self.optimizer)
+        return sparse_momentum_step(self.masked_net, self.tracker, prune_ratio, self.optimizer, self.rule,
+                                    self.regrown_momentum)
 
     def close(self) -> None:
         """Stop tracking (see ``MomentumTracker.close``)."""

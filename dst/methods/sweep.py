@@ -204,16 +204,27 @@ def _train(model, method: Method, scheduler, loader, optimizer, lr_schedule, epo
     """The training loop; returns (multiply-adds a sparse implementation needs, examples seen, topology updates)."""
     macs, examples, events = 0, 0, 0
     forward = counter.current()
+    # rigl updates the mask *instead of* the weights on a mask-update step (step_on_update=False).
+    skips = scheduler is not None and getattr(method, "step_on_update", True) is False
     for _ in range(epochs):
         model.train()
         for inputs, labels in loader:
+            examples += len(labels)
+            if skips and scheduler.update_after_next_step():
+                # The update takes its dense gradient on this batch at the weights as they are: that pass is
+                # the step's whole cost (a forward and a dense weight gradient), and no weight moves.
+                lr_schedule.step()
+                scheduler.after_step((inputs, labels))
+                events = len(scheduler.history)
+                macs += len(labels) * (2 * forward + counter.dense)
+                forward = counter.current()
+                continue
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(inputs), labels).backward()
             optimizer.step()
             lr_schedule.step()
             weight_gradient = counter.dense if method.dense_weight_gradient else forward
             macs += len(labels) * (2 * forward + weight_gradient)
-            examples += len(labels)
             if scheduler is not None:
                 scheduler.after_step((inputs, labels))
                 if len(scheduler.history) > events:

@@ -28,6 +28,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from dst.engine.update_rule import ROUNDINGS
+
 # Every Pattern subclass with a ``kind`` registers here when its module is imported (dst.engine.patterns
 # imports every module of the package), so a new pattern is one module.
 PATTERN_KINDS: dict[str, type["Pattern"]] = {}
@@ -132,16 +134,17 @@ class Pattern:
         grid = self.grid(mask.shape)
         return (self.reduce(mask.astype(np.int64)) > 0).reshape(-1, self.group_length(grid))
 
-    def moved_count(self, mask: np.ndarray, prune_ratio: float) -> int:
-        """Units one DST step at ``prune_ratio`` moves: ``round(prune_ratio * active units)``, fewer only where the
-        groups cannot take that many back (a group regrows what it loses, among its inactive units)."""
+    def moved_count(self, mask: np.ndarray, prune_ratio: float, rounding: str = "round") -> int:
+        """Units one DST step at ``prune_ratio`` moves: ``prune_ratio * active units`` rounded (``rounding``, see
+        ``dst.engine.update_rule.ROUNDINGS``), fewer only where the groups cannot take that many back (a group
+        regrows what it loses, among its inactive units)."""
         active = self.groups(mask)
         per_group, length = active.sum(axis=1), active.shape[1]
         movable = int(np.minimum(per_group, length - per_group).sum())
-        return min(round(prune_ratio * int(per_group.sum())), movable)
+        return min(int(ROUNDINGS[rounding](prune_ratio * int(per_group.sum()))), movable)
 
     def moves(self, mask: np.ndarray, magnitudes: np.ndarray, scores: np.ndarray,
-              count: int) -> tuple[np.ndarray, np.ndarray]:
+              count: int, regrow_pruned: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The flat positions one DST step prunes and regrows in a ``mask`` that follows the pattern.
 
         Args:
@@ -151,6 +154,8 @@ class Pattern:
                 read only at positions inactive before the step.
             count: active units to prune, the smallest magnitudes layer-wide, except that no group
                 loses more than it can take back (its inactive units); at most ``moved_count(mask, 1)``.
+            regrow_pruned: False: a group regrows among its units inactive before the step. True (rigl's
+                rule, which SRigL keeps): among those inactive after pruning, so a pruned unit may come back.
 
         Returns:
             ``(pruned, regrown)``: sorted int64 flat positions in the (out, in) numbering; each group
@@ -170,7 +175,10 @@ class Pattern:
         pruned = candidates[_smallest(unit_magnitudes.reshape(-1)[candidates], count)]
         lost = np.bincount(pruned // length, minlength=len(active))
         unit_scores = self.reduce(np.asarray(scores, dtype=np.float64)).reshape(-1, length)
-        ranked = np.argsort(np.where(active, np.inf, -unit_scores), axis=1, kind="stable")  # inactive, best first
+        taken = active.copy()
+        if regrow_pruned:
+            taken.reshape(-1)[pruned] = False
+        ranked = np.argsort(np.where(taken, np.inf, -unit_scores), axis=1, kind="stable")  # free units, best first
         regrown = (ranked + (np.arange(len(active)) * length)[:, None])[np.arange(length)[None, :] < lost[:, None]]
         grid = self.grid(mask.shape)
         return self._positions(np.sort(pruned), grid), self._positions(np.sort(regrown), grid)
