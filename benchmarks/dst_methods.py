@@ -86,6 +86,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--every", type=int, help="steps between RigL updates and GMP prunings (default 100)")
     parser.add_argument("--set", nargs="+", default=[], metavar="METHOD.FIELD=VALUE", dest="settings",
                         help="change a method's setting, e.g. set.prune_ratio=0.5 set.schedule=cosine")
+    parser.add_argument("--recipe", nargs="+", default=[], metavar="FIELD=VALUE", dest="recipe_settings",
+                        help="change the recipe of every model, e.g. lr=0.02 nesterov=false")
     parser.add_argument("--allocation", choices=["erk", "uniform"], default="erk")
     parser.add_argument("--keep-dense", nargs="*", default=[], help="'first', 'last' or layer names")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves the other core free)")
@@ -139,6 +141,24 @@ def with_settings(methods: list[Method], settings: list[str]) -> list[Method]:
         except (TypeError, ValueError) as error:
             raise SystemExit(f"--set {text!r}: {error}") from None
     return list(methods.values())
+
+
+def with_recipe_settings(recipe: Recipe, settings: list[str]) -> Recipe:
+    """``recipe`` with ``FIELD=VALUE`` settings applied, each value read as that field's type."""
+    names = [field.name for field in fields(recipe)]
+    for text in settings:
+        field, equals, value = text.partition("=")
+        if not equals or field not in names:
+            raise SystemExit(f"--recipe {text!r}: write FIELD=VALUE with FIELD one of {names}")
+        current = getattr(recipe, field)
+        if isinstance(current, tuple) or field == "max_batches_per_epoch":
+            raise SystemExit(f"--recipe {text!r}: {field} has its own option or cannot be set here")
+        try:
+            typed = _boolean(value) if isinstance(current, bool) else type(current)(value)
+            recipe = replace(recipe, **{field: typed})
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"--recipe {text!r}: {error}") from None
+    return recipe
 
 
 def _boolean(text: str) -> bool:
@@ -293,6 +313,7 @@ def main() -> None:
                                   **({"max_batches_per_epoch": args.max_batches} if args.max_batches is not None
                                      else {}))
                    for model in args.models}
+        recipes = {model: with_recipe_settings(recipe, args.recipe_settings) for model, recipe in recipes.items()}
     except ValueError as error:
         raise SystemExit(f"invalid setting: {error}") from None
     methods = with_settings(methods, args.settings)
