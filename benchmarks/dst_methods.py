@@ -58,8 +58,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 # Dettmers & Zettlemoyer 2019, sparse_learning's results/MNIST_sparse_summary.csv: LeNet-300-100,
 # 100 epochs, uniform density per layer, mean of several seeds. DSR is not among our methods.
-PUBLISHED = [{"model": "lenet300-100", "method": "dense", "sparsity": 0.0, "test_acc": 98.69}] + [
-    {"model": "lenet300-100", "method": method, "sparsity": sparsity, "test_acc": accuracy}
+PUBLISHED = [{"model": "lenet300-100", "method": "dense", "sparsity": 0.0, "test_acc": 98.69, "allocation": "uniform",
+              "epochs": 100}] + [
+    {"model": "lenet300-100", "method": method, "sparsity": sparsity, "test_acc": accuracy, "allocation": "uniform",
+     "epochs": 100}
     for method, numbers in {"snfs": {0.9: 98.67, 0.95: 98.53, 0.98: 98.20, 0.99: 97.53},
                             "set": {0.9: 98.39, 0.95: 98.14, 0.98: 97.74, 0.99: 95.80}}.items()
     for sparsity, accuracy in numbers.items()]

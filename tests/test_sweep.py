@@ -153,6 +153,16 @@ def test_run_sweep_trains_dense_once_per_model_and_seed_and_summarize_averages_s
     assert accuracy_ax.get_xscale() == "log" and accuracy_ax.xaxis_inverted()
     assert accuracy_ax.get_yscale() == "log" and accuracy_ax.yaxis_inverted()  # error, small at the top
     assert {text.get_text() for text in fig.legends[0].get_texts()} >= {"static mask", "SET"}
+    # A published point measured at another allocation or budget is left off: it would read as this experiment.
+    def drawn(reference):
+        figure = plot_method_sweep(rows, references=[reference])
+        return len(figure.axes[0].lines) + len(figure.axes[0].collections)
+
+    point = {"model": "lenet300-100", "method": "set", "sparsity": 0.99, "test_acc": 95.8}
+    alone = drawn({**point, "sparsity": 0.5})  # not a measured sparsity: never drawn
+    assert drawn({**point, "allocation": "erk", "epochs": RECIPE.epochs}) == drawn(point) > alone
+    assert drawn({**point, "allocation": "uniform", "epochs": RECIPE.epochs}) == alone
+    assert drawn({**point, "allocation": "erk", "epochs": 100}) == alone
     # The accuracy axis is labelled in accuracy: a tick at 99 % sits at an error of 1 %.
     labels = {tick.get_text(): value for tick, value in zip(accuracy_ax.get_yticklabels(), accuracy_ax.get_yticks())}
     assert all(value == pytest.approx(100 - float(text), rel=1e-9) for text, value in labels.items() if text)

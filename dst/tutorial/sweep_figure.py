@@ -29,7 +29,9 @@ def plot_method_sweep(rows, references=None, reference_label="published", title=
 
     ``references``: optional rows ``{"model", "method", "sparsity", "test_acc"}`` (published numbers)
     drawn as hollow markers in the method's colour (dense as a dotted line), named ``reference_label``,
-    at the sparsities the rows measured.
+    at the sparsities the rows measured. A reference that says its ``allocation`` and ``epochs`` is drawn
+    only on a panel whose rows were trained with the same: a published uniform, 100-epoch point next to
+    ERK rows of 20 epochs would read as the same experiment.
     One legend, under the figure, names what the first model's panel draws.
     """
     check_rows(rows, ["model", "method", "sparsity", "test_acc", "train_flops_vs_dense", "dense_training"])
@@ -42,8 +44,9 @@ def plot_method_sweep(rows, references=None, reference_label="published", title=
         points = [row for row in summary if row["model"] == model]
         measured = {row["sparsity"] for row in points}
         # Only at sparsities this sweep measured: a published point between them would read as one of ours.
+        trained = [row for row in rows if row["model"] == model]
         references_here = [r for r in references or () if r["model"] == model
-                           and (r["method"] == "dense" or r["sparsity"] in measured)]
+                           and (r["method"] == "dense" or r["sparsity"] in measured) and _same_setting(r, trained)]
         _draw_accuracy(accuracy_ax, points, references_here, reference_label)
         for method in dict.fromkeys(row["method"] for row in points if row["method"] != "dense"):
             line = sorted((row for row in points if row["method"] == method), key=lambda row: row["sparsity"])
@@ -67,6 +70,14 @@ def plot_method_sweep(rows, references=None, reference_label="published", title=
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.07 + 0.03 * (len(labels) > 6), 1, 1))
     return finish(fig, save_path)
+
+
+def _same_setting(reference: dict, rows: list[dict]) -> bool:
+    """Whether every row was trained at the reference's allocation and number of epochs (where it names them)."""
+    if "allocation" in reference and any(row.get("allocation") != reference["allocation"] for row in rows):
+        return False
+    return "epochs" not in reference or all(row.get("recipe", {}).get("epochs") == reference["epochs"]
+                                            for row in rows)
 
 
 def _draw_accuracy(ax, points, references, reference_label):
