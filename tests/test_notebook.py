@@ -144,8 +144,11 @@ def test_notebook_shows_every_figure_in_a_fresh_kernel_and_on_a_rerun_and_writes
         for index, cell in enumerate(nb.cells):  # Restart Kernel and Run All
             client.execute_cell(cell, index)
         first = copy.deepcopy(nb.cells)
-        # then, without restarting, a rerun from the parameters cell at 99 % with another budget
-        nb.cells[injected].source += "\nGLOBAL_SPARSITY = 0.99\nmax_batches_per_epoch = 3\n"
+        # then, without restarting, a rerun from the parameters cell at 99 % with another budget and the
+        # settings the parameters cell suggests there (RigL's step-based schedule, the first conv dense)
+        nb.cells[injected].source += ("\nGLOBAL_SPARSITY = 0.99\nmax_batches_per_epoch = 3\nregrow = 'gradient'\n"
+                                      "prune_ratio = 0.3\ndst_unit = 'step'\ndst_frequency = 1\n"
+                                      "dst_schedule = 'cosine'\nkeep_dense = ('first',)\n")
         for index in range(injected, len(nb.cells)):
             client.execute_cell(nb.cells[index], index)
         probe = nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nprint('open figures:', plt.get_fignums())")
@@ -220,6 +223,13 @@ def test_notebook_shows_every_figure_in_a_fresh_kernel_and_on_a_rerun_and_writes
 
     rerun = outputs_text(second)
     assert "| 2 x 5 |" in rerun and "| 2 x 3 |" in rerun  # both runs in the table, each with its budget
+    # 6 steps, the cosine at 0 from step 4 (75 % of training): updates after steps 1 to 3, all in epoch 1
+    rigl = next(record for record in records.values() if record["config"]["GLOBAL_SPARSITY"] == 0.99)
+    assert rigl["config"]["dst_unit"] == "step" and rigl["config"]["keep_dense"] == ["first"]
+    assert rigl["final"]["layers"]["conv1"]["zeros"] == 0
+    assert rigl["final"]["masked_sparsity"] == pytest.approx(0.99, abs=1e-3)
+    assert "3 DST steps will run, after optimizer steps 1 to 3 (3 steps per epoch)" in rerun
+    assert "DST in epoch 1 (3 updates): moved" in rerun and "DST in epoch 2" not in rerun
 
 
 def test_the_first_cell_says_what_to_install_when_the_notebook_is_opened_on_its_own(tmp_path):

@@ -13,6 +13,8 @@ from dst.core.data import TensorLoader, channels_last
 from dst.core.models import SimpleNet
 from dst.core.training import train_and_evaluate
 from dst.engine.masked import MaskedNet
+from dst.engine.prune_regrow import masked_scheduler
+from dst.engine.schedule import DSTConfig
 from dst.tutorial.side_by_side import Run, train_side_by_side
 
 SEED_ORDER = ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "flatten", "fc1", "relu3", "fc2", "relu4",
@@ -200,3 +202,28 @@ def test_an_error_in_a_worker_thread_reaches_the_caller_as_raised(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert not str(caught.value).endswith(threading.main_thread().name)  # raised in a worker, re-raised here
+
+
+def test_a_runs_step_based_dst_updates_side_by_side_as_it_does_alone():
+    def with_rigl(seed):
+        runs, test = runs_and_loaders(seed)
+        masked = runs[1]
+        config = DSTConfig(prune_ratio=0.3, regrow="gradient", schedule="cosine", every=2, unit="step", end=5)
+        runs[1] = Run(masked.model, masked.optimizer, masked.train_loader,
+                      masked_scheduler(masked.model, config, optimizer=masked.optimizer))
+        return runs, test
+
+    runs, test = with_rigl(3)
+    train_side_by_side(runs, test, F.cross_entropy, "cpu", progress=False)
+    alone, _ = with_rigl(3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_and_evaluate(alone[1].model, alone[1].train_loader, test, F.cross_entropy, alone[1].optimizer, "cpu",
+                           dst=alone[1].dst, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert [event.t for event in runs[1].dst.history] == [2] == [event.t for event in alone[1].dst.history]
+    assert runs[1].dst.steps == 3  # 48 images in batches of 16
+    for (name, value), (_, other) in zip(runs[1].model.state_dict().items(), alone[1].model.state_dict().items()):
+        assert torch.equal(value, other), name

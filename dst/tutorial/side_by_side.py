@@ -30,11 +30,13 @@ _RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 
 @dataclass
 class Run:
-    """One network trained side by side with others: its model, optimizer and own training loader."""
+    """One network trained side by side with others: its model, optimizer and own training loader; ``dst``, a
+    scheduler whose step-based updates run after each of its optimizer steps (``DSTScheduler.after_step``)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     train_loader: object
+    dst: object = None
 
 
 def train_side_by_side(runs: Sequence[Run], test_loader, criterion, device: torch.device | str,
@@ -59,7 +61,7 @@ def train_side_by_side(runs: Sequence[Run], test_loader, criterion, device: torc
             if concurrent:
                 torch.set_num_threads(1)  # OpenMP's thread count is per calling thread: set it in this one too
             results[index] = train_and_evaluate(run.model, _Counting(run.train_loader, done, index), test_loader,
-                                                criterion, run.optimizer, device, progress=False)
+                                                criterion, run.optimizer, device, dst=run.dst, progress=False)
         except Exception as error:  # re-raised in the caller's thread below
             errors.append(error)
 
