@@ -270,7 +270,7 @@ def test_gmp_under_uniform_prunes_every_layer_to_one_shared_s_t():
         if event is None:
             continue
         s_t = model_pruning_sparsity(step, 10, 50, 0.9)
-        for name, layer in net.masked_layers().items():
+        for layer in net.masked_layers().values():
             # model_pruning keeps round(size * (1 - s_t)) largest weights of every layer
             assert layer.active_count == max(round(layer.mask.numel() * (1 - 0.9)),
                                              round(layer.mask.numel() * (1 - s_t)))
@@ -322,7 +322,7 @@ def test_methods_keep_the_dense_init_and_improved_scales_it():
 
 
 def test_improved_sets_each_improvement_a_method_has_and_the_references_differ():
-    for name, method in METHODS.items():
+    for method in METHODS.values():
         better = improved(method)
         for option, (value, reason) in IMPROVEMENTS.items():
             assert reason

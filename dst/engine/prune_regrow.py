@@ -40,6 +40,7 @@ from dst.engine.optimizer_state import check_optimizer, fill_at, optimizers_of, 
 from dst.engine.patterns.unstructured import Unstructured
 from dst.engine.schedule import DSTConfig, DSTScheduler
 from dst.engine.update_rule import (
+    PROJECT_RULE,
     SIGNALS,
     LayerUpdate,
     MoveRule,
@@ -85,7 +86,7 @@ def dense_gradients(masked_net: MaskedNet, batch: Batch,
 
 def update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str | RegrowCriterion = "random",
                  signal: torch.Tensor | None = None, optimizers=(),
-                 generator: torch.Generator | None = None, rule: MoveRule = MoveRule()) -> LayerUpdate:
+                 generator: torch.Generator | None = None, rule: MoveRule = PROJECT_RULE) -> LayerUpdate:
     """One DST step on one masked layer (``update_rule``'s choices, within its pattern's groups), its moved
     weights and their optimizer state zeroed.
 
@@ -100,7 +101,7 @@ def update_layer(layer: MaskedLayer, prune_ratio: float, regrow: str | RegrowCri
     return _move(layer, count, count, get_regrow(regrow), signal, optimizers, generator, rule)
 
 
-def layer_moved_count(layer: MaskedLayer, prune_ratio: float, rule: MoveRule = MoveRule()) -> int:
+def layer_moved_count(layer: MaskedLayer, prune_ratio: float, rule: MoveRule = PROJECT_RULE) -> int:
     """Connections (units, for a block pattern) one step at ``prune_ratio`` moves in ``layer``."""
     if isinstance(layer.pattern, Unstructured):
         return moved_count(layer.active_count, layer.mask.numel(), prune_ratio, rule)
@@ -183,7 +184,7 @@ def apply_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
                    optimizer: torch.optim.Optimizer | None = None,
                    generator: torch.Generator | None = None,
                    signals: dict[str, torch.Tensor] | None = None,
-                   rule: MoveRule = MoveRule()) -> dict[str, LayerUpdate]:
+                   rule: MoveRule = PROJECT_RULE) -> dict[str, LayerUpdate]:
     """One prune-and-regrow step on every masked layer; returns a report per layer.
 
     Each layer prunes ``round(prune_ratio * active)`` of its active weights with
@@ -240,7 +241,7 @@ class MaskedDSTStep:
 
     def __init__(self, masked_net: MaskedNet, regrow: str | RegrowCriterion = "random",
                  optimizer: torch.optim.Optimizer | None = None, loss_fn: Callable = F.cross_entropy,
-                 generator: torch.Generator | None = None, momentum: float = 0.9, rule: MoveRule = MoveRule()):
+                 generator: torch.Generator | None = None, momentum: float = 0.9, rule: MoveRule = PROJECT_RULE):
         if not isinstance(masked_net, MaskedNet):
             raise TypeError(f"MaskedDSTStep needs a MaskedNet, got {type(masked_net).__name__}; wrap the model "
                             "first (MaskedNet(model, sparsity=...)), or for a DDP model use DistributedDSTStep")
@@ -278,7 +279,7 @@ def local_dst_step(masked_net: MaskedNet, prune_ratio: float = 0.1, regrow: str 
                    optimizer: torch.optim.Optimizer | None = None,
                    generator: torch.Generator | None = None,
                    signals: dict[str, torch.Tensor] | None = None,
-                   rule: MoveRule = MoveRule()) -> dict[str, LayerUpdate]:
+                   rule: MoveRule = PROJECT_RULE) -> dict[str, LayerUpdate]:
     """``apply_dst_step`` on this process alone, whatever the process group: what ``distributed_dst_step`` calls
     once it has made the step's inputs (generator, gradients) the same on every rank."""
     if not isinstance(masked_net, MaskedNet):

@@ -67,7 +67,8 @@ class DSTConfig:
         if self.end is not None and t > self.end:
             return 0.0
         if self.schedule == "cosine":
-            return self.ratio_min + (self.prune_ratio - self.ratio_min) * 0.5 * (1.0 + math.cos(math.pi * t / self.end))
+            decayed = 0.5 * (1.0 + math.cos(math.pi * t / self.end))
+            return self.ratio_min + (self.prune_ratio - self.ratio_min) * decayed
         return self.prune_ratio
 
     def is_update(self, t: int) -> bool:
@@ -119,8 +120,8 @@ class DSTScheduler:
                             f"got {type(self.update).__name__}")
         own_rule = getattr(self.update, "rule", MoveRule())  # a step without one takes the default rule
         if own_rule != self.config.rule:
-            raise ValueError(f"config.rule is {self.config.rule} but the update applies {own_rule} "
-                             f"({type(self.update).__name__}{'' if hasattr(self.update, 'rule') else ' has no other'}); "
+            step = type(self.update).__name__ + ("" if hasattr(self.update, "rule") else ", which has no other")
+            raise ValueError(f"config.rule is {self.config.rule} but the update applies {own_rule} ({step}); "
                              "give one rule (masked_scheduler builds the step from the config)")
         own = getattr(self.update, "regrow", None)  # the engines' steps carry their criterion; both must agree
         if own is not None and get_regrow(own) is not get_regrow(self.config.regrow):

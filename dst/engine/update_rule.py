@@ -181,7 +181,11 @@ class MoveRule:
         return int(ROUNDINGS[self.rounding](prune_ratio * active))
 
 
-def moved_count(active: int, numel: int, prune_ratio: float, rule: MoveRule = MoveRule()) -> int:
+# This project's rule (every default of MoveRule): what apply_dst_step and the tutorial use.
+PROJECT_RULE = MoveRule()
+
+
+def moved_count(active: int, numel: int, prune_ratio: float, rule: MoveRule = PROJECT_RULE) -> int:
     """Connections one step moves: ``prune_ratio * active`` rounded by ``rule`` (``round`` by default), fewer only if
     fewer positions are inactive."""
     return min(rule.count(prune_ratio, active), numel - active)
@@ -246,7 +250,7 @@ def choose_moves(active: np.ndarray, magnitudes: np.ndarray, numel: int, count: 
     if pruned is None:
         pruned = np.argpartition(magnitudes, count - 1)[:count] if count else empty
     elif len(pruned) != count or len(np.unique(pruned)) != count or (count and not (
-            0 <= pruned.min() and pruned.max() < len(active))):
+            pruned.min() >= 0 and pruned.max() < len(active))):
         raise ValueError(f"pruned must hold {count} distinct indices into the {len(active)} active weights")
     if not regrow_count:
         return pruned, empty

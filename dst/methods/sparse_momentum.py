@@ -24,11 +24,11 @@ import torch
 from dst.engine.distributed import check_ranks_agree
 from dst.engine.masked import MaskedNet
 from dst.engine.momentum import MomentumTracker, average_over_ranks
+from dst.engine.optimizer_state import optimizers_of
 from dst.engine.patterns.unstructured import Unstructured
 from dst.engine.process_group import is_distributed
-from dst.engine.optimizer_state import optimizers_of
 from dst.engine.prune_regrow import LayerUpdate, check_finite, update_layer_counts
-from dst.engine.update_rule import MoveRule
+from dst.engine.update_rule import PROJECT_RULE, MoveRule
 
 
 def check_unstructured(masked_net: MaskedNet) -> None:
@@ -74,7 +74,7 @@ def redistribute(total: int, shares: Mapping[str, float], capacity: Mapping[str,
 
 
 def sparse_momentum_step(masked_net: MaskedNet, tracker: MomentumTracker, prune_ratio: float,
-                         optimizer: torch.optim.Optimizer | None = None, rule: MoveRule = MoveRule(),
+                         optimizer: torch.optim.Optimizer | None = None, rule: MoveRule = PROJECT_RULE,
                          regrown_momentum: bool = False) -> dict[str, LayerUpdate]:
     """One sparse momentum update: magnitude pruning per layer, momentum regrowth redistributed across layers.
 
@@ -144,7 +144,7 @@ class SparseMomentumStep:
     needs_batch = False
 
     def __init__(self, masked_net: MaskedNet, beta: float = 0.9, optimizer: torch.optim.Optimizer | None = None,
-                 rule: MoveRule = MoveRule(), regrown_momentum: bool = False):
+                 rule: MoveRule = PROJECT_RULE, regrown_momentum: bool = False):
         check_unstructured(masked_net)
         if not isinstance(rule, MoveRule):
             raise TypeError(f"rule must be a dst.engine.update_rule.MoveRule, got {type(rule).__name__}")
