@@ -50,11 +50,14 @@ import torch
 
 from dst.core.data import TensorLoader, load_mnist_tensors
 from dst.engine.allocation import check_sparsity
-from dst.methods.catalog import METHODS, Method
+from dst.methods.catalog import METHODS, Method, improved
 from dst.methods.sweep import MODELS, Recipe, accuracy_table, comparison_table, run_sweep, summarize
 from dst.tutorial.sweep_figure import plot_method_sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Files written before the methods followed their reference code (no "rules" key) ran this project's rules: a setting
+# they do not name ran as ``improved(method)`` has it, not as today's default.
+RULES = "reference"
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 # Dettmers & Zettlemoyer 2019, sparse_learning's results/MNIST_sparse_summary.csv: LeNet-300-100,
 # 100 epochs, uniform density per layer, mean of several seeds. DSR is not among our methods.
@@ -184,7 +187,7 @@ def new_record(mode: str, allocation: str, keep_dense: list[str], recipes: dict[
         "mode": mode, "allocation": allocation, "keep_dense": keep_dense,
         "recipes": {model: asdict(recipe) for model, recipe in recipes.items()},
         "methods": {method.name: settings_of(method) for method in methods},
-        "published": PUBLISHED, "wall_seconds": 0.0}))
+        "published": PUBLISHED, "wall_seconds": 0.0, "rules": RULES}))
 
 
 def settings_of(method: Method | None) -> dict:
@@ -257,8 +260,8 @@ def combine_rows(record: dict, sources: list[tuple[Path, dict]]) -> list[dict]:
                                  "rerun with the same settings or write to another --name")
         for key, kind in (("recipes", "recipe"), ("methods", "method settings")):
             for name, settings in source.get(key, {}).items():
-                if key == "methods":  # a setting added since the file was written ran as its default
-                    settings = {**settings_of(METHODS.get(name)), **settings}
+                if key == "methods":  # a setting added since the file was written ran as it did then
+                    settings = {**settings_of(_as_then(name, source)), **settings}
                 if _settings(record[key].setdefault(name, settings)) != _settings(settings):
                     raise SystemExit(f"{path}: {name}'s {kind} {_settings(settings)} differ from this invocation's "
                                      f"{_settings(record[key][name])}; rerun with the same settings or write to "
@@ -271,6 +274,14 @@ def combine_rows(record: dict, sources: list[tuple[Path, dict]]) -> list[dict]:
         # Seconds of every invocation that added rows (parallel ones add up).
         record["wall_seconds"] += source.get("wall_seconds", 0.0)
     return rows
+
+
+def _as_then(name: str, source: dict) -> Method | None:
+    """The method ``name`` with the defaults it had when ``source`` was written."""
+    method = METHODS.get(name)
+    if method is not None and source.get("rules") != RULES:
+        return improved(method)  # this project's rules, the only ones before
+    return method
 
 
 def hold_lock(json_path: Path):

@@ -24,7 +24,7 @@ from dst.core.models import SimpleNet, lenet_300_100
 from dst.engine.allocation import active_count
 from dst.engine.masked import MaskedNet
 from dst.methods import sweep
-from dst.methods.catalog import METHODS, Target
+from dst.methods.catalog import METHODS, Target, improved
 from dst.methods.sweep import (
     FlopCounter,
     Recipe,
@@ -224,6 +224,15 @@ def test_results_of_parallel_invocations_merge_only_when_trained_alike(tmp_path)
     assert len(combine_rows(new_record("full", "uniform", [], {}, [METHODS["set"]]), [("older.json", older)])) == 2
     cosine = replace(METHODS["set"], schedule="cosine")
     refused(new_record("full", "uniform", [], {}, [cosine]), [("older.json", older)], "older.json", "'constant'")
+    # A file written before the methods followed their reference code ran this project's rules: its rows are not
+    # today's defaults, and merge only with runs of improved(...) methods.
+    legacy = json.loads(json.dumps(second[1]))
+    del legacy["rules"]
+    legacy["methods"]["rigl"] = {key: value for key, value in legacy["methods"]["rigl"].items()
+                                 if key not in ("rounding", "regrow_pruned", "step_on_update", "scale_init")}
+    refused(new_record("full", "uniform", [], {}, [METHODS["rigl"]]), [("legacy.json", legacy)], "legacy.json",
+            "'step_on_update': True", "'step_on_update': False")
+    assert len(combine_rows(new_record("full", "uniform", [], {}, [improved("rigl")]), [("legacy.json", legacy)])) == 2
     twice = _results_file(tmp_path, "again", recipe, ["set"], [("set", 0.95, 0)], 1.0)
     refused(new_record("full", "uniform", [], {}, []), [first, twice], "again.json", "part95.json", "'set', 0.95, 0")
 
