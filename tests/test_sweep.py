@@ -30,6 +30,7 @@ from dst.methods.sweep import (
     Recipe,
     accuracy_table,
     comparison_table,
+    describe_settings,
     layer_table,
     run_sweep,
     summarize,
@@ -428,3 +429,14 @@ def test_method_sweep_figure_draws_each_methods_mean_error_spread_and_flops():
     low, high = ((band.get_y(), band.get_y() + band.get_height()) if hasattr(band, "get_height")
                  else sorted({y for _, y in band.get_xy()}))
     assert (low, high) == pytest.approx(((1.7 - spread) * 0.99, (1.7 + spread) * 1.01), rel=1e-9)
+
+
+def test_describe_settings_names_what_differs_from_the_reference_defaults():
+    record = new_record("medium", "erk", [], {}, [METHODS["static"], replace(METHODS["rigl"], scale_init=True),
+                                                  replace(METHODS["set"], scale_init=True)])
+    assert describe_settings(record) == ("Every method as its reference code (dst.METHODS' defaults) except rigl, set "
+                                         "with scale_init=true.")
+    assert describe_settings(new_record("medium", "erk", [], {}, [METHODS["set"]])) == (
+        "Every method as its reference code (dst.METHODS' defaults).")
+    legacy = {key: value for key, value in record.items() if key != "rules"}
+    assert "before they followed their reference code" in describe_settings(legacy)

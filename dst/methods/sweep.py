@@ -12,6 +12,7 @@ whatever the mask, so these are not this machine's FLOPs: they are what the meth
 needs. They are reported as a fraction of dense training on the same samples.
 """
 
+import json
 import math
 import numbers
 import statistics
@@ -32,7 +33,7 @@ from dst.core.training import evaluate, seed_everything
 from dst.engine.allocation import DisconnectedWarning, connectivity
 from dst.engine.masked import MaskedLayer, MaskedNet
 from dst.engine.patterns import get_pattern
-from dst.methods.catalog import SNFS, Method, Target, get_method
+from dst.methods.catalog import METHODS, SNFS, Method, Target, get_method
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"lenet300-100": lenet_300_100, "simplenet": SimpleNet}
 
@@ -392,3 +393,25 @@ def describe_sweep(summary: list[dict]) -> list[str]:
             text += f" [{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}]"
             sentences.append(text)
     return sentences
+
+
+def describe_settings(record: dict) -> str:
+    """One sentence: how a results file's methods differ from ``METHODS``' defaults (their reference code).
+
+    ``record`` is a results file of ``benchmarks/dst_methods.py`` (its ``methods`` settings and ``rules``).
+    """
+    if record.get("rules") != "reference":
+        return ("Methods with this project's rules, before they followed their reference code "
+                "(as dst.improved(method) runs them).")
+    changes: dict[str, list[str]] = {}
+    for name, settings in record.get("methods", {}).items():
+        if name not in METHODS:
+            continue
+        default = json.loads(json.dumps(asdict(METHODS[name])))
+        for key, value in settings.items():
+            if key in default and default[key] != value:
+                changes.setdefault(f"{key}={json.dumps(value)}", []).append(name)
+    if not changes:
+        return "Every method as its reference code (dst.METHODS' defaults)."
+    return ("Every method as its reference code (dst.METHODS' defaults) except "
+            + "; ".join(f"{', '.join(names)} with {setting}" for setting, names in changes.items()) + ".")

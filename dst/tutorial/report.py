@@ -5,7 +5,7 @@ notebook cell reads ``report.save_run(record)`` without a long import list.
 """
 
 from dst.csr.model import memory_report
-from dst.methods.sweep import describe_sweep
+from dst.methods.sweep import describe_settings, describe_sweep
 from dst.tutorial.benchmark import benchmark_environment
 from dst.tutorial.benchmark_rows import (
     COMPARISONS,
@@ -49,5 +49,5 @@ __all__ = [
     "runs_table", "format_table", "describe_speedup", "describe_benchmark", "describe_crossovers", "describe_memory",
     "describe_mask_overhead", "speed_sentence",
     # the sweep of methods, in sentences (dst.methods.sweep)
-    "describe_sweep",
+    "describe_settings", "describe_sweep",
 ]
