@@ -14,7 +14,8 @@ Modes (any setting can be overridden on the command line):
   batches for LeNet, 2 for SimpleNet; RigL and GMP update every 25 steps instead of 100 so
   that such short runs still see several updates. A smoke test: SimpleNet is far from trained.
 - ``medium`` (what the development machine could afford): the paper's recipe cut to 20 epochs
-  for LeNet and 2 for SimpleNet (the lr decays at the same fractions of training), 2 seeds.
+  for LeNet and 2 for SimpleNet (the lr decays at the same fractions of training), 2 seeds. SimpleNet's
+  committed panel is a run of its own (10 epochs, lr 0.02, the sparse methods' init scaled; README).
 - ``full``: the paper's recipe (sparse_learning's MNIST recipe: SGD momentum 0.9 Nesterov,
   lr 0.1 decayed x0.1 twice, weight decay 5e-4, batch 100, 100 epochs), 3 seeds, both models.
   3.6 minutes per LeNet run on one core of the development machine (two runs at a time); SimpleNet's
@@ -23,9 +24,13 @@ Modes (any setting can be overridden on the command line):
 Data: MNIST in ./data (``make data``). Run from the repository root:
     nice -n 10 python -m benchmarks.dst_methods --mode quick
     python -m benchmarks.dst_methods --mode full --models lenet300-100 --sparsities 0.95 0.99 --epochs 20
-sparse_learning's SET (prune 50 %, cosine-decayed), the variant behind the published MNIST numbers:
+SET with sparse_learning's schedule (prune 50 %, cosine-decayed), and with this project's rules:
     python -m benchmarks.dst_methods --mode full --methods set --set set.prune_ratio=0.5 set.schedule=cosine \
         --name dst_methods_set_cosine
+    python -m benchmarks.dst_methods --mode full --methods set --set set.sign_split=false set.scale_init=true \
+        --name dst_methods_set_improved
+Methods run as their reference code (``dst.methods.catalog``); ``--set`` changes any setting, ``--recipe`` the
+recipe (e.g. ``--recipe lr=0.02``).
 Two cores, two processes, one file (the final call runs what is missing and draws the figure):
     python -m benchmarks.dst_methods --mode full --sparsities 0.95 --name part95 &
     python -m benchmarks.dst_methods --mode full --sparsities 0.99 --methods static set rigl snfs gmp --name part99
