@@ -209,7 +209,9 @@ class RigL(Method):
     mask-update step the weights are not updated (``step_on_update=False``: rigl's
     ``cond_mask_update_op`` runs the mask update instead of the optimizer), and the gradient is taken on
     that step's batch at the weights before it. Left different on purpose: no 1e-5 noise on the drop
-    scores (it only breaks ties), and masks with exactly the allocation's counts.
+    scores (it only breaks ties), masks with exactly the allocation's counts, and no update before the
+    first step (rigl's condition ``last_update_step + frequency <= global_step`` holds at global step 0, so
+    it updates the mask once on the init; here the first update follows ``every`` steps of training).
     """
 
     name: ClassVar[str] = "rigl"
@@ -282,6 +284,8 @@ class SNFS(Method):
     (sparse_learning rounds each share up and corrects the drift at the next update with
     ``adjusted_growth``), and masks start with exact counts (it draws each weight with probability density).
     The cosine runs to the last update (after epoch E - 1) rather than to the last step: one step in E.
+    Not ported: ``adjust_prune_rate``, which lowers the rate of a layer less than 20 % sparse that is gaining
+    weights (no layer of the sweeps' targets is that dense).
     """
 
     name: ClassVar[str] = "snfs"
