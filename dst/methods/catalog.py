@@ -285,7 +285,8 @@ class SNFS(Method):
     ``adjusted_growth``), and masks start with exact counts (it draws each weight with probability density).
     The cosine runs to the last update (after epoch E - 1) rather than to the last step: one step in E.
     Not ported: ``adjust_prune_rate``, which lowers the rate of a layer less than 20 % sparse that is gaining
-    weights (no layer of the sweeps' targets is that dense).
+    weights (in the sweeps' ERK and uniform targets every layer is either dense, where neither version prunes,
+    or more than 20 % sparse).
     """
 
     name: ClassVar[str] = "snfs"
