@@ -185,8 +185,11 @@ def test_sparse_momentums_prune_rate_decays_to_eta_min_as_cosine_decay():
         assert config.prune_ratio_at(config.end) == pytest.approx(0.005)
     finally:
         scheduler.close()
-    with pytest.raises(ValueError, match="ratio_min is the cosine schedule's floor"):
-        DSTConfig(prune_ratio=0.1, ratio_min=0.2, schedule="cosine", end=10)
+    for bad in (0.2, -0.1, float("nan"), "0.01"):
+        with pytest.raises(ValueError, match="ratio_min is the cosine schedule's floor"):
+            DSTConfig(prune_ratio=0.1, ratio_min=bad, schedule="cosine", end=10)
+    with pytest.raises(ValueError, match="with schedule='constant'"):
+        DSTConfig(prune_ratio=0.1, ratio_min=0.05)
 
 
 def momentum_growth_port(mask_after_death, momentum, total_regrowth):

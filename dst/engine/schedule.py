@@ -43,7 +43,11 @@ class DSTConfig:
         get_regrow(self.regrow)
         if not isinstance(self.rule, MoveRule):
             raise TypeError(f"rule must be a dst.engine.update_rule.MoveRule, got {type(self.rule).__name__}")
-        check_prune_ratio(self.ratio_min)
+        try:
+            check_prune_ratio(self.ratio_min)
+        except (TypeError, ValueError):
+            raise ValueError(f"ratio_min is the cosine schedule's floor, a number in [0, prune_ratio="
+                             f"{self.prune_ratio}]; got {self.ratio_min!r}") from None
         if self.ratio_min and (self.schedule != "cosine" or self.ratio_min > self.prune_ratio):
             raise ValueError(f"ratio_min is the cosine schedule's floor, in [0, prune_ratio={self.prune_ratio}]; "
                              f"got ratio_min={self.ratio_min} with schedule={self.schedule!r}")
