@@ -5,20 +5,30 @@ ONNX and runs it with onnxruntime, once with its own thread count and once with 
 threads' spinning switched off (``session.intra_op.allow_spinning = 0``), so that no engine's idle threads steal
 the cores of the engine timed next. The packages come from ``requirements-benchmarks.txt`` (``make benchmarks``
 installs it); where they are missing, the function returns the one-line reason instead and the benchmark skips
-the row. MKL's sparse BLAS is not among the peers yet.
+the row.
+
+``mkl_forwards`` runs this package's scipy engine (im2col convolutions, CSR linears) with every CSR x dense
+product done by Intel MKL's sparse BLAS (``sparse_dot_mkl.dot_product_mkl``): the engine a user gets by
+pointing the reference backend at MKL. MKL is loaded from ``$MKL_RT``, or else from the ``libmkl_rt.so`` that
+pip's ``mkl`` package puts under this environment's ``lib/`` (on an AMD CPU sparse_dot_mkl does not find it
+without that), with ``KMP_BLOCKTIME=0`` so its threads sleep at once after each call.
 """
 
 import copy
 import io
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from dst.csr.model import SparseNet
 from dst.engine.masked import MaskedNet
 
 ONNXRUNTIME = "onnxruntime (dense model)"
+MKL = "MKL sparse BLAS (scipy engine)"
 
 
 def onnxruntime_forwards(masked: MaskedNet, inputs: torch.Tensor) -> dict[str, object] | str:
@@ -53,3 +63,40 @@ def onnxruntime_forwards(masked: MaskedNet, inputs: torch.Tensor) -> dict[str, o
             raise ValueError("onnxruntime's exported model does not compute the masked net's function")
         forwards[label] = (lambda session=session: session.run(None, feed)), None
     return forwards
+
+
+def mkl_forwards(masked: MaskedNet, inputs: torch.Tensor) -> dict[str, object] | str:
+    """``{"own threads": forward, "1 thread": forward}`` running ``masked`` on the scipy engine with MKL's sparse
+    products, or the reason it cannot run here (a string)."""
+    if "MKL_RT" not in os.environ:
+        found = sorted((Path(sys.prefix) / "lib").glob("libmkl_rt.so*"))
+        if found:
+            os.environ["MKL_RT"] = str(found[-1])
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
+    try:
+        import sparse_dot_mkl
+    except ImportError as error:  # not installed, or installed without a loadable MKL
+        return f"{MKL}: {str(error).splitlines()[0]}; make benchmarks installs requirements-benchmarks.txt"
+    model = SparseNet.from_masked(masked, "scipy")
+    calls = []
+
+    def product(matrix, dense):
+        calls.append(1)
+        return sparse_dot_mkl.dot_product_mkl(matrix, np.ascontiguousarray(dense))
+
+    model.ops.matmul = product  # this model's own operations object: every step of it multiplies through MKL
+    expected = masked.eval()(inputs).detach().numpy()
+    got = np.asarray(model(inputs))
+    if not calls or not np.allclose(got, expected, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(expected).max()))):
+        raise ValueError("the MKL engine does not compute the masked net's function")
+
+    def forward(threads: int):
+        def run():
+            previous = sparse_dot_mkl.mkl_set_num_threads_local(threads)
+            try:
+                return model(inputs)
+            finally:
+                sparse_dot_mkl.mkl_set_num_threads_local(previous)
+        return run
+
+    return {"own threads": (forward(os.cpu_count() or 1), None), "1 thread": (forward(1), None)}

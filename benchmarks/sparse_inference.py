@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.peers import ONNXRUNTIME, onnxruntime_forwards
+from benchmarks.peers import MKL, ONNXRUNTIME, mkl_forwards, onnxruntime_forwards
 from dst.core.models import SimpleNet
 from dst.csr.backends import default_cpu_backend, numba_available
 from dst.csr.model import SparseNet, memory_report
@@ -39,6 +39,9 @@ from dst.engine.masked import MaskedNet
 from dst.tutorial import benchmark_rows
 from dst.tutorial.benchmark import benchmark_environment, inference_forwards, time_interleaved
 from dst.tutorial.plots import plot_sparsity_sweep
+
+# The optional peers, each timed beside this package's engines where it runs here.
+PEERS = {ONNXRUNTIME: onnxruntime_forwards, MKL: mkl_forwards}
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # backend (as named in dst.csr.backends.BACKENDS and in the JSON) -> benchmark_inference's row; the
@@ -48,9 +51,9 @@ BACKEND_ROWS = {"numba": benchmark_rows.CSR_CPU, "scipy": benchmark_rows.CSR_SCI
 if default_cpu_backend() == "scipy":
     BACKEND_ROWS = {"scipy": benchmark_rows.CSR_CPU, "torch": benchmark_rows.TORCH_SPARSE_CPU}
 PROTOCOL = ("each (allocation, sparsity, batch): every engine warmed up, then timed interleaved (one call of each per "
-            "round) for `runs` rounds, median per engine; once with torch's, numba's and onnxruntime's own thread "
-            "counts, once with one thread each; onnxruntime's thread spinning off; run it with "
-            "OMP_WAIT_POLICY=PASSIVE so no engine's idle threads spin on the cores the next one needs")
+            "round) for `runs` rounds, median per engine; once with torch's, numba's, onnxruntime's and MKL's own "
+            "thread counts, once with one thread each; onnxruntime's thread spinning off, MKL's KMP_BLOCKTIME=0; "
+            "run it with OMP_WAIT_POLICY=PASSIVE so no engine's idle threads spin on the cores the next one needs")
 # The goals: SimpleNet, uniform, batch 100, against the masked net with torch's own threads.
 GOALS = {0.95: 5.0, 0.99: 10.0}
 
@@ -130,18 +133,21 @@ def sweep(sparsities, batch_sizes, allocations, runs: int, warmup: int) -> dict:
             for batch in batch_sizes:
                 dense_macs, sparse_macs = multiply_adds(masked, inputs[batch])
                 forwards = inference_forwards(masked, inputs[batch], "cpu")
-                peer = onnxruntime_forwards(masked, inputs[batch])
-                if isinstance(peer, str):
-                    skipped[ONNXRUNTIME] = peer
-                    peer = {}
-                timings = time_with_threads(forwards | {ONNXRUNTIME: peer["own threads"]} if peer else forwards,
+                available = {}
+                for name, make in PEERS.items():
+                    peer = make(masked, inputs[batch])
+                    if isinstance(peer, str):
+                        skipped[name] = peer
+                    else:
+                        available[name] = peer
+                timings = time_with_threads(forwards | {name: peer["own threads"] for name, peer in available.items()},
                                             None, runs, warmup)
-                single = time_with_threads(forwards | {ONNXRUNTIME: peer["1 thread"]} if peer else forwards,
+                single = time_with_threads(forwards | {name: peer["1 thread"] for name, peer in available.items()},
                                            1, runs, warmup)
-                if peer:
-                    peers.append({"peer": ONNXRUNTIME, "allocation": allocation, "sparsity": sparsity,
-                                  "batch_size": batch, "ms": timings[ONNXRUNTIME]["median"],
-                                  "single_thread_ms": single[ONNXRUNTIME]["median"],
+                for name in available:
+                    peers.append({"peer": name, "allocation": allocation, "sparsity": sparsity,
+                                  "batch_size": batch, "ms": timings[name]["median"],
+                                  "single_thread_ms": single[name]["median"],
                                   **{f"{backend}_ms": timings[name]["median"]
                                      for backend, name in BACKEND_ROWS.items()},
                                   **{f"{backend}_single_thread_ms": single[name]["median"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.peers import ONNXRUNTIME, onnxruntime_forwards
+from benchmarks.peers import MKL, ONNXRUNTIME, mkl_forwards, onnxruntime_forwards
 from dst.core.models import SimpleNet
 from dst.engine.masked import MaskedNet
 
@@ -33,3 +33,23 @@ def test_onnxruntime_runs_the_masked_nets_function_on_its_own_threads_and_on_one
     for forward, synchronize in forwards.values():
         assert synchronize is None
         np.testing.assert_allclose(forward()[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_missing_mkl_is_a_one_line_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sparse_dot_mkl", None)
+    reason = mkl_forwards(masked_net(), torch.randn(2, 1, 28, 28))
+    assert isinstance(reason, str) and "\n" not in reason
+    assert reason.startswith(f"{MKL}: ") and "requirements-benchmarks.txt" in reason
+
+
+def test_mkl_runs_the_masked_nets_function_through_its_sparse_products_on_its_own_threads_and_on_one():
+    net, inputs = masked_net(), torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    forwards = mkl_forwards(net, inputs)
+    if isinstance(forwards, str):
+        pytest.skip(f"an optional benchmark peer (requirements-benchmarks.txt): {forwards}")
+    assert set(forwards) == {"own threads", "1 thread"}
+    with torch.no_grad():
+        expected = net(inputs).numpy()
+    for forward, synchronize in forwards.values():
+        assert synchronize is None
+        np.testing.assert_allclose(np.asarray(forward()), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
