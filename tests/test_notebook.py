@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 import dst
+from dst.core.models import SimpleNet
+from dst.engine.masked import MaskedNet
 from dst.tutorial import report
 
 nbformat = pytest.importorskip("nbformat")
@@ -245,3 +247,29 @@ def test_the_first_cell_says_what_to_install_when_the_notebook_is_opened_on_its_
     here = subprocess.run([sys.executable, "-c", source(cell)], cwd=ROOT, capture_output=True, text=True, env=env,
                           timeout=60)
     assert here.returncode == 0 and "package (dst/ and utils.py) is importable" in here.stdout
+
+
+def test_the_99_percent_advice_states_what_the_committed_runs_measured():
+    """Step 4 and the parameters cell quote benchmarks/results/notebook_sparsity.json: the numbers must be its."""
+    rows = json.loads((ROOT / "benchmarks" / "results" / "notebook_sparsity.json").read_text())["rows"]
+    dense = {row["seed"]: row["test_acc"] for row in rows if row["variant"] == "dense"}
+
+    def gap(variant, sparsity, seeds=None):
+        gaps = [row["test_acc"] - dense[row["seed"]] for row in rows if row["variant"] == variant
+                and row["sparsity"] == sparsity and (seeds is None or row["seed"] in seeds)]
+        assert seeds is not None or len(gaps) == 3, (variant, sparsity)
+        return sum(gaps) / len(gaps)
+
+    cells = {cell["id"]: source(cell) for cell in notebook()["cells"]}
+    step4, parameters = cells["70c6cf46"], cells["b2551264"]
+    seed99, best99 = -gap("seed", 0.99), -gap("rigl_first_dense", 0.99)
+    assert f"about {seed99:.1f} points below dense at 99 %" in step4
+    assert f"the gap to about {best99:.1f} points" in step4
+    assert f"end about {seed99:.1f} points below dense" in parameters and f"about {best99:.1f} in these" in parameters
+    assert abs(gap("seed", 0.95)) < 0.15 and abs(gap("rigl_first_dense", 0.95)) < 0.15  # "within 0.1 ... at 95 %"
+    one_seed = {variant: gap(variant, 0.99, {42}) for variant in ("seed", "first_dense", "rigl_steps",
+                                                                  "rigl_first_dense")}
+    assert ("seed 42: the seed's settings {seed:.2f} points, the first conv\ndense {first_dense:.2f}, RigL's schedule "
+            "{rigl_steps:.2f}, both {rigl_first_dense:.2f}").format(**one_seed) in step4
+    erk = MaskedNet(SimpleNet(), 0.99, "erk").masked_layers()["conv1"]
+    assert f"ERK at 99 % leaves it {erk.active_count} of them" in step4 and erk.mask.numel() == 144
