@@ -17,6 +17,7 @@ dense net on the same seeds, and writes each run's test accuracy to
 import argparse
 import fcntl
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def main() -> None:
 def save(path: Path, row: dict) -> None:
     """Append ``row`` to the results file (a lock, since runs go two at a time)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    with open(Path(tempfile.gettempdir()) / f"{path.stem}.lock", "w") as lock:  # not beside the results
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = json.loads(path.read_text())["rows"] if path.exists() else []
         rows.append(row)

@@ -44,6 +44,7 @@ import argparse
 import fcntl
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -228,7 +229,7 @@ def main() -> None:
 def save(path: Path, row: dict) -> None:
     """Append ``row`` to the results file (a lock, since runs go two at a time)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    with open(Path(tempfile.gettempdir()) / f"{path.stem}.lock", "w") as lock:  # not beside the results
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = json.loads(path.read_text())["rows"] if path.exists() else []
         rows.append(row)
