@@ -141,6 +141,8 @@ def test_run_sweep_trains_dense_once_per_model_and_seed_and_summarize_averages_s
                                                                      rel=1e-9)
     table = accuracy_table(summarize(rows), "lenet300-100")
     assert table.splitlines()[0] == "| method | 80 % | 99 % | training FLOPs vs dense |"
+    # methods in METHODS' order whatever order the rows come in (a merged file lists older rows first)
+    assert accuracy_table(summarize(list(reversed(rows))), "lenet300-100") == table
     assert f"{summary[('static', 0.8)]['test_acc']:.2f} ± " in table
     flops = [f"{summary[('static', sparsity)]['train_flops_vs_dense']:.2f}" for sparsity in (0.99, 0.8)]
     assert table.splitlines()[3].endswith(f" | {flops[0]}–{flops[1]} |")  # the static mask's row

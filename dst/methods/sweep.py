@@ -292,7 +292,10 @@ def accuracy_table(summary: list[dict], model: str) -> str:
     """Markdown: test accuracy (%) of each method (rows) at each sparsity (columns), one model."""
     rows = [row for row in summary if row["model"] == model]
     sparsities = sorted({row["sparsity"] for row in rows if row["method"] != "dense"})
-    methods = list(dict.fromkeys(row["method"] for row in rows))
+    # METHODS' order (dense first, gradual pruning last), whatever order the rows came in; variants after their method.
+    order = {name: index for index, name in enumerate(METHODS)}
+    methods = sorted(dict.fromkeys(row["method"] for row in rows),
+                     key=lambda label: order.get(label.split("+")[0].split("/")[0], len(order)))
     cell = {(row["method"], row["sparsity"]): row for row in rows}
     lines = ["| method | " + " | ".join(f"{100 * s:g} %" for s in sparsities) + " | training FLOPs vs dense |",
              "|---|" + "---|" * (len(sparsities) + 1)]
