@@ -1,10 +1,10 @@
 """The notebook's run at high sparsity: which DST settings close the gap to dense within its 10 epochs?
 
-Trains what the tutorial's first part trains (SimpleNet on MNIST, ERK, Adam lr 1e-3, batch 64,
-10 epochs, ``MaskedNet``'s scaled init, the seed's data order; PyTorch's default Adam where the notebook's is
-fused, which rounds differently, so a seed's run is not the notebook's to the last digit) with one DST setting at a time and the
-dense net on the same seeds, and writes each run's test accuracy to
-``benchmarks/results/notebook_sparsity.json`` as it finishes. Settings (``VARIANTS``):
+Trains what the tutorial's first part trains (SimpleNet on MNIST, ERK, Adam lr 1e-3, batch 64, 10 epochs,
+``MaskedNet``'s scaled init, the seed's data order; PyTorch's default Adam where the notebook's is fused, which
+rounds differently, so a seed's run is not the notebook's to the last digit) with one DST setting at a time and
+the dense net on the same seeds, and writes each run's test accuracy to
+``benchmarks/results/notebook_sparsity.json`` as it finishes. Settings (``variants``):
 
 - ``seed``: the notebook's defaults, SET's random regrowth, 10 % moved every 2 epochs (4 updates);
 - ``set_steps``: random regrowth every 100 steps, 30 % decayed by a cosine to 0 at 75 % of training;
