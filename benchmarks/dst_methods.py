@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.row_file import write_atomically
 from dst.core.data import TensorLoader, load_mnist_tensors
 from dst.engine.allocation import check_sparsity
 from dst.methods.catalog import METHODS, Method, improved
@@ -304,16 +305,6 @@ def hold_lock(json_path: Path):
         raise SystemExit(f"another invocation is writing {json_path}: wait for it to finish (then --resume), or "
                          "write to another --name and --merge the files afterwards") from None
     return lock
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` next to ``path`` and rename it over ``path``: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as handle:
-        handle.write(text)
-    os.chmod(handle.name, 0o644)
-    os.replace(handle.name, path)
 
 
 def main() -> None:

@@ -16,15 +16,14 @@ the dense net on the same seeds, and writes each run's test accuracy to
 """
 
 import argparse
-import fcntl
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks.row_file import append_row
 from dst.core.data import load_mnist
 from dst.core.models import SimpleNet
 from dst.core.training import evaluate, seed_everything, train_epoch
@@ -97,17 +96,7 @@ def main() -> None:
                 row = run(variant, sparsity, seed, max_batches=args.max_batches)
                 print(json.dumps(row), flush=True)
                 if args.max_batches is None:
-                    save(args.output, row)
-
-
-def save(path: Path, row: dict) -> None:
-    """Append ``row`` to the results file (a lock, since runs go two at a time)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(Path(tempfile.gettempdir()) / f"{path.stem}.lock", "w") as lock:  # not beside the results
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = json.loads(path.read_text())["rows"] if path.exists() else []
-        rows.append(row)
-        path.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+                    append_row(args.output, row)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,8 @@ new weights at zero, test accuracy after the last epoch. Writes rows to
 """
 
 import argparse
-import fcntl
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.row_file import append_row
 from dst.core.data import load_mnist_tensors
 from dst.core.models import lenet_300_100
 from dst.core.training import seed_everything
@@ -223,17 +222,7 @@ def main() -> None:
         row.update(without=sorted(args.without), cpu=cpu_model())
         print(json.dumps(row), flush=True)
         if args.max_batches is None:
-            save(args.output, row)
-
-
-def save(path: Path, row: dict) -> None:
-    """Append ``row`` to the results file (a lock, since runs go two at a time)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(Path(tempfile.gettempdir()) / f"{path.stem}.lock", "w") as lock:  # not beside the results
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = json.loads(path.read_text())["rows"] if path.exists() else []
-        rows.append(row)
-        path.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+            append_row(args.output, row)
 
 
 if __name__ == "__main__":

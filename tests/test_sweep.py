@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import matplotlib
@@ -20,6 +21,7 @@ from benchmarks.dst_methods import (
     with_settings,
     write_atomically,
 )
+from benchmarks.row_file import append_row
 from dst.core.models import SimpleNet, lenet_300_100
 from dst.engine.allocation import active_count
 from dst.engine.masked import MaskedNet
@@ -442,3 +444,11 @@ def test_describe_settings_names_what_differs_from_the_reference_defaults():
         "Every method as its reference code (dst.METHODS' defaults).")
     legacy = {key: value for key, value in record.items() if key != "rules"}
     assert "before they followed their reference code" in describe_settings(legacy)
+
+
+def test_append_row_keeps_every_row_of_processes_appending_at_once(tmp_path):
+    path = tmp_path / "rows.json"
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda index: append_row(path, {"seed": index}), range(20)))
+    assert sorted(row["seed"] for row in json.loads(path.read_text())["rows"]) == list(range(20))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]  # no lock or temporary file beside it
