@@ -85,7 +85,7 @@ def mkl_forwards(masked: MaskedNet, inputs: torch.Tensor) -> dict[str, object] |
         return sparse_dot_mkl.dot_product_mkl(matrix, np.ascontiguousarray(dense))
 
     model.ops.matmul = product  # this model's own operations object: every step of it multiplies through MKL
-    expected = masked.eval()(inputs).detach().numpy()
+    expected = copy.deepcopy(masked).eval()(inputs).detach().numpy()  # the caller's net keeps its mode
     got = np.asarray(model(inputs))
     if not calls or not np.allclose(got, expected, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(expected).max()))):
         raise ValueError("the MKL engine does not compute the masked net's function")

@@ -27,7 +27,7 @@ from dst.methods.sweep import Recipe, train_run
 
 def one_layer_net(shape=(12, 20), density=0.3, seed=0) -> MaskedNet:
     torch.manual_seed(seed)
-    return MaskedNet(nn.Sequential(nn.Linear(shape[1], shape[0])), density and 1 - density, "uniform",
+    return MaskedNet(nn.Sequential(nn.Linear(shape[1], shape[0])), 1 - density, "uniform",
                      generator=torch.Generator().manual_seed(seed))
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from dst.core.checks import is_positive_int
 from dst.core.training import Batch
 from dst.engine.topology_update import TopologyUpdate
-from dst.engine.update_rule import LayerUpdate, MoveRule, RegrowCriterion, check_prune_ratio, get_regrow
+from dst.engine.update_rule import PROJECT_RULE, LayerUpdate, MoveRule, RegrowCriterion, check_prune_ratio, get_regrow
 
 SCHEDULES = ("constant", "cosine")
 UNITS = ("epoch", "step")
@@ -33,7 +33,7 @@ class DSTConfig:
     end: int | None = None
     # The step's details where the reference implementations differ (rounding, regrowth of just-pruned weights,
     # SET's sign split): this project's choices by default; dst.methods sets each method's reference ones.
-    rule: MoveRule = MoveRule()
+    rule: MoveRule = PROJECT_RULE
     # The cosine's floor: ratio_min + (prune_ratio - ratio_min) * (1 + cos(pi * t / end)) / 2, as torch's
     # CosineAnnealingLR with eta_min (sparse_learning decays its prune rate to 0.005). 0 for the plain cosine.
     ratio_min: float = 0.0
@@ -122,7 +122,7 @@ class DSTScheduler:
         if not isinstance(self.update, TopologyUpdate):
             raise TypeError(f"update must be a TopologyUpdate (needs_batch, __call__(prune_ratio, batch), close()), "
                             f"got {type(self.update).__name__}")
-        own_rule = getattr(self.update, "rule", MoveRule())  # a step without one takes the default rule
+        own_rule = getattr(self.update, "rule", PROJECT_RULE)  # a step without one takes the default rule
         if own_rule != self.config.rule:
             step = type(self.update).__name__ + ("" if hasattr(self.update, "rule") else ", which has no other")
             raise ValueError(f"config.rule is {self.config.rule} but the update applies {own_rule} ({step}); "

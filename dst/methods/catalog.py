@@ -42,7 +42,7 @@ from dst.engine.masked import MaskedNet
 from dst.engine.patterns import Pattern, get_pattern
 from dst.engine.prune_regrow import masked_scheduler
 from dst.engine.schedule import SCHEDULES, DSTConfig, DSTScheduler
-from dst.engine.update_rule import ROUNDINGS, MoveRule, RegrowCriterion, check_prune_ratio, get_regrow
+from dst.engine.update_rule import MoveRule, RegrowCriterion, check_prune_ratio, get_regrow
 from dst.methods.gradual_pruning import GradualPruning
 from dst.methods.sparse_momentum import SparseMomentumStep
 
@@ -180,7 +180,8 @@ class SET(Method):
     def __post_init__(self):
         _check_ratio("set", self.prune_ratio)
         _check_pattern("set", self.pattern)
-        _check_bools(self, "sign_split", "regrow_pruned", "scale_init")
+        _check_bools(self, "scale_init")
+        _check_rule(self)
         if self.sign_split and get_pattern(self.pattern).kind != "unstructured":
             raise ValueError(f"set.sign_split (Mocanu et al.'s pruning of positive and negative weights apart) "
                              f"cannot keep pattern {get_pattern(self.pattern).label!r}, which prunes whole units "
@@ -231,8 +232,8 @@ class RigL(Method):
     def __post_init__(self):
         _check_ratio(self.name, self.prune_ratio)
         _check_pattern(self.name, self.pattern)
-        _check_bools(self, "regrow_pruned", "step_on_update", "scale_init")
-        _check_rounding(self.name, self.rounding)
+        _check_bools(self, "step_on_update", "scale_init")
+        _check_rule(self)
         get_regrow(self.regrow)
         check_steps(f"{self.name}.every", self.every)
         check_fraction(f"{self.name}.end_fraction (of training, where updates stop)", self.end_fraction,
@@ -308,8 +309,8 @@ class SNFS(Method):
     def __post_init__(self):
         _check_ratio("snfs", self.prune_ratio)
         _check_pattern("snfs", self.pattern)
-        _check_bools(self, "regrow_pruned", "regrown_momentum", "scale_init")
-        _check_rounding("snfs", self.rounding)
+        _check_bools(self, "regrown_momentum", "scale_init")
+        _check_rule(self)
         try:
             check_prune_ratio(self.ratio_min)
         except (TypeError, ValueError):
@@ -391,9 +392,12 @@ def _check_bools(method: Method, *names: str) -> None:
             raise ValueError(f"{method.name}.{name} must be True or False, got {getattr(method, name)!r}")
 
 
-def _check_rounding(method: str, rounding) -> None:
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"{method}.rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
+def _check_rule(method: Method) -> None:
+    """The method's MoveRule settings (rounding, regrow_pruned, sign_split), checked by MoveRule itself."""
+    try:
+        method.rule  # noqa: B018 - built to be checked
+    except ValueError as error:
+        raise ValueError(f"{method.name}.{error}") from None
 
 
 def _check_pattern(method: str, pattern) -> None:
