@@ -367,10 +367,9 @@ def test_a_cnn_keeps_csr_convs_when_its_linears_take_a_structured_kind(backend):
 @pytest.mark.parametrize("batch", [1, 7])
 @pytest.mark.parametrize("serial_work", [0, 1 << 40])  # every call parallel, then every call on one thread
 def test_the_numba_kernels_agree_on_one_thread_and_on_several(layout, batch, serial_work, monkeypatch):
-    from dst.csr.kinds import bsr_kernels, fan_in_kernels
+    from dst.csr import numba_kernels
 
-    for kernels in (fan_in_kernels, bsr_kernels):  # each module's own binding of numba_kernels.SERIAL_WORK
-        monkeypatch.setattr(kernels, "SERIAL_WORK", serial_work)
+    monkeypatch.setattr(numba_kernels, "SERIAL_WORK", serial_work)
     net = structured_net(layout, seed=3)
     assert_matches(net, SparseNet.from_masked(net, "numba"),  # "auto": each layer its pattern's kind
                    torch.randn(batch, IN, generator=torch.Generator().manual_seed(1)))

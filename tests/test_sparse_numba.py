@@ -129,27 +129,61 @@ def test_convs_without_relu_or_pool_match(make_net, batch):
     assert_close(SparseNet.from_masked(model, "numba")(inputs), expected)
 
 
+@pytest.mark.parametrize("make_net, padded_inputs", [
+    # 9x9 -> 9x9 -> 11x10, pooled 5x5 -> 5x5
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, (3, 2), padding=(2, 1)),
+                           nn.MaxPool2d(2), nn.Conv2d(6, 3, 1), nn.Flatten(), nn.Linear(3 * 5 * 5, 2)),
+     [False, True, False]),
+    # 9x9 -> 7x7, pooled 3x7 -> 1x9 -> 1x9
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d((2, 1)), nn.Conv2d(8, 4, 5, padding=(1, 3)), nn.ReLU(),
+                           nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 1 * 9, 2)),
+     [False, True, True]),
+], ids=["padded-after-unpadded-chain", "unpadded-then-wide-padding"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.95])  # at 95 % most output channels have no weight
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_conv_writing_into_the_next_convs_padded_input_matches(make_net, padded_inputs, sparsity, batch):
+    model = masked(make_net(), sparsity)
+    inputs = torch.randn(batch, 3, 9, 9, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        expected = model(inputs).numpy()
+    sparse = SparseNet.from_masked(model, "numba")
+    convs = [step for step in sparse.steps if getattr(step, "kind", None) == "conv"]
+    # every conv followed by a padded conv writes its output into that conv's padded input
+    assert [step.input_padded for step in convs] == padded_inputs
+    assert [step.out_pad for step in convs] == [next_conv.padding if padded else (0, 0)
+                                                for next_conv, padded in zip(convs[1:], padded_inputs[1:])] + [(0, 0)]
+    for _ in range(2):  # the second call reuses the buffers, their zero borders untouched by the first
+        assert_close(sparse(inputs), expected)
+
+
 @pytest.mark.parametrize("batch", [1, 5])
-def test_small_calls_run_on_one_thread_with_the_same_outputs_and_leave_the_thread_count_alone(batch, monkeypatch):
+def test_small_calls_run_the_one_thread_kernels_with_the_same_outputs_and_leave_the_thread_count_alone(
+        batch, monkeypatch):
     import numba
 
-    from dst.csr import numba_backend
+    from dst.csr import numba_backend, numba_kernels
 
     torch.manual_seed(0)
     masked = MaskedNet(SimpleNet(), 0.9).eval()
     inputs = torch.randn(batch, 1, 28, 28)
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     before = numba.get_num_threads()
-    outputs, set_to = {}, []
+    kernels = ("conv_pool", "conv_pool_serial", "linear", "linear_serial")
+    calls, set_to = [], []
+    for name in kernels:
+        kernel = getattr(numba_backend, name)
+        monkeypatch.setattr(numba_backend, name,
+                            lambda *args, name=name, kernel=kernel: calls.append(name) or kernel(*args))
     original = numba.set_num_threads
     monkeypatch.setattr(numba, "set_num_threads", lambda threads: set_to.append(threads) or original(threads))
-    for serial_work in (0, 1 << 60):  # every call on all threads, then every call on one
-        monkeypatch.setattr(numba_backend, "SERIAL_WORK", serial_work)
-        set_to.clear()
+    outputs = {}
+    for serial_work, expected in ((0, {"conv_pool", "linear"}), (1 << 60, {"conv_pool_serial", "linear_serial"})):
+        monkeypatch.setattr(numba_kernels, "SERIAL_WORK", serial_work)
+        calls.clear()
         outputs[serial_work] = SparseNet.from_masked(masked, "numba")(inputs)
-        assert numba.get_num_threads() == before
-        # one thread for each conv and linear call, then back (twice: the probe check and the call)
-        assert set_to == ([] if serial_work == 0 or before == 1 else [1, before] * 2 * len(masked.masked_layers()))
+        # every conv and linear, twice (the probe check and the call), on the kernels the threshold picks
+        assert set(calls) == expected and len(calls) == 2 * len(masked.masked_layers())
+    assert numba.get_num_threads() == before and set_to == []
     np.testing.assert_array_equal(outputs[0], outputs[1 << 60])  # each output sums in one fixed order
 
 
@@ -166,5 +200,18 @@ def test_only_a_sleeping_thread_pool_sends_small_calls_to_one_thread():
         return int(subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
                                   check=True).stdout)
 
-    assert serial_work("PASSIVE") == serial_work("passive") == 1 << 18
+    assert serial_work("PASSIVE") == serial_work("passive") == 1 << 21
     assert serial_work(None) == serial_work("ACTIVE") == 0  # spinning threads wake for free
+
+
+def test_small_batches_count_each_gathered_multiply_add_as_several(monkeypatch):
+    from dst.csr import numba_kernels
+
+    monkeypatch.setattr(numba_kernels, "SERIAL_WORK", 1000)
+    # from batch GATHERED_BATCH (8) on, a multiply-add counts once; below, GATHERED_BATCH // batch times
+    assert numba_kernels.runs_serially(999, 100) and not numba_kernels.runs_serially(1000, 8)
+    assert numba_kernels.runs_serially(124, 1) and not numba_kernels.runs_serially(125, 1)
+    assert numba_kernels.runs_serially(499, 4) and not numba_kernels.runs_serially(500, 4)
+    assert numba_kernels.runs_serially(0, 0)  # an empty batch never wakes a thread
+    monkeypatch.setattr(numba_kernels, "SERIAL_WORK", 0)  # spinning threads: every call parallel
+    assert not numba_kernels.runs_serially(1, 1)

@@ -102,6 +102,10 @@ class ArrayOps:
     def csr_arrays(self, matrix) -> tuple:
         return matrix.data, matrix.indices, matrix.indptr
 
+    def link(self, steps: list) -> None:
+        """Let neighbouring steps agree on how they hand activations over (``SparseNet`` calls it once the steps
+        are built); nothing here: each step takes its input as the one before returns it."""
+
     def zeros(self, shape):
         with self.context():
             return self.xp.zeros(shape, dtype=self.xp.float32)

@@ -144,6 +144,7 @@ class SparseNet:
             if kind.weighted:
                 self.layers[name], self.kinds[name] = step, kind
             steps.append(step)
+        self.ops.link(steps)
         return steps
 
     def __call__(self, x):

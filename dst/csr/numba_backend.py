@@ -17,21 +17,21 @@ cache-blocked on wide ones, with the same sums (``dst.csr.numba_kernels``).
 numba compiles each kernel on its first call (cached on disk); time a forward only after one call.
 """
 
-import contextlib
-
 import numba
 import numpy as np
 
 from dst.csr.array_ops import ArrayOps, TrainingProducts, narrowest_dtype
 from dst.csr.numba_kernels import (
     NO_BIAS,
-    SERIAL_WORK,
     blocked_matmul,
     blocked_matmul_transposed,
     blocked_sddmm,
     conv_pool,
+    conv_pool_serial,
     csc_permutation,
     linear,
+    linear_serial,
+    runs_serially,
     train_matmul,
     train_matmul_transposed,
     train_sddmm,
@@ -59,7 +59,12 @@ class CSR:
 
 
 class NumbaConvStep(MaskNumberedWeight):
-    """Conv2d (stride 1, zero padding) with the max-pool, bias and ReLU after it, in one ``conv_pool`` call."""
+    """Conv2d (stride 1, zero padding) with the max-pool, bias and ReLU after it, in one ``conv_pool`` call.
+
+    The kernel reads its input zero-padded: a step copies its input into the interior of a padded buffer
+    (allocated once per input shape, the border zeroed once), unless the conv before it writes its output
+    there directly (``NumbaOps.link``: ``out_pad`` on that conv, ``input_padded`` on this one).
+    """
 
     kind = "conv"
 
@@ -71,24 +76,34 @@ class NumbaConvStep(MaskNumberedWeight):
         self.weight = ops.csr(host["values"], host["col_indices"], host["row_pointers"], host["shape"])
         bias = host.get("bias")
         self.bias = None if bias is None else np.ascontiguousarray(bias.reshape(-1), dtype=np.float32)
+        self.out_pad, self.input_padded = (0, 0), False
 
     def prepare(self, shape):
         out_shape = conv_output_shape(self.name, self.in_channels, self.out_features, self.kernel_size,
                                       self.padding, self.pool_kernel, shape)
-        _, out_height, out_width, batch = out_shape
-        (pool_h, pool_w) = self.pool_kernel
+        channels, out_height, out_width, batch = out_shape
+        (pool_h, pool_w), (pad_h, pad_w), (out_pad_h, out_pad_w) = self.pool_kernel, self.padding, self.out_pad
         rows_per_item = max(1, min(out_height, ACCUMULATOR_FLOATS // max(1, pool_h * pool_w * out_width * batch)))
         # multiply-adds of one call: every active weight over every conv output position the pool reads
         work = self.weight.values.size * out_height * pool_h * out_width * pool_w * batch
-        return out_shape, (rows_per_item, work, np.empty(out_shape, dtype=np.float32))
+        padded = None  # where the input is copied to, zero-padded; None: it arrives so (or needs no padding)
+        if not self.input_padded and (pad_h or pad_w):
+            padded = np.zeros((shape[0], shape[1] + 2 * pad_h, shape[2] + 2 * pad_w, batch), dtype=np.float32)
+        # the output with the next conv's zero border around it (zeros: the kernel writes the interior only)
+        out = np.zeros((channels, out_height + 2 * out_pad_h, out_width + 2 * out_pad_w, batch), dtype=np.float32)
+        return out_shape, (rows_per_item, work, padded, out)
 
     def __call__(self, x, buffers):
-        rows_per_item, work, out = buffers
+        rows_per_item, work, padded, out = buffers
+        if padded is not None:
+            (pad_h, pad_w), (_, height, width, _) = self.padding, x.shape
+            padded[:, pad_h:pad_h + height, pad_w:pad_w + width] = x
+            x = padded
         weight = self.weight
-        with threads_for(work):
-            conv_pool(np.ascontiguousarray(x), weight.values, weight.col_indices, weight.row_pointers,
-                      NO_BIAS if self.bias is None else self.bias, *self.kernel_size, *self.padding,
-                      *self.pool_kernel, self.relu, rows_per_item, out)
+        kernel = conv_pool_serial if runs_serially(work, x.shape[-1]) else conv_pool
+        kernel(np.ascontiguousarray(x), weight.values, weight.col_indices, weight.row_pointers,
+               NO_BIAS if self.bias is None else self.bias, *self.kernel_size, *self.pool_kernel, self.relu,
+               rows_per_item, *self.out_pad, out)
         return out
 
 
@@ -105,26 +120,10 @@ class NumbaLinearStep(LinearStep):
 
     def __call__(self, x, out):
         weight = self.weight
-        with threads_for(weight.values.size * x.shape[1]):
-            linear(np.ascontiguousarray(x), weight.values, weight.col_indices, weight.row_pointers,
-                   NO_BIAS if self.bias is None else self.bias, self.relu, out)
+        kernel = linear_serial if runs_serially(weight.values.size * x.shape[1], x.shape[1]) else linear
+        kernel(np.ascontiguousarray(x), weight.values, weight.col_indices, weight.row_pointers,
+               NO_BIAS if self.bias is None else self.bias, self.relu, out)
         return out
-
-
-@contextlib.contextmanager
-def threads_for(work: int):
-    """Run the parallel kernels called inside on the calling thread alone when ``work`` (multiply-adds) is below
-    ``SERIAL_WORK`` (where the thread pool sleeps between calls, waking it costs more than it saves: see
-    ``dst.csr.numba_kernels``). ``numba.set_num_threads`` applies to this thread's launches only."""
-    threads = numba.get_num_threads()
-    if work >= SERIAL_WORK or threads == 1:
-        yield
-        return
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(threads)
 
 
 class NumbaOps(ArrayOps):
@@ -138,6 +137,12 @@ class NumbaOps(ArrayOps):
 
     def csr_arrays(self, matrix: CSR) -> tuple:
         return matrix.values, matrix.col_indices, matrix.row_pointers
+
+    def link(self, steps: list) -> None:
+        """Let each conv that feeds another conv write its output into that conv's zero-padded input."""
+        for producer, consumer in zip(steps, steps[1:]):
+            if isinstance(producer, NumbaConvStep) and isinstance(consumer, NumbaConvStep) and any(consumer.padding):
+                producer.out_pad, consumer.input_padded = consumer.padding, True
 
 
 # A training product below this many multiply-adds (active weights x batch) runs serially: the

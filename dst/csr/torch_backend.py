@@ -35,6 +35,9 @@ class TorchOps:
     def csr_arrays(self, matrix) -> tuple:
         return matrix.values(), matrix.col_indices(), matrix.crow_indices()
 
+    def link(self, steps: list) -> None:
+        """Nothing to agree between steps: each takes its input as the one before returns it (``ArrayOps.link``)."""
+
     def zeros(self, shape):
         return torch.zeros(shape, dtype=torch.float32, device=self.device)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from dst.csr.array_ops import narrowest_dtype
 from dst.csr.kinds.base import KeptOutputStep
-from dst.csr.numba_kernels import FASTMATH, NO_BIAS, SERIAL_WORK
+from dst.csr.numba_kernels import FASTMATH, NO_BIAS, runs_serially
 
 
 @numba.njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -97,7 +97,7 @@ class NumbaBSRStep(KeptOutputStep):
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
 
     def __call__(self, x, out):
-        kernel = bsr_serial if self.blocks.size * x.shape[1] < SERIAL_WORK else bsr_parallel
+        kernel = bsr_serial if runs_serially(self.blocks.size * x.shape[1], x.shape[1]) else bsr_parallel
         kernel(np.ascontiguousarray(x), self.blocks, self.block_columns, self.row_pointers,
                NO_BIAS if self.bias is None else self.bias, self.relu, out)
         return out

@@ -8,7 +8,7 @@ given machine and ``k``, and equal to the masked dense forward within float32 ro
 ran 2.5x faster than the four-running-sums loop of the CSR kernel here. At batch N four
 weights go per pass over the output row, its inner loop over the batch contiguous (SIMD).
 Rows are split over threads (``prange``) only when a call has enough work to pay for waking
-them (``dst.csr.numba_kernels.SERIAL_WORK``, where the threads sleep between calls): at batch 1 a 1000->1000 layer
+them (``dst.csr.numba_kernels.runs_serially``, where the threads sleep between calls): at batch 1 a 1000->1000 layer
 at 90 % is 100,000 multiply-adds, 24 us on one thread, less than waking a sleeping second one costs.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from dst.csr.array_ops import narrowest_dtype
 from dst.csr.kinds.base import KeptOutputStep
-from dst.csr.numba_kernels import FASTMATH, NO_BIAS, SERIAL_WORK
+from dst.csr.numba_kernels import FASTMATH, NO_BIAS, runs_serially
 
 
 @numba.njit(cache=True, fastmath=True, inline="always")
@@ -107,7 +107,7 @@ class NumbaFanInStep(KeptOutputStep):
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
 
     def __call__(self, x, out):
-        serial = self.values.size * x.shape[1] < SERIAL_WORK
+        serial = runs_serially(self.values.size * x.shape[1], x.shape[1])
         bias = NO_BIAS if self.bias is None else self.bias
         if x.shape[1] == 1:
             kernel = fan_in_one if serial else fan_in_one_parallel
