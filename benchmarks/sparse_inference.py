@@ -235,6 +235,49 @@ def goal_lines(results: dict) -> list[str]:
     return lines
 
 
+# The README's rows of the sweep: (allocation, sparsity, batch).
+README_ROWS = [("uniform", sparsity, 100) for sparsity in (0.5, 0.8, 0.9)] + [
+    ("uniform", 0.95, 1), ("uniform", 0.95, 100), ("uniform", 0.98, 100), ("uniform", 0.99, 1), ("uniform", 0.99, 100),
+    ("erk", 0.95, 100), ("erk", 0.99, 100)]
+
+
+def readme_tables(results: dict) -> str:
+    """The README's two markdown tables from ``results``: the engines against the masked net on ``README_ROWS``,
+    and, per uniform cell, the peers beside numba and the masked net, the fastest of every engine timed in that
+    block (peers, numba, scipy, torch.sparse, masked dense) in bold."""
+    rows = {(row["allocation"], row["sparsity"], row["batch_size"], row["backend"].split(" (")[0]): row
+            for row in results["rows"]}
+    lines = ["| allocation | sparsity | batch | masked dense, 2 threads | numba | speedup | scipy | speedup | "
+             "torch.sparse | speedup | memory (numba) | memory (scipy, torch) | file |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for allocation, sparsity, batch in README_ROWS:
+        numba, scipy, torch_sparse = (rows[(allocation, sparsity, batch, backend)]
+                                      for backend in ("numba", "scipy", "torch"))
+        lines.append(f"| {allocation} | {sparsity:.2f} | {batch} | {numba['dense_ms']:.2f} | "
+                     + " | ".join(f"{row['sparse_ms']:.2f} | {row['speedup']:.1f}x"
+                                  for row in (numba, scipy, torch_sparse))
+                     + f" | {numba['memory_ratio']:.1f}x | {scipy['memory_ratio']:.1f}x | {numba['file_ratio']:.1f}x |")
+    peers: dict[tuple, dict] = {}  # (sparsity, batch) -> {peer: row}
+    for row in results.get("peers", []):
+        if row["allocation"] == "uniform":
+            peers.setdefault((row["sparsity"], row["batch_size"]), {})[row["peer"]] = row
+    if not peers:
+        return "\n".join(lines)
+    names = list(next(iter(peers.values())))
+    lines += ["", "| sparsity | batch | " + " | ".join(names) + " | numba | masked dense (torch) | 1 thread: "
+              + " | ".join(names) + " | numba | masked dense |",
+              "|---|---|" + "---|" * (2 * len(names) + 4)]
+    for (sparsity, batch), by_peer in sorted(peers.items()):
+        first, cells = next(iter(by_peer.values())), []
+        for suffix in ("_ms", "_single_thread_ms"):
+            shown = [by_peer[name]["ms" if suffix == "_ms" else "single_thread_ms"] for name in names]
+            shown += [first["numba" + suffix], first["masked" + suffix]]
+            fastest = min(shown + [first["scipy" + suffix], first["torch" + suffix]])
+            cells += [f"**{ms:.3f}**" if ms == fastest else f"{ms:.3f}" for ms in shown]
+        lines.append(f"| {sparsity:.2f} | {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sparsities and runs, uniform allocation only; "
@@ -243,7 +286,12 @@ def main() -> None:
                         "and numba rows (default: their own choice)")
     parser.add_argument("--replot", action="store_true", help="redraw sparse_inference.png from the committed "
                         "JSON without timing anything")
+    parser.add_argument("--readme", action="store_true", help="print the README's tables from the committed JSON "
+                        "without timing anything")
     args = parser.parse_args()
+    if args.readme:
+        print(readme_tables(json.loads((RESULTS / "sparse_inference.json").read_text())))
+        return
     if args.replot:
         plot_sparsity_sweep(json.loads((RESULTS / "sparse_inference.json").read_text())["rows"],
                             save_path=RESULTS / "sparse_inference.png")

@@ -53,3 +53,35 @@ def test_mkl_runs_the_masked_nets_function_through_its_sparse_products_on_its_ow
     for forward, synchronize in forwards.values():
         assert synchronize is None
         np.testing.assert_allclose(np.asarray(forward()), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_the_readme_holds_the_inference_tables_of_the_committed_results():
+    import json
+    from pathlib import Path
+
+    from benchmarks.sparse_inference import RESULTS, readme_tables
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for table in readme_tables(json.loads((RESULTS / "sparse_inference.json").read_text())).split("\n\n"):
+        assert table in readme, "README.md's inference tables differ from sparse_inference.json: paste the output " \
+                                "of `python -m benchmarks.sparse_inference --readme`"
+
+
+def test_the_peer_table_bolds_the_fastest_engine_of_each_block_even_one_it_does_not_show(monkeypatch):
+    import benchmarks.sparse_inference as sparse_inference
+
+    def row(backend, sparse_ms):
+        return {"allocation": "uniform", "sparsity": 0.95, "batch_size": 1, "backend": backend,
+                "sparse_ms": sparse_ms, "dense_ms": 1.0, "speedup": 1.0 / sparse_ms, "memory_ratio": 2.0,
+                "file_ratio": 3.0}
+
+    times = {"masked_ms": 1.0, "numba_ms": 0.3, "scipy_ms": 0.2, "torch_ms": 0.9,  # own threads: scipy fastest
+             "masked_single_thread_ms": 1.0, "numba_single_thread_ms": 0.15, "scipy_single_thread_ms": 0.2,
+             "torch_single_thread_ms": 0.9}
+    results = {"rows": [row(backend, 0.5) for backend in ("numba", "scipy", "torch")],
+               "peers": [{"peer": "ort", "allocation": "uniform", "sparsity": 0.95, "batch_size": 1, "ms": 0.25,
+                          "single_thread_ms": 0.4, **times}]}
+    monkeypatch.setattr(sparse_inference, "README_ROWS", [("uniform", 0.95, 1)])
+    peers = sparse_inference.readme_tables(results).split("\n\n")[1].splitlines()
+    # own threads: scipy (not shown) is fastest, so nothing is bold; one thread: numba
+    assert peers[-1] == "| 0.95 | 1 | 0.250 | 0.300 | 1.000 | 0.400 | **0.150** | 1.000 |"
