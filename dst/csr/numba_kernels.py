@@ -225,12 +225,37 @@ def conv_pool_serial(x, values, col_indices, row_pointers, bias, kernel_h, kerne
 
 
 @numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+def row_over_batch(flat_x, batch, values, col_indices, start, stop, offset, relu, flat_out, target):  # pragma: no cover
+    """``flat_out[target:target + batch] = relu(offset + sum_k values[k] * x[col_indices[k], :])`` over entries
+    ``start:stop`` in order, x the flat ``(features * batch)`` input (indexed unsigned: see UNSIGNED). Four weights
+    per pass over the output row: a quarter of its loads and stores, and of the loop's set-up, which for a batch of
+    100 costs about as much as the multiply-adds. The CSR rows here and the constant fan-in rows
+    (``dst.csr.kinds.fan_in_kernels``) at batches over 1."""
+    unsigned_batch = np.uint64(batch)
+    for n in range(unsigned_batch):
+        flat_out[target + n] = offset
+    for k in range(start, stop - 3, 4):
+        v0, v1, v2, v3 = values[k], values[k + 1], values[k + 2], values[k + 3]
+        x0, x1 = np.uint64(col_indices[k]) * unsigned_batch, np.uint64(col_indices[k + 1]) * unsigned_batch
+        x2, x3 = np.uint64(col_indices[k + 2]) * unsigned_batch, np.uint64(col_indices[k + 3]) * unsigned_batch
+        for n in range(unsigned_batch):
+            flat_out[target + n] += (v0 * flat_x[x0 + n] + v1 * flat_x[x1 + n]
+                                     + v2 * flat_x[x2 + n] + v3 * flat_x[x3 + n])
+    for k in range(stop - (stop - start) % 4, stop):
+        value, source = values[k], np.uint64(col_indices[k]) * unsigned_batch
+        for n in range(unsigned_batch):
+            flat_out[target + n] += value * flat_x[source + n]
+    if relu:
+        for n in range(unsigned_batch):
+            flat_out[target + n] = max(flat_out[target + n], np.float32(0.0))
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, inline="always")
 def _linear_row(row, flat_x, batch, values, col_indices, row_pointers, bias, relu, flat_out):  # pragma: no cover
     """Output row ``row`` of ``linear``, on the flat (features * batch) arrays (indexed unsigned: see UNSIGNED).
 
     At batch 1 a vectorised gather (the compiler reassociating the sum) was slower here: SimpleNet's 1000->1000
     layer at 95 % took 46 us against 27 with four running sums (AMD EPYC, whose gathers are slow)."""
-    unsigned_batch = np.uint64(batch)
     offset = bias[row] if bias.size > 0 else np.float32(0.0)
     start, stop = row_pointers[row], row_pointers[row + 1]
     if batch == 1:  # a sparse dot product; four running sums, so the additions need not wait in line
@@ -242,27 +267,11 @@ def _linear_row(row, flat_x, batch, values, col_indices, row_pointers, bias, rel
             s3 += values[k + 3] * flat_x[np.uint64(col_indices[k + 3])]
         for k in range(stop - (stop - start) % 4, stop):
             s0 += values[k] * flat_x[np.uint64(col_indices[k])]
-        flat_out[row] = offset + ((s0 + s1) + (s2 + s3))
+        total = offset + ((s0 + s1) + (s2 + s3))
+        flat_out[row] = max(total, np.float32(0.0)) if relu else total
     else:
-        target = np.uint64(row * batch)
-        for n in range(unsigned_batch):
-            flat_out[target + n] = offset
-        # Four weights per pass over the output row: a quarter of its loads and stores, and of the
-        # loop's set-up, which for a batch of 100 costs about as much as the multiply-adds.
-        for k in range(start, stop - 3, 4):
-            v0, v1, v2, v3 = values[k], values[k + 1], values[k + 2], values[k + 3]
-            x0, x1 = np.uint64(col_indices[k]) * unsigned_batch, np.uint64(col_indices[k + 1]) * unsigned_batch
-            x2, x3 = np.uint64(col_indices[k + 2]) * unsigned_batch, np.uint64(col_indices[k + 3]) * unsigned_batch
-            for n in range(unsigned_batch):
-                flat_out[target + n] += (v0 * flat_x[x0 + n] + v1 * flat_x[x1 + n]
-                                         + v2 * flat_x[x2 + n] + v3 * flat_x[x3 + n])
-        for k in range(stop - (stop - start) % 4, stop):
-            value, source = values[k], np.uint64(col_indices[k]) * unsigned_batch
-            for n in range(unsigned_batch):
-                flat_out[target + n] += value * flat_x[source + n]
-    if relu:
-        for n in range(np.uint64(row * batch), np.uint64((row + 1) * batch)):
-            flat_out[n] = max(flat_out[n], np.float32(0.0))
+        row_over_batch(flat_x, batch, values, col_indices, start, stop, offset, relu, flat_out,
+                        np.uint64(row * batch))
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)

@@ -17,7 +17,7 @@ import numpy as np
 
 from dst.csr.array_ops import narrowest_dtype
 from dst.csr.kinds.base import KeptOutputStep
-from dst.csr.numba_kernels import FASTMATH, NO_BIAS, runs_serially
+from dst.csr.numba_kernels import FASTMATH, NO_BIAS, row_over_batch, runs_serially
 
 
 @numba.njit(cache=True, fastmath=True, inline="always")
@@ -46,29 +46,11 @@ def fan_in_one_parallel(x, values, col_indices, bias, relu, out):  # pragma: no 
 
 @numba.njit(cache=True, fastmath=FASTMATH, inline="always")
 def _row(flat_x, flat_values, flat_indices, bias, relu, flat_out, row, k, batch):  # pragma: no cover
-    """Batch > 1, output row ``row``; arrays flat, indexed with unsigned ints (see ``dst.csr.numba_kernels``)."""
+    """Batch > 1, output row ``row``: the CSR kernel's row over the batch on entries ``row*k:(row+1)*k``."""
     offset = bias[row] if bias.size > 0 else np.float32(0.0)
-    first = row * k  # signed: an unsigned p + 1 would be typed float64 (int64 + uint64)
-    unsigned_batch = np.uint64(batch)
-    target = np.uint64(row) * unsigned_batch
-    for n in range(unsigned_batch):
-        flat_out[target + n] = offset
-    for j in range(0, k - 3, 4):
-        p = first + j
-        v0, v1, v2, v3 = flat_values[p], flat_values[p + 1], flat_values[p + 2], flat_values[p + 3]
-        x0, x1 = np.uint64(flat_indices[p]) * unsigned_batch, np.uint64(flat_indices[p + 1]) * unsigned_batch
-        x2, x3 = np.uint64(flat_indices[p + 2]) * unsigned_batch, np.uint64(flat_indices[p + 3]) * unsigned_batch
-        for n in range(unsigned_batch):
-            flat_out[target + n] += (v0 * flat_x[x0 + n] + v1 * flat_x[x1 + n]
-                                     + v2 * flat_x[x2 + n] + v3 * flat_x[x3 + n])
-    for j in range(k - k % 4, k):
-        p = first + j
-        value, source = flat_values[p], np.uint64(flat_indices[p]) * unsigned_batch
-        for n in range(unsigned_batch):
-            flat_out[target + n] += value * flat_x[source + n]
-    if relu:
-        for n in range(unsigned_batch):
-            flat_out[target + n] = max(flat_out[target + n], np.float32(0.0))
+    first = row * k  # signed: an unsigned first + 1 would be typed float64 (int64 + uint64)
+    row_over_batch(flat_x, batch, flat_values, flat_indices, first, first + k, offset, relu, flat_out,
+                    np.uint64(row) * np.uint64(batch))
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)
