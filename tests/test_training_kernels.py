@@ -34,7 +34,7 @@ def random_layer(rng, out_features, in_features, density, empty_rows=(), empty_c
 
 
 def csc_of(indptr, columns, in_features):
-    from dst.csr.numba_kernels import csc_permutation
+    from dst.csr.numba_training_kernels import csc_permutation
 
     csc_indptr = np.zeros(in_features + 1, dtype=indptr.dtype)
     csc_rows = np.empty(len(columns), dtype=columns.dtype)
@@ -50,8 +50,8 @@ layer_shapes = st.tuples(st.integers(1, 40), st.integers(1, 40), st.sampled_from
 @settings(max_examples=60, deadline=None)
 @given(layer_shapes)
 def test_blocked_kernels_equal_the_serial_ones_bitwise(case):
-    from dst.csr.numba_backend import balanced_items
-    from dst.csr.numba_kernels import (
+    from dst.csr.numba_training import balanced_items
+    from dst.csr.numba_training_kernels import (
         blocked_matmul,
         blocked_matmul_transposed,
         blocked_sddmm,
@@ -70,12 +70,14 @@ def test_blocked_kernels_equal_the_serial_ones_bitwise(case):
     row_items = balanced_items(indptr, items)
 
     serial, blocked = np.empty((out_features, batch), np.float32), np.full((out_features, batch), np.nan, np.float32)
-    train_matmul(indptr, columns, weight, inputs, serial)
-    blocked_matmul(indptr, columns, weight, inputs, blocked, row_items, block)
+    bias, relu = rng.standard_normal(out_features).astype(np.float32), bool(seed % 2)
+    train_matmul(indptr, columns, weight, inputs, bias, relu, serial)
+    blocked_matmul(indptr, columns, weight, inputs, bias, relu, blocked, row_items, block)
     np.testing.assert_array_equal(blocked, serial)
     dense = np.zeros((out_features, in_features), np.float32)
     dense[mask] = weight
-    np.testing.assert_allclose(serial, dense @ inputs, rtol=1e-5, atol=1e-5)
+    expected = dense @ inputs + bias[:, None]
+    np.testing.assert_allclose(serial, np.maximum(expected, 0) if relu else expected, rtol=1e-5, atol=1e-5)
 
     serial_t = np.zeros((in_features, batch), np.float32)
     blocked_t = np.full((in_features, batch), np.nan, np.float32)  # every entry overwritten, empty columns too
@@ -106,8 +108,95 @@ def test_csc_permutation_lists_each_column_rows_ascending(out_features, in_featu
     assert sorted(csc_order.tolist()) == list(range(len(columns)))
 
 
+def tiles_of(indptr, columns, shape, height, width):
+    """Both tile layouts of a CSR pattern, built by the kernels' builders."""
+    from dst.csr.numba_training_kernels import column_tiles, row_tiles
+
+    def entries():
+        return tuple(np.empty(len(columns), dtype=dtype) for dtype in (columns.dtype, columns.dtype, indptr.dtype))
+
+    rows, cols, order = entries()
+    row_tiles(indptr, columns, shape[1], height, rows, cols, order)
+    row_pointers = indptr[np.append(np.arange(0, shape[0], height), shape[0])].astype(np.int64)
+    column_pointers = np.zeros(-(-shape[1] // width) + 1, dtype=np.int64)
+    by_column = entries()
+    column_tiles(indptr, columns, width, column_pointers, *by_column)
+    return (row_pointers, rows, cols, order), (column_pointers, *by_column)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_shapes)
+def test_tiled_kernels_equal_the_serial_ones_bitwise(case):
+    from dst.csr.numba_training_kernels import (
+        tiled_backward,
+        tiled_matmul,
+        train_matmul,
+        train_matmul_transposed,
+        train_sddmm,
+    )
+
+    out_features, in_features, density, batch, height, width, seed = case
+    rng = np.random.default_rng(seed)
+    indptr, columns, weight, mask = random_layer(rng, out_features, in_features, density,
+                                                 empty_rows=range(0, out_features, 3),
+                                                 empty_columns=range(1, in_features, 4))
+    inputs = rng.standard_normal((in_features, batch)).astype(np.float32)
+    grad_outputs = rng.standard_normal((out_features, batch)).astype(np.float32)
+    by_row, by_column = tiles_of(indptr, columns, (out_features, in_features), height, width)
+
+    serial, tiled = np.empty((out_features, batch), np.float32), np.full((out_features, batch), np.nan, np.float32)
+    bias, relu = rng.standard_normal(out_features).astype(np.float32), bool(seed % 2)
+    train_matmul(indptr, columns, weight, inputs, bias, relu, serial)
+    tiled_matmul(*by_row, weight, inputs, bias, relu, tiled, height)
+    np.testing.assert_array_equal(tiled, serial)
+
+    serial_t = np.zeros((in_features, batch), np.float32)
+    tiled_t = np.full((in_features, batch), np.nan, np.float32)  # every entry overwritten, empty columns too
+    serial_g, tiled_g = np.empty(len(weight), np.float32), np.full(len(weight), np.nan, np.float32)
+    train_matmul_transposed(indptr, columns, weight, grad_outputs, serial_t)
+    train_sddmm(indptr, columns, grad_outputs, inputs, serial_g)
+    tiled_backward(*by_column, weight, grad_outputs, inputs, relu, tiled_t, tiled_g, width)
+    np.testing.assert_array_equal(tiled_t, serial_t * (inputs > 0) if relu else serial_t)  # ReLU's backward
+    np.testing.assert_array_equal(tiled_g, serial_g)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layer_shapes)
+def test_the_tiles_hold_every_weight_once_in_their_order(case):
+    out_features, in_features, density, _, height, width, seed = case
+    indptr, columns, _, mask = random_layer(np.random.default_rng(seed), out_features, in_features, density)
+    rows_of = np.repeat(np.arange(out_features), np.diff(indptr))
+    tiles = tiles_of(indptr, columns, (out_features, in_features), height, width)
+    for (pointers, rows, cols, order), by_rows in ((tiles[0], True), (tiles[1], False)):
+        assert sorted(order.tolist()) == list(range(len(columns)))
+        np.testing.assert_array_equal(rows, rows_of[order])
+        np.testing.assert_array_equal(cols, columns[order])
+        # row tiles: a tile of `height` rows, by column then row; column tiles: `width` columns, by row then column
+        tile_of, major, minor = (rows // height, cols, rows) if by_rows else (cols // width, rows, cols)
+        np.testing.assert_array_equal(np.diff(pointers), np.bincount(tile_of, minlength=len(pointers) - 1))
+        for tile in range(len(pointers) - 1):
+            span = slice(pointers[tile], pointers[tile + 1])
+            assert np.all(tile_of[span] == tile)
+            keys = major[span].astype(np.int64) * max(out_features, in_features) + minor[span]
+            assert np.all(np.diff(keys) > 0)
+
+
+def test_tiles_pay_only_past_a_cache_block_with_enough_tiles_for_every_thread(monkeypatch):
+    import numba
+
+    from dst.csr import numba_training
+
+    threads = numba.get_num_threads()
+    block_rows = numba_training.BLOCK_BYTES // (4 * 128)
+    assert not numba_training.tiles_pay(block_rows, 10**6, 1000, 128)  # the gathered rows fit a block
+    assert numba_training.tiles_pay(block_rows + 1, 2 * threads * 1000, 1000, 128)
+    assert not numba_training.tiles_pay(block_rows + 1, 2 * threads * 1000 - 1000, 1000, 128)  # too few tiles
+    assert numba_training.tile_extent(128, 1) == numba_training.TILE_BYTES // 512
+    assert numba_training.tile_extent(128, 2) == numba_training.TILE_BYTES // 1024
+
+
 def test_balanced_items_cover_every_row_once_with_about_equal_work():
-    from dst.csr.numba_backend import balanced_items
+    from dst.csr.numba_training import balanced_items
 
     indptr = np.array([0, 0, 10, 10, 11, 30, 30, 40], dtype=np.int32)
     bounds = balanced_items(indptr, 4)
@@ -117,30 +206,43 @@ def test_balanced_items_cover_every_row_once_with_about_equal_work():
 
 @pytest.mark.parametrize("batch", [1, 7, 128])
 def test_a_step_on_the_parallel_path_equals_one_on_the_serial_path(monkeypatch, batch):
-    from dst.csr import numba_backend
+    from dst.csr import numba_training
 
     rng = np.random.default_rng(batch)
     x, y = rng.standard_normal((batch, 50)).astype(np.float32), rng.integers(0, 5, batch)
-    runs = {}
-    for path, threshold, block_bytes in (("serial", 1 << 60, 1 << 24), ("parallel", 0, 4 * batch * 3)):
-        monkeypatch.setattr(numba_backend, "SERIAL_BELOW", threshold)
-        monkeypatch.setattr(numba_backend, "BLOCK_BYTES", block_bytes)  # three rows a block: many blocks
+    runs, layouts = {}, {}
+    # serial; blocked (three rows a block: many blocks, tiles never pay); tiled (every operand past a
+    # block, tiles of three rows: every wide product tiles)
+    for path, threshold, block_bytes, tile_bytes in (("serial", 1 << 60, 1 << 24, 1 << 23),
+                                                     ("blocked", 0, 4 * batch * 3, 1 << 40),
+                                                     ("tiled", 0, 0, 4 * batch * 6)):
+        monkeypatch.setattr(numba_training, "SERIAL_BELOW", threshold)
+        monkeypatch.setattr(numba_training, "BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(numba_training, "TILE_BYTES", tile_bytes)
         model = SparseMLP.random(50, (40, 30), 5, sparsity=0.7, seed=3, backend="numba")
         losses = [model.train_step(x, y) for _ in range(3)]
         model.update_topology(0.3)
         losses += [model.train_step(x, y) for _ in range(2)]
         runs[path] = losses, {name: (layer.weight.copy(), layer.weight_grad.copy())
                               for name, layer in model.layers.items()}
-    assert runs["serial"][0] == runs["parallel"][0]
-    for name, (weight, grad) in runs["serial"][1].items():
-        np.testing.assert_array_equal(runs["parallel"][1][name][0], weight)
-        np.testing.assert_array_equal(runs["parallel"][1][name][1], grad)
+        layouts[path] = {name: sorted({key.split(".")[0] for key in layer.matrix.arrays()})
+                         for name, layer in model.layers.items()}
+    assert layouts["serial"] == {"fc1": [], "fc2": [], "fc3": []}
+    assert layouts["blocked"] == {"fc1": [], "fc2": ["csc_indptr", "csc_order", "csc_rows"],
+                                  "fc3": ["csc_indptr", "csc_order", "csc_rows"]}
+    # fc3 has 5 output rows: under two tiles a thread, so its W @ A stays blocked; fc1 is never asked for dA
+    assert layouts["tiled"] == {"fc1": ["row_tiles"], "fc2": ["column_tiles", "row_tiles"], "fc3": ["column_tiles"]}
+    for path in ("blocked", "tiled"):
+        assert runs[path][0] == runs["serial"][0], path
+        for name, (weight, grad) in runs["serial"][1].items():
+            np.testing.assert_array_equal(runs[path][1][name][0], weight)
+            np.testing.assert_array_equal(runs[path][1][name][1], grad)
 
 
 def test_work_buffers_are_reused_across_steps_and_replaced_for_a_new_batch_shape(monkeypatch):
-    from dst.csr import numba_backend
+    from dst.csr import numba_training
 
-    monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 0)
+    monkeypatch.setattr(numba_training, "SERIAL_BELOW", 0)
     model = SparseMLP.random(20, (16,), 4, sparsity=0.5, backend="numba")
     rng = np.random.default_rng(0)
     model.train_step(rng.standard_normal((8, 20)), rng.integers(0, 4, 8))
@@ -234,17 +336,27 @@ def test_a_model_that_cannot_fit_fails_before_allocating_and_says_what_it_needs(
     SparseMLP.random(784, (256, 256), 10, sparsity=0.9)  # a small one still builds
 
 
-def test_the_estimate_matches_what_the_layers_hold(monkeypatch):
-    from dst.csr import numba_backend
+def test_the_estimate_bounds_what_the_layers_hold_and_equals_it_with_every_layout_built(monkeypatch):
+    from dst.csr import numba_training
 
-    monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 0)  # builds the CSC permutation
-    model = SparseMLP.random(30, (40, 20), 5, sparsity=0.6, seed=0, backend="numba")
-    model.train_step(np.ones((4, 30)), [0, 1, 2, 3])
-    layers = [(layer.shape, layer.active_count) for layer in model.layers.values()]
-    needed = memory.training_bytes(layers, state_count=1, keeps_rows=False, keeps_csc=True)
-    assert needed["held"] == model.nbytes()
+    def held_and_estimate():
+        model = SparseMLP.random(30, (40, 20), 5, sparsity=0.6, seed=0, backend="numba")
+        model.train_step(np.ones((4, 30)), [0, 1, 2, 3])
+        layers = [(layer.shape, layer.active_count) for layer in model.layers.values()]
+        needed = memory.training_bytes(layers, 1, keeps_rows=False,
+                                       layout_bytes=numba_training.TrainingLayout.most_bytes)
+        return model.nbytes(), needed["held"]
+
+    monkeypatch.setattr(numba_training, "SERIAL_BELOW", 0)  # the blocked kernels: CSC permutations
+    held, estimate = held_and_estimate()
+    assert held < estimate
+    monkeypatch.setattr(numba_training, "BLOCK_BYTES", 0)
+    monkeypatch.setattr(numba_training, "TILE_BYTES", 1)  # tiles of one row: a pointer a row
+    monkeypatch.setattr(numba_training, "TILES_PER_THREAD", 0)  # the 5-class layer tiles too
+    assert held_and_estimate()[0] == held_and_estimate()[1]
     scipy_model = SparseMLP.random(30, (40, 20), 5, sparsity=0.6, seed=0, backend="scipy")
-    assert memory.training_bytes(layers, 1, keeps_rows=True, keeps_csc=False)["held"] == scipy_model.nbytes()
+    layers = [(layer.shape, layer.active_count) for layer in scipy_model.layers.values()]
+    assert memory.training_bytes(layers, 1, keeps_rows=True)["held"] == scipy_model.nbytes()
 
 
 def test_available_memory_reads_meminfo_and_falls_back(monkeypatch, tmp_path):
@@ -260,7 +372,7 @@ def test_warm_up_also_readies_the_parallel_kernels():
     model = SparseMLP.random(12, (6,), 3, sparsity=0.5, backend="numba")
     rng = np.random.default_rng(0)
     assert model.warm_up(rng.standard_normal((4, 12)), rng.integers(0, 3, 4)) > 0
-    from dst.csr.numba_backend import TrainingLayout
+    from dst.csr.numba_training import TrainingLayout
 
     assert model.layers["fc1"].matrix.__class__ is TrainingLayout
 

@@ -29,6 +29,9 @@ def narrowest_dtype(largest: int, dtypes: tuple) -> type:
 # The numpy SDDMM works on chunks of this many gathered floats per operand: 1 Mi floats
 # (4 MiB) stays in cache; one whole-matrix gather was 5-10x slower here.
 SDDMM_CHUNK_FLOATS = 1 << 20
+# ReLU's backward masks the gradient this many rows at a time, so its boolean temporary stays
+# small (1 MiB at batch 128) however wide the layer.
+RELU_CHUNK_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,12 @@ class TrainingProducts:
     """A backend's optional training capability: the three sparse products of a training step.
 
     Each product takes a ``dst.csr.linear.SparseLinear`` and feature-major dense operands:
-    ``matmul(layer, A)`` is W @ A (out, batch), ``matmul_transposed(layer, dZ)`` is
-    W.T @ dZ (in, batch), and ``sddmm(layer, dZ, A)`` writes ``dZ[row_k] . A[col_k]`` for
-    every active weight ``k`` into ``layer.weight_grad``.
+    ``matmul(layer, A, relu)`` is W @ A + b (out, batch), through a ReLU if ``relu``;
+    ``matmul_transposed(layer, dZ)`` is W.T @ dZ (in, batch), and ``sddmm(layer, dZ, A)``
+    writes ``dZ[row_k] . A[col_k]`` for every active weight ``k`` into ``layer.weight_grad``.
+    ``backward(layer, dZ, A, need_input_grad, relu_input)`` does the last two (W.T @ dZ only
+    if asked, times ``A > 0`` if ``A`` is a ReLU's output; returns it, else None):
+    ``separate_backward`` calls them in turn, a backend may fuse them.
     """
 
     keeps_rows: bool  # whether layers hold each weight's row index (the gathering SDDMM needs it)
@@ -46,6 +52,7 @@ class TrainingProducts:
     matmul: Callable
     matmul_transposed: Callable
     sddmm: Callable
+    backward: Callable
 
 
 class Ops(Protocol):
@@ -146,8 +153,10 @@ class ArrayOps:
 
 # ----------------------------------------------------------------------------- training products
 
-def _matmul_csr(layer, inputs):
-    return layer.matrix @ inputs
+def _matmul_csr(layer, inputs, relu: bool):
+    outputs = layer.matrix @ inputs
+    outputs += layer.bias[:, None]
+    return layer.ops.xp.maximum(outputs, 0, out=outputs) if relu else outputs
 
 
 def _matmul_transposed_csr(layer, grad_outputs):
@@ -163,7 +172,26 @@ def _sddmm_gather(layer, left, right) -> None:
         out[start:stop] = xp.einsum("ij,ij->i", left[rows[start:stop]], right[columns[start:stop]])
 
 
+def separate_backward(layer, grad_outputs, inputs, need_input_grad: bool, relu_input: bool):
+    """The backward as two products: the SDDMM into ``layer.weight_grad``, then W.T @ dZ if asked (else None),
+    times ``inputs > 0`` if ``relu_input``."""
+    layer.products.sddmm(layer, grad_outputs, inputs)
+    if not need_input_grad:
+        return None
+    grad_inputs = layer.products.matmul_transposed(layer, grad_outputs)
+    if relu_input:
+        relu_backward_(grad_inputs, inputs)
+    return grad_inputs
+
+
+def relu_backward_(grad, activations) -> None:
+    """``grad *= activations > 0`` in place, in chunks of rows (no activation-sized temporary)."""
+    for start in range(0, len(grad), RELU_CHUNK_ROWS):
+        grad[start:start + RELU_CHUNK_ROWS] *= activations[start:start + RELU_CHUNK_ROWS] > 0
+
+
 def sparse_products(matrix: Callable) -> TrainingProducts:
     """scipy's and cupy's training products: their own CSR products and a gathering SDDMM."""
     return TrainingProducts(keeps_rows=True, matrix=matrix, matmul=_matmul_csr,
-                            matmul_transposed=_matmul_transposed_csr, sddmm=_sddmm_gather)
+                            matmul_transposed=_matmul_transposed_csr, sddmm=_sddmm_gather,
+                            backward=separate_backward)

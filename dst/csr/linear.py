@@ -169,17 +169,18 @@ class SparseLinear:
     def density(self) -> float:
         return self.active_count / (self.shape[0] * self.shape[1])
 
-    def forward(self, inputs):
-        """(in, batch) -> (out, batch); on numba, a work buffer the next forward overwrites."""
-        outputs = self.products.matmul(self, inputs)
-        outputs += self.bias[:, None]
-        return outputs
+    def forward(self, inputs, relu: bool = False):
+        """(in, batch) -> W @ inputs + bias (out, batch), through a ReLU if ``relu``; on numba, a work buffer
+        the next forward overwrites."""
+        return self.products.matmul(self, inputs, relu)
 
-    def backward(self, grad_outputs, inputs, need_input_grad: bool = True):
-        """Fill ``weight_grad`` and ``bias_grad`` from dZ (out, batch); return dA (in, batch) or None."""
-        self.products.sddmm(self, grad_outputs, inputs)
+    def backward(self, grad_outputs, inputs, need_input_grad: bool = True, relu_input: bool = False):
+        """Fill ``weight_grad`` and ``bias_grad`` from dZ (out, batch); return dA (in, batch) or None.
+
+        ``relu_input``: ``inputs`` came out of a ReLU, and dA is returned through it (times ``inputs > 0``).
+        """
         grad_outputs.sum(axis=1, out=self.bias_grad)
-        return self.products.matmul_transposed(self, grad_outputs) if need_input_grad else None
+        return self.products.backward(self, grad_outputs, inputs, need_input_grad, relu_input)
 
     def prune_and_regrow(self, prune_ratio: float, random: RandomSource, regrow: str = "random") -> LayerUpdate:
         """One DST step on this layer by ``dst.engine.update_rule``: prune the smallest magnitudes, regrow as many.

@@ -1,8 +1,8 @@
 """Whether a truly sparse MLP fits in this machine's memory, answered before anything is allocated.
 
 A ``SparseMLP`` holds, per active weight, its value, its gradient, its optimizer state
-and its column index (plus its row, for the scipy and cupy SDDMM, and the CSC
-permutation's row and order, for numba's parallel W.T @ dZ); per unit, a row pointer,
+and its column index (plus its row, for the scipy and cupy SDDMM, and the index layouts
+of numba's parallel products: ``TrainingLayout.most_bytes``); per unit, a row pointer,
 a bias and the bias's gradient and state. A DST update needs, on top, temporaries on
 its widest layer: the sorted int64 positions the update rule works on, the index
 array of its partial sort and one merged copy at a time. ``training_bytes`` adds
@@ -12,7 +12,7 @@ once instead of after minutes of allocation (or in the kernel's out-of-memory ki
 """
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dst.csr.csr_build import index_dtype
@@ -42,21 +42,21 @@ def available_memory_bytes() -> int | None:
 
 
 def training_bytes(layers: Iterable[tuple[tuple[int, int], int]], state_count: int, keeps_rows: bool,
-                   keeps_csc: bool) -> dict[str, int]:
+                   layout_bytes: Callable[[tuple[int, int], int, bool], int] | None = None) -> dict[str, int]:
     """Bytes a SparseMLP needs to train, from each layer's ``((out, in), active_count)``.
 
-    Returns ``held`` (what the layers keep between steps, as ``SparseMLP.nbytes`` counts it once
-    numba has built its CSC permutations, on every layer but the first), ``update`` (the widest
-    layer's DST temporaries) and their ``total``.
+    ``layout_bytes(shape, active_count, first)``: the most a backend's per-topology index layouts
+    hold for one layer (numba's ``TrainingLayout.most_bytes``), None where it keeps none.
+    Returns ``held`` (what the layers keep between steps, as ``SparseMLP.nbytes`` counts it, those
+    layouts at their largest), ``update`` (the widest layer's DST temporaries) and their ``total``.
     """
     held = update = 0
     for position, ((out_features, in_features), count) in enumerate(layers):
-        csc = keeps_csc and position > 0  # the first layer's input gradient is never asked for
         index = index_dtype(max(count, out_features, in_features) + 1)(0).itemsize
-        per_weight = 4 * (2 + state_count) + index * (1 + keeps_rows + 2 * csc)
+        per_weight = 4 * (2 + state_count) + index * (1 + keeps_rows)
         held += count * per_weight + (out_features + 1) * index + 4 * out_features * (2 + state_count)
-        if csc:
-            held += (in_features + 1) * index
+        if layout_bytes is not None:
+            held += layout_bytes((out_features, in_features), count, position == 0)
         update = max(update, count * UPDATE_BYTES_PER_WEIGHT)
     return {"held": held, "update": update, "total": held + update}
 

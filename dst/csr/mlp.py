@@ -36,9 +36,6 @@ from dst.engine.schedule import DSTConfig, DSTScheduler
 from dst.engine.update_rule import LayerUpdate, RandomSource, RegrowCriterion, check_prune_ratio
 
 DEFAULT_OPTIMIZER = OptimizerConfig()
-# ReLU's backward masks the gradient this many rows at a time, so its boolean temporary stays
-# small (1 MiB at batch 128) however wide the layer.
-RELU_CHUNK_ROWS = 8192
 
 # SET-style topology updates for one-epoch MNIST runs (~470 steps of 128): 4 updates, each
 # moving 20% of every layer's connections. Regrown weights start at zero (see dst.engine.prune_regrow).
@@ -89,8 +86,9 @@ class SparseMLP:
         densities = layer_densities(shapes, sparsity, allocation)
         ops = get_backend(backend)
         counts = [(shape, active_count(shape[0] * shape[1], densities[name])) for name, shape in shapes.items()]
-        needed = training_bytes(counts, len(optimizer.state_names), require_training(ops).keeps_rows,
-                                keeps_csc=ops.name == "numba")
+        products = require_training(ops)
+        needed = training_bytes(counts, len(optimizer.state_names), products.keeps_rows,
+                                getattr(products.matrix, "most_bytes", None))
         check_fits(needed, f"a SparseMLP {'-'.join(map(str, widths))} at {sparsity:.4g} sparsity "
                            f"({sum(count for _, count in counts):,} active weights)")
         rng = np.random.default_rng(seed)
@@ -136,10 +134,7 @@ class SparseMLP:
         activations = [inputs]
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers.values()):
-            outputs = layer.forward(activations[-1])
-            if index < last:
-                self.ops.xp.maximum(outputs, 0, out=outputs)
-            activations.append(outputs)
+            activations.append(layer.forward(activations[-1], relu=index < last))
         return activations
 
     def _features(self, x):
@@ -174,12 +169,11 @@ class SparseMLP:
         layers = list(self.layers.values())
         for index in range(len(layers) - 1, -1, -1):
             layer = layers[index]
-            grad_inputs = layer.backward(grad, activations[index], need_input_grad=index > 0)
+            # every input but the data came out of a ReLU: its gradient comes back through it
+            grad_inputs = layer.backward(grad, activations[index], need_input_grad=index > 0, relu_input=index > 0)
             update(self.optimizer, layer.weight, layer.weight_grad, layer.state, self.steps)
             update(self.optimizer, layer.bias, layer.bias_grad, layer.bias_state, self.steps)
-            if index > 0:
-                grad = grad_inputs
-                relu_backward_(grad, activations[index])
+            grad = grad_inputs
         return loss
 
     def update_topology(self, prune_ratio: float, regrow: str = "random",
@@ -296,12 +290,6 @@ class SparseMLPStep:
 
     def close(self) -> None:
         """Nothing to release."""
-
-
-def relu_backward_(grad, activations) -> None:
-    """``grad *= activations > 0`` in place, in chunks of rows (no activation-sized temporary)."""
-    for start in range(0, len(grad), RELU_CHUNK_ROWS):
-        grad[start:start + RELU_CHUNK_ROWS] *= activations[start:start + RELU_CHUNK_ROWS] > 0
 
 
 def host_array(values, dtype) -> np.ndarray:

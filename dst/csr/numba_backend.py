@@ -9,33 +9,19 @@ layer), so an active weight costs 6 bytes in memory instead of 8. Output buffers
 allocated once per input shape and reused; the forward returns a copy (the batch-first
 transpose), so a caller never sees a buffer change under it.
 
-Training: the three products of a step (``numba_training``), on the int32 CSR
+Training: the three products of a step (``dst.csr.numba_training``), on the int32 CSR
 arrays of ``dst.csr.linear.SparseLinear``: serial on small layers (the SDDMM ~10x
-faster than numpy's gathers, the other two ~1.5x faster than scipy's), parallel and
-cache-blocked on wide ones, with the same sums (``dst.csr.numba_kernels``).
+faster than numpy's gathers, the other two ~1.5x faster than scipy's), parallel,
+cache-blocked or tiled, on wide ones, with the same sums.
 
 numba compiles each kernel on its first call (cached on disk); time a forward only after one call.
 """
 
-import numba
 import numpy as np
 
-from dst.csr.array_ops import ArrayOps, TrainingProducts, narrowest_dtype
-from dst.csr.numba_kernels import (
-    NO_BIAS,
-    blocked_matmul,
-    blocked_matmul_transposed,
-    blocked_sddmm,
-    conv_pool,
-    conv_pool_serial,
-    csc_permutation,
-    linear,
-    linear_serial,
-    runs_serially,
-    train_matmul,
-    train_matmul_transposed,
-    train_sddmm,
-)
+from dst.csr.array_ops import ArrayOps, narrowest_dtype
+from dst.csr.numba_kernels import NO_BIAS, conv_pool, conv_pool_serial, linear, linear_serial, runs_serially
+from dst.csr.numba_training import numba_training
 from dst.csr.steps import LinearStep, MaskNumberedWeight, conv_output_shape
 
 # Floats in one conv work item's accumulator: 16 KiB leaves most of a 32-48 KiB L1 cache to the input runs.
@@ -143,127 +129,3 @@ class NumbaOps(ArrayOps):
         for producer, consumer in zip(steps, steps[1:]):
             if isinstance(producer, NumbaConvStep) and isinstance(consumer, NumbaConvStep) and any(consumer.padding):
                 producer.out_pad, consumer.input_padded = consumer.padding, True
-
-
-# A training product below this many multiply-adds (active weights x batch) runs serially: the
-# tutorial's layers take well under a millisecond there, less than a parallel call can wait for
-# its second thread on a busy machine. 4 Mi is ~1 ms of serial work.
-SERIAL_BELOW = 1 << 22
-# Bytes of gathered rows one cache block of the parallel products holds: half of this machine's
-# 32 MiB L3, so the block stays there while every work item takes its weights in it. The best size measured
-# (AMD EPYC, a training step at width 524288, eps20, medians of 4: 16 MiB 1.87-2.18 s, 32/64 MiB 2.31-2.57 s,
-# 4 MiB 3.13-3.15 s, 1 MiB 4.33-4.64 s): smaller blocks pass over each item's rows once more per block.
-BLOCK_BYTES = 16 << 20
-# Work items per thread, handed out one at a time (``numba.parallel_chunksize(1)``), so a thread
-# slowed by other work on the machine takes fewer of them instead of holding the step up.
-ITEMS_PER_THREAD = 8
-
-
-def balanced_items(pointers: np.ndarray, items: int) -> np.ndarray:
-    """Split the rows of the pointer array ``pointers`` (CSR ``indptr`` or CSC ``csc_indptr``) into
-    ``items`` contiguous ranges holding about as many entries each: (items + 1,) int64 bounds."""
-    rows = len(pointers) - 1
-    bounds = np.searchsorted(pointers, np.linspace(0, pointers[-1], items + 1)).astype(np.int64)
-    bounds[0], bounds[-1] = 0, rows
-    return np.minimum(bounds, rows)
-
-
-class TrainingLayout:
-    """What the numba training products keep for one topology of a layer (its ``matrix``).
-
-    Rebuilt whenever the layer's CSR arrays are (``SparseLinear._set_topology``: at construction
-    and after every DST update); the CSC permutation is built on the first parallel W.T @ dZ.
-    """
-
-    def __init__(self, weight, columns, indptr, shape):
-        self.columns, self.indptr, self.shape = columns, indptr, shape
-        self._row_items = self._column_items = self._csc = None
-
-    @staticmethod
-    def warm_up() -> None:
-        """Compile (or load) the parallel products and the CSC permutation on a tiny layer.
-
-        ``SparseMLP.warm_up`` calls it: its twin is too small to take the parallel path,
-        and a wide model's first step would otherwise pay for their compilation.
-        """
-        indptr, columns = np.array([0, 1, 2], dtype=np.int32), np.array([0, 1], dtype=np.int32)
-        weight, dense = np.ones(2, dtype=np.float32), np.ones((2, 1), dtype=np.float32)
-        layout, items = TrainingLayout(weight, columns, indptr, (2, 2)), np.array([0, 2], dtype=np.int64)
-        out = np.empty((2, 1), dtype=np.float32)
-        blocked_matmul(indptr, columns, weight, dense, out, items, 1)
-        blocked_matmul_transposed(*layout.csc(), weight, dense, out, items, 1)
-        blocked_sddmm(indptr, columns, dense, dense, np.empty(2, dtype=np.float32), items, 1)
-
-    def row_items(self) -> np.ndarray:
-        items = ITEMS_PER_THREAD * numba.get_num_threads()
-        if self._row_items is None or len(self._row_items) != items + 1:
-            self._row_items = balanced_items(self.indptr, items)
-        return self._row_items
-
-    def csc(self) -> tuple:
-        """(csc_indptr, csc_rows, csc_order): the CSC permutation of the CSR arrays."""
-        if self._csc is None:
-            csc_indptr = np.zeros(self.shape[1] + 1, dtype=self.indptr.dtype)
-            csc_rows = np.empty(len(self.columns), dtype=self.columns.dtype)
-            csc_order = np.empty(len(self.columns), dtype=self.indptr.dtype)
-            csc_permutation(self.indptr, self.columns, self.shape[1], csc_indptr, csc_rows, csc_order)
-            self._csc = (csc_indptr, csc_rows, csc_order)
-        return self._csc
-
-    def column_items(self) -> np.ndarray:
-        items = ITEMS_PER_THREAD * numba.get_num_threads()
-        if self._column_items is None or len(self._column_items) != items + 1:
-            self._column_items = balanced_items(self.csc()[0], items)
-        return self._column_items
-
-    def arrays(self) -> dict:
-        """The CSC permutation's arrays once built (``SparseLinear.arrays`` counts them), else none."""
-        return {} if self._csc is None else dict(zip(("csc_indptr", "csc_rows", "csc_order"), self._csc, strict=True))
-
-
-def block_rows(batch: int) -> int:
-    """Rows of a (rows, batch) float32 operand that fill one cache block (``BLOCK_BYTES``)."""
-    return max(1, BLOCK_BYTES // (4 * max(1, batch)))
-
-
-def numba_training() -> TrainingProducts:
-    """The numba backend's training products, serial for small layers and parallel, cache-blocked for wide ones.
-
-    Each layer's ``matrix`` is a ``TrainingLayout``; the outputs are the layer's work buffers
-    (``SparseLinear.work_buffer``), allocated once per batch shape and overwritten by the next step.
-    """
-
-    def parallel(layer, batch: int) -> bool:
-        return layer.active_count * batch >= SERIAL_BELOW
-
-    def matmul(layer, inputs):
-        outputs = layer.work_buffer("outputs", (layer.shape[0], inputs.shape[1]), inputs.dtype)
-        if parallel(layer, inputs.shape[1]):
-            with numba.parallel_chunksize(1):
-                blocked_matmul(layer.indptr, layer.columns, layer.weight, inputs, outputs,
-                               layer.matrix.row_items(), block_rows(inputs.shape[1]))
-        else:
-            train_matmul(layer.indptr, layer.columns, layer.weight, inputs, outputs)
-        return outputs
-
-    def matmul_transposed(layer, grad_outputs):
-        grad_inputs = layer.work_buffer("grad_inputs", (layer.shape[1], grad_outputs.shape[1]), grad_outputs.dtype)
-        if parallel(layer, grad_outputs.shape[1]):
-            with numba.parallel_chunksize(1):
-                blocked_matmul_transposed(*layer.matrix.csc(), layer.weight, grad_outputs, grad_inputs,
-                                          layer.matrix.column_items(), block_rows(grad_outputs.shape[1]))
-        else:
-            grad_inputs.fill(0.0)
-            train_matmul_transposed(layer.indptr, layer.columns, layer.weight, grad_outputs, grad_inputs)
-        return grad_inputs
-
-    def sddmm(layer, left, right):
-        if parallel(layer, left.shape[1]):
-            with numba.parallel_chunksize(1):
-                blocked_sddmm(layer.indptr, layer.columns, left, right, layer.weight_grad,
-                              layer.matrix.row_items(), block_rows(left.shape[1]))
-        else:
-            train_sddmm(layer.indptr, layer.columns, left, right, layer.weight_grad)
-
-    return TrainingProducts(keeps_rows=False, matrix=TrainingLayout, matmul=matmul,
-                            matmul_transposed=matmul_transposed, sddmm=sddmm)
