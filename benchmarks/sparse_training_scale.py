@@ -54,7 +54,9 @@ def _shown(path: Path) -> str:
     except ValueError:
         return str(path)
 IN_FEATURES, CLASSES = 784, 10
-# Steps that are not timed: the first (buffers, CSC permutations) and each one right after an update.
+# The width the scaling goal measures the widest against: its activations (8 MiB a layer at batch 128) stay in cache.
+SCALING_REFERENCE = 16384
+# Steps that are not timed: the first (buffers, the kernels' index layouts) and each one right after an update.
 UNTIMED_AFTER_UPDATE = 1
 
 
@@ -358,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--replot", action="store_true", help="redraw the figure from the JSON, train nothing "
                         "(python -m benchmarks.sparse_training_scale --replot)")
+    parser.add_argument("--readme", action="store_true", help="print the README's table from the JSON, train nothing")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
@@ -366,7 +369,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """The CLI values, checked together (argparse checks each one)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.replot:
+    if args.replot or args.readme:
         return args
     if args.scale is None:
         parser.error("--scale WIDTH[,WIDTH...] is required (or --replot)")
@@ -393,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         plot(json.loads(path.read_text())["rows"]).savefig(path.with_suffix(".png"), dpi=120, bbox_inches="tight")
         print(f"redrew {path.with_suffix('.png')}")
         return
+    if args.readme:
+        print(readme_table(json.loads(path.read_text())["rows"]))
+        return
     rows = []
     for width in args.scale:
         spec = {"width": width, "density": args.density, "allocation": args.allocation, "epochs": args.epochs,
@@ -415,6 +421,30 @@ def main(argv: list[str] | None = None) -> None:
     path.write_text(json.dumps(report, indent=1))
     plot(merged).savefig(path.with_suffix(".png"), dpi=120, bbox_inches="tight")
     print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def readme_table(rows: list[dict]) -> str:
+    """The README's table of the eps20 widths in ``rows``, and how much more the widest costs per active weight
+    than ``SCALING_REFERENCE`` (the scaling goal's yardstick)."""
+    shown = sorted((row for row in rows if row["density"] == "eps20" and "skipped" not in row),
+                   key=lambda row: row["width"])
+    lines = ["| width | active weights | ms/step (median) | epoch | ns per active weight and sample | test acc. | "
+             "peak RSS beyond the bare process | model at the start / after the epoch |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in shown:
+        width = row["width"]
+        label = f"2 × {width} ({2 * width / 1e6:.2f} M neurons)" if 2 * width >= 10**6 else str(width)
+        lines.append(f"| {label} | {sum(row['active_weights'].values()) / 1e6:.2f} M | {row['step_ms_median']:,.1f} | "
+                     f"{row['train_s']:,.0f} s | {row['ns_per_active_weight_sample']:.3f} | "
+                     f"{row['test_accuracy']:.2f} % | "
+                     f"{(row['peak_rss_bytes'] - row['rss_before_model_bytes']) / 2**30:.2f} GiB | "
+                     f"{row['model_bytes'] / 2**30:.3f} / {row['model_bytes_after'] / 2**30:.3f} GiB |")
+    by_width = {row["width"]: row for row in shown}
+    if SCALING_REFERENCE in by_width and shown[-1]["width"] > SCALING_REFERENCE:
+        ratio = shown[-1]["ns_per_active_weight_sample"] / by_width[SCALING_REFERENCE]["ns_per_active_weight_sample"]
+        lines += ["", f"Per active weight and sample, width {shown[-1]['width']} costs {ratio:.2f}x what width "
+                      f"{SCALING_REFERENCE} does in this run (the goal: within 2x)."]
+    return "\n".join(lines)
 
 
 def format_row(row: dict) -> str:

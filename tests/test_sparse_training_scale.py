@@ -89,3 +89,25 @@ def test_the_entry_point_writes_json_and_figure(tmp_path):
     rows = json.loads((tmp_path / "sparse_training_scale.json").read_text())["rows"]
     assert [row["width"] for row in rows] == [16, 32] and all(row["steps"] == 3 for row in rows)
     assert (tmp_path / "sparse_training_scale.png").stat().st_size > 0
+
+
+def test_the_readme_holds_the_scale_table_of_the_committed_results():
+    rows = json.loads((scale.RESULTS / "sparse_training_scale.json").read_text())["rows"]
+    table = scale.readme_table(rows)
+    assert table.count("\n| ") >= 3 and "costs" in table  # the widths, and the widest against the reference
+    assert table in (ROOT / "README.md").read_text(), "README.md's scale table differs from " \
+        "sparse_training_scale.json: paste the output of `python -m benchmarks.sparse_training_scale --readme`"
+
+
+def test_the_scale_table_compares_the_widest_width_with_the_reference_per_active_weight():
+    def row(width, ns):
+        return {"width": width, "density": "eps20", "active_weights": {"fc1": 10**6}, "step_ms_median": 1.0,
+                "train_s": 1.0, "ns_per_active_weight_sample": ns, "test_accuracy": 90.0, "peak_rss_bytes": 2**30,
+                "rss_before_model_bytes": 0, "model_bytes": 0, "model_bytes_after": 0}
+
+    table = scale.readme_table([row(2**19, 0.5), row(scale.SCALING_REFERENCE, 0.2), {"width": 64, "density": "0.99"}])
+    assert table.splitlines()[2].startswith(f"| {scale.SCALING_REFERENCE} |")  # width order; other densities out
+    assert "| 2 × 524288 (1.05 M neurons) |" in table
+    assert table.endswith(f"width 524288 costs 2.50x what width {scale.SCALING_REFERENCE} does in this run "
+                          "(the goal: within 2x).")
+    assert "costs" not in scale.readme_table([row(2**19, 0.5)])  # no reference width run: no ratio

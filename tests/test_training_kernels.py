@@ -47,51 +47,59 @@ layer_shapes = st.tuples(st.integers(1, 40), st.integers(1, 40), st.sampled_from
                          st.integers(1, 9), st.integers(1, 8), st.integers(1, 6), st.integers(0, 10**6))
 
 
-@settings(max_examples=60, deadline=None)
-@given(layer_shapes)
-def test_blocked_kernels_equal_the_serial_ones_bitwise(case):
-    from dst.csr.numba_training import balanced_items
-    from dst.csr.numba_training_kernels import (
-        blocked_matmul,
-        blocked_matmul_transposed,
-        blocked_sddmm,
-        train_matmul,
-        train_matmul_transposed,
-        train_sddmm,
-    )
+def serial_case(out_features, in_features, density, batch, seed):
+    """A random layer (empty rows and columns included), its operands, and the serial kernels' products.
 
-    out_features, in_features, density, batch, block, items, seed = case
+    The serial products are checked against numpy on the dense matrix here, so a kernel equal to
+    them bitwise is right too. Returns the CSR arrays, the operands and ``(outputs, dA, dW)``.
+    """
+    from dst.csr.numba_training_kernels import train_matmul, train_matmul_transposed, train_sddmm
+
     rng = np.random.default_rng(seed)
     indptr, columns, weight, mask = random_layer(rng, out_features, in_features, density,
                                                  empty_rows=range(0, out_features, 3),
                                                  empty_columns=range(1, in_features, 4))
     inputs = rng.standard_normal((in_features, batch)).astype(np.float32)
     grad_outputs = rng.standard_normal((out_features, batch)).astype(np.float32)
-    row_items = balanced_items(indptr, items)
-
-    serial, blocked = np.empty((out_features, batch), np.float32), np.full((out_features, batch), np.nan, np.float32)
     bias, relu = rng.standard_normal(out_features).astype(np.float32), bool(seed % 2)
-    train_matmul(indptr, columns, weight, inputs, bias, relu, serial)
-    blocked_matmul(indptr, columns, weight, inputs, bias, relu, blocked, row_items, block)
-    np.testing.assert_array_equal(blocked, serial)
+    outputs, grad_inputs = np.empty((out_features, batch), np.float32), np.zeros((in_features, batch), np.float32)
+    weight_grad = np.empty(len(weight), np.float32)
+    train_matmul(indptr, columns, weight, inputs, bias, relu, outputs)
+    train_matmul_transposed(indptr, columns, weight, grad_outputs, grad_inputs)
+    train_sddmm(indptr, columns, grad_outputs, inputs, weight_grad)
+
     dense = np.zeros((out_features, in_features), np.float32)
     dense[mask] = weight
     expected = dense @ inputs + bias[:, None]
-    np.testing.assert_allclose(serial, np.maximum(expected, 0) if relu else expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outputs, np.maximum(expected, 0) if relu else expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_inputs, dense.T @ grad_outputs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(weight_grad, (grad_outputs @ inputs.T)[mask], rtol=1e-5, atol=1e-5)
+    return (indptr, columns, weight), (inputs, grad_outputs, bias, relu), (outputs, grad_inputs, weight_grad)
 
-    serial_t = np.zeros((in_features, batch), np.float32)
-    blocked_t = np.full((in_features, batch), np.nan, np.float32)  # every entry overwritten, empty columns too
-    train_matmul_transposed(indptr, columns, weight, grad_outputs, serial_t)
+
+def unwritten(*shape):
+    """NaNs: a kernel must overwrite every entry (empty rows and columns too)."""
+    return np.full(shape, np.nan, np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_shapes)
+def test_blocked_kernels_equal_the_serial_ones_bitwise(case):
+    from dst.csr.numba_training import balanced_items
+    from dst.csr.numba_training_kernels import blocked_matmul, blocked_matmul_transposed, blocked_sddmm
+
+    out_features, in_features, density, batch, block, items, seed = case
+    (indptr, columns, weight), (inputs, grad_outputs, bias, relu), serial = serial_case(
+        out_features, in_features, density, batch, seed)
+    row_items = balanced_items(indptr, items)
+    outputs, grad_inputs, weight_grad = unwritten(out_features, batch), unwritten(in_features, batch), unwritten(
+        len(weight))
+    blocked_matmul(indptr, columns, weight, inputs, bias, relu, outputs, row_items, block)
     csc = csc_of(indptr, columns, in_features)
-    blocked_matmul_transposed(*csc, weight, grad_outputs, blocked_t, balanced_items(csc[0], items), block)
-    np.testing.assert_array_equal(blocked_t, serial_t)
-    np.testing.assert_allclose(serial_t, dense.T @ grad_outputs, rtol=1e-5, atol=1e-5)
-
-    serial_g, blocked_g = np.empty(len(weight), np.float32), np.full(len(weight), np.nan, np.float32)
-    train_sddmm(indptr, columns, grad_outputs, inputs, serial_g)
-    blocked_sddmm(indptr, columns, grad_outputs, inputs, blocked_g, row_items, block)
-    np.testing.assert_array_equal(blocked_g, serial_g)
-    np.testing.assert_allclose(serial_g, (grad_outputs @ inputs.T)[mask], rtol=1e-5, atol=1e-5)
+    blocked_matmul_transposed(*csc, weight, grad_outputs, grad_inputs, balanced_items(csc[0], items), block)
+    blocked_sddmm(indptr, columns, grad_outputs, inputs, weight_grad, row_items, block)
+    for blocked, reference in zip((outputs, grad_inputs, weight_grad), serial, strict=True):
+        np.testing.assert_array_equal(blocked, reference)
 
 
 @settings(max_examples=30, deadline=None)
@@ -127,37 +135,19 @@ def tiles_of(indptr, columns, shape, height, width):
 @settings(max_examples=60, deadline=None)
 @given(layer_shapes)
 def test_tiled_kernels_equal_the_serial_ones_bitwise(case):
-    from dst.csr.numba_training_kernels import (
-        tiled_backward,
-        tiled_matmul,
-        train_matmul,
-        train_matmul_transposed,
-        train_sddmm,
-    )
+    from dst.csr.numba_training_kernels import tiled_backward, tiled_matmul
 
     out_features, in_features, density, batch, height, width, seed = case
-    rng = np.random.default_rng(seed)
-    indptr, columns, weight, mask = random_layer(rng, out_features, in_features, density,
-                                                 empty_rows=range(0, out_features, 3),
-                                                 empty_columns=range(1, in_features, 4))
-    inputs = rng.standard_normal((in_features, batch)).astype(np.float32)
-    grad_outputs = rng.standard_normal((out_features, batch)).astype(np.float32)
+    (indptr, columns, weight), (inputs, grad_outputs, bias, relu), serial = serial_case(
+        out_features, in_features, density, batch, seed)
     by_row, by_column = tiles_of(indptr, columns, (out_features, in_features), height, width)
-
-    serial, tiled = np.empty((out_features, batch), np.float32), np.full((out_features, batch), np.nan, np.float32)
-    bias, relu = rng.standard_normal(out_features).astype(np.float32), bool(seed % 2)
-    train_matmul(indptr, columns, weight, inputs, bias, relu, serial)
-    tiled_matmul(*by_row, weight, inputs, bias, relu, tiled, height)
-    np.testing.assert_array_equal(tiled, serial)
-
-    serial_t = np.zeros((in_features, batch), np.float32)
-    tiled_t = np.full((in_features, batch), np.nan, np.float32)  # every entry overwritten, empty columns too
-    serial_g, tiled_g = np.empty(len(weight), np.float32), np.full(len(weight), np.nan, np.float32)
-    train_matmul_transposed(indptr, columns, weight, grad_outputs, serial_t)
-    train_sddmm(indptr, columns, grad_outputs, inputs, serial_g)
-    tiled_backward(*by_column, weight, grad_outputs, inputs, relu, tiled_t, tiled_g, width)
-    np.testing.assert_array_equal(tiled_t, serial_t * (inputs > 0) if relu else serial_t)  # ReLU's backward
-    np.testing.assert_array_equal(tiled_g, serial_g)
+    outputs, grad_inputs, weight_grad = unwritten(out_features, batch), unwritten(in_features, batch), unwritten(
+        len(weight))
+    tiled_matmul(*by_row, weight, inputs, bias, relu, outputs, height)
+    tiled_backward(*by_column, weight, grad_outputs, inputs, relu, grad_inputs, weight_grad, width)
+    np.testing.assert_array_equal(outputs, serial[0])
+    np.testing.assert_array_equal(grad_inputs, serial[1] * (inputs > 0) if relu else serial[1])  # ReLU's backward
+    np.testing.assert_array_equal(weight_grad, serial[2])
 
 
 @settings(max_examples=30, deadline=None)
@@ -181,18 +171,21 @@ def test_the_tiles_hold_every_weight_once_in_their_order(case):
             assert np.all(np.diff(keys) > 0)
 
 
-def test_tiles_pay_only_past_a_cache_block_with_enough_tiles_for_every_thread(monkeypatch):
+def test_tiles_only_where_the_operand_outgrows_a_cache_block_and_every_thread_gets_work(monkeypatch):
     import numba
 
     from dst.csr import numba_training
+    from dst.csr.numba_training import BLOCK_BYTES, TILE_BYTES, column_tiling, row_tiling
 
-    threads = numba.get_num_threads()
-    block_rows = numba_training.BLOCK_BYTES // (4 * 128)
-    assert not numba_training.tiles_pay(block_rows, 10**6, 1000, 128)  # the gathered rows fit a block
-    assert numba_training.tiles_pay(block_rows + 1, 2 * threads * 1000, 1000, 128)
-    assert not numba_training.tiles_pay(block_rows + 1, 2 * threads * 1000 - 1000, 1000, 128)  # too few tiles
-    assert numba_training.tile_extent(128, 1) == numba_training.TILE_BYTES // 512
-    assert numba_training.tile_extent(128, 2) == numba_training.TILE_BYTES // 1024
+    threads, past_block = numba.get_num_threads(), BLOCK_BYTES // (4 * 128) + 1
+    height, width = TILE_BYTES // (4 * 128), TILE_BYTES // (8 * 128)  # rows of outputs; rows of dA and of A
+    assert row_tiling((10**6, past_block - 1), 128) is None  # the inputs fit a block: the blocked kernel
+    assert row_tiling((2 * threads * height, past_block), 128) == height
+    assert row_tiling((2 * threads * height - height, past_block), 128) is None  # a thread would get one tile
+    assert column_tiling((10, max(2 * threads * width, past_block)), 128) == width
+    assert column_tiling((10**6, BLOCK_BYTES // (4 * 128)), 128) is None  # A and dA fit a block
+    monkeypatch.setattr(numba_training, "BLOCK_BYTES", 0)
+    assert column_tiling((10**6, 2 * threads * width - width), 128) is None  # a thread would get one tile
 
 
 def test_balanced_items_cover_every_row_once_with_about_equal_work():
@@ -211,14 +204,16 @@ def test_a_step_on_the_parallel_path_equals_one_on_the_serial_path(monkeypatch, 
     rng = np.random.default_rng(batch)
     x, y = rng.standard_normal((batch, 50)).astype(np.float32), rng.integers(0, 5, batch)
     runs, layouts = {}, {}
-    # serial; blocked (three rows a block: many blocks, tiles never pay); tiled (every operand past a
-    # block, tiles of three rows: every wide product tiles)
-    for path, threshold, block_bytes, tile_bytes in (("serial", 1 << 60, 1 << 24, 1 << 23),
-                                                     ("blocked", 0, 4 * batch * 3, 1 << 40),
-                                                     ("tiled", 0, 0, 4 * batch * 6)):
+    # serial; blocked (three rows a block: many blocks; tiles of one row, never enough a thread); tiled
+    # (every operand past a block, tiles of six rows of outputs, three of dA and A: every product tiles
+    # but the 5-class layer's W @ A, one tile)
+    for path, threshold, block_bytes, tile_bytes, tiles_per_thread in (
+            ("serial", 1 << 60, 1 << 24, 1 << 23, 2), ("blocked", 0, 4 * batch * 3, 1, 10**9),
+            ("tiled", 0, 0, 4 * batch * 6, 2)):
         monkeypatch.setattr(numba_training, "SERIAL_BELOW", threshold)
         monkeypatch.setattr(numba_training, "BLOCK_BYTES", block_bytes)
         monkeypatch.setattr(numba_training, "TILE_BYTES", tile_bytes)
+        monkeypatch.setattr(numba_training, "TILES_PER_THREAD", tiles_per_thread)
         model = SparseMLP.random(50, (40, 30), 5, sparsity=0.7, seed=3, backend="numba")
         losses = [model.train_step(x, y) for _ in range(3)]
         model.update_topology(0.3)
@@ -230,7 +225,7 @@ def test_a_step_on_the_parallel_path_equals_one_on_the_serial_path(monkeypatch, 
     assert layouts["serial"] == {"fc1": [], "fc2": [], "fc3": []}
     assert layouts["blocked"] == {"fc1": [], "fc2": ["csc_indptr", "csc_order", "csc_rows"],
                                   "fc3": ["csc_indptr", "csc_order", "csc_rows"]}
-    # fc3 has 5 output rows: under two tiles a thread, so its W @ A stays blocked; fc1 is never asked for dA
+    # fc1 is never asked for dA
     assert layouts["tiled"] == {"fc1": ["row_tiles"], "fc2": ["column_tiles", "row_tiles"], "fc3": ["column_tiles"]}
     for path in ("blocked", "tiled"):
         assert runs[path][0] == runs["serial"][0], path

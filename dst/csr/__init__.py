@@ -9,8 +9,10 @@ Modules, one concept each:
     backends       the one backend registry (scipy, numba, cupy, torch): a backend is a name, its ``ops`` an object
     kinds          the one registry of layer kinds, one module each: conv and linear (CSR), fan_in (condensed
                    constant fan-in), bsr (block-sparse rows), relu, maxpool, flatten
-    numba_backend  the numba backend: its CSR conv and linear steps and its training products
-    numba_kernels  the compiled kernels behind it
+    numba_backend  the numba backend: its CSR conv and linear steps
+    numba_kernels  the compiled kernels behind them
+    numba_training the numba backend's training products and the index layouts they read
+    numba_training_kernels  their compiled kernels: serial, cache-blocked and tiled
     torch_backend  the torch.sparse backend (inference only)
     steps          CSR inference steps on any backend: im2col conv with max-pool folded in, linear, ReLU, ...
     convert        a MaskedNet's layer chain as plain data (architecture + each layer's arrays), kinds by layout

@@ -3,9 +3,9 @@ step, and the index layouts those kernels read, kept per topology (``TrainingLay
 
 Kernels in ``dst.csr.numba_training_kernels``. A product on a small layer runs serially (the
 tutorial's layers: ``SERIAL_BELOW``); on a wide one in parallel, cache-blocked where the
-operand it gathers from fits the L3 cache, and in tiles where it does not (``tiles_pay``:
-a million-neuron MLP, whose activations are 268 MB a layer at batch 128). Every path adds
-each output's terms in the serial kernels' order: the same sums, bitwise.
+operand it gathers from fits the L3 cache, and in tiles where it does not (``row_tiling``,
+``column_tiling``: a million-neuron MLP, whose activations are 268 MB a layer at batch 128).
+Every path adds each output's terms in the serial kernels' order: the same sums, bitwise.
 """
 
 import numba
@@ -35,7 +35,7 @@ SERIAL_BELOW = 1 << 22
 # 32 MiB L3, so the block stays there while every work item takes its weights in it. The best size measured
 # (AMD EPYC, a training step at width 524288, eps20, medians of 4: 16 MiB 1.87-2.18 s, 32/64 MiB 2.31-2.57 s,
 # 4 MiB 3.13-3.15 s, 1 MiB 4.33-4.64 s): smaller blocks pass over each item's rows once more per block.
-# An operand bigger than a block is where tiles take over (``tiles_pay``).
+# An operand bigger than a block is where tiles take over (``outgrows_cache``).
 BLOCK_BYTES = 16 << 20
 # Bytes of the rows one tile keeps in cache (its outputs; for the backward, its rows of dA and of A), a
 # quarter of the L3 so both threads' tiles and the rows streaming past them fit. Measured on the
@@ -68,11 +68,32 @@ def tile_extent(batch: int, operands: int) -> int:
     return max(1, TILE_BYTES // (4 * max(1, batch) * operands))
 
 
-def tiles_pay(gathered_rows: int, tiled_rows: int, extent: int, batch: int) -> bool:
-    """Whether a product tiles: the operand the blocked kernel would gather from is bigger than a cache
-    block, and ``tiled_rows`` make at least ``TILES_PER_THREAD`` tiles of ``extent`` rows a thread."""
-    tiles = -(-tiled_rows // extent)
-    return 4 * gathered_rows * batch > BLOCK_BYTES and tiles >= TILES_PER_THREAD * numba.get_num_threads()
+def outgrows_cache(rows: int, batch: int) -> bool:
+    """Whether a (rows, batch) float32 operand a blocked kernel gathers from is bigger than its cache block."""
+    return 4 * rows * batch > BLOCK_BYTES
+
+
+def enough_tiles(rows: int, extent: int) -> bool:
+    """Whether ``rows`` make at least ``TILES_PER_THREAD`` tiles of ``extent`` rows for every thread."""
+    return -(-rows // extent) >= TILES_PER_THREAD * numba.get_num_threads()
+
+
+def row_tiling(shape: tuple[int, int], batch: int) -> int | None:
+    """Tile height (output rows) of the tiled W @ A for an (out, in) layer, or None: the blocked kernel.
+    Tiles where the inputs outgrow the cache and make ``TILES_PER_THREAD`` tiles a thread. (A layer of a
+    few outputs, the 10-class one, stays blocked: in one tile, even with the batch split between the
+    threads, its W @ A at width 524288 took 126 ms against the blocked kernel's 91 ms.)"""
+    height = tile_extent(batch, 1)
+    out_features, in_features = shape
+    return height if outgrows_cache(in_features, batch) and enough_tiles(out_features, height) else None
+
+
+def column_tiling(shape: tuple[int, int], batch: int) -> int | None:
+    """Tile width (input columns) of the fused, tiled backward for an (out, in) layer, or None: the blocked
+    kernels. Tiles where A and dA outgrow the cache and make ``TILES_PER_THREAD`` tiles a thread."""
+    width = tile_extent(batch, 2)  # a tile keeps its rows of dA and of A
+    in_features = shape[1]
+    return width if outgrows_cache(in_features, batch) and enough_tiles(in_features, width) else None
 
 
 class TrainingLayout:
@@ -191,10 +212,10 @@ def numba_training() -> TrainingProducts:
     def matmul(layer, inputs, relu: bool):
         batch = inputs.shape[1]
         outputs = layer.work_buffer("outputs", (layer.shape[0], batch), inputs.dtype)
-        height = tile_extent(batch, 1)
+        height = row_tiling(layer.shape, batch)
         if not parallel(layer, batch):
             train_matmul(layer.indptr, layer.columns, layer.weight, inputs, layer.bias, relu, outputs)
-        elif tiles_pay(layer.shape[1], layer.shape[0], height, batch):
+        elif height is not None:
             with numba.parallel_chunksize(1):
                 tiled_matmul(*layer.matrix.row_tiles(height), layer.weight, inputs, layer.bias, relu, outputs, height)
         else:
@@ -224,8 +245,8 @@ def numba_training() -> TrainingProducts:
 
     def backward(layer, grad_outputs, inputs, need_input_grad: bool, relu_input: bool):
         batch = grad_outputs.shape[1]
-        width = tile_extent(batch, 2)  # a tile keeps its rows of dA and of A
-        if not (need_input_grad and parallel(layer, batch) and tiles_pay(layer.shape[1], layer.shape[1], width, batch)):
+        width = column_tiling(layer.shape, batch)
+        if not (need_input_grad and parallel(layer, batch) and width is not None):
             return separate_backward(layer, grad_outputs, inputs, need_input_grad, relu_input)
         grad_inputs = layer.work_buffer("grad_inputs", (layer.shape[1], batch), grad_outputs.dtype)
         with numba.parallel_chunksize(1):
