@@ -312,12 +312,13 @@ def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict]) -> Figure:
-    """Step time and peak RSS (with the model's own bytes) against width, one line per density."""
+    """Step time and peak RSS (with the model's own bytes) against width, one line per density; the widths
+    refused as too big for memory are named under the plots."""
     figure = Figure(figsize=(11, 4.5))
     time_axis, memory_axis = figure.subplots(1, 2)
-    for density in sorted({row["density"] for row in rows}):
-        own = sorted((row for row in rows if row["density"] == density and row.get("step_ms_median")),
-                     key=lambda row: row["width"])
+    trained = [row for row in rows if row.get("step_ms_median")]
+    for density in sorted({row["density"] for row in trained}):
+        own = sorted((row for row in trained if row["density"] == density), key=lambda row: row["width"])
         widths = [row["width"] for row in own]
         time_axis.plot(widths, [row["step_ms_median"] for row in own], "-o", label=f"{density}")
         line, = memory_axis.plot(widths, [row["peak_rss_bytes"] / 2**30 for row in own], "-o",
@@ -327,15 +328,22 @@ def plot(rows: list[dict]) -> Figure:
         memory_axis.plot(widths, [row["model_bytes_after"] / 2**30 for row in own], "--", color=line.get_color(),
                          label=f"{density}: model (weights, grads, state, indices)")
     for axis, label in ((time_axis, "ms per training step (batch 128)"), (memory_axis, "GiB")):
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
         axis.set_xlabel("hidden width (784 -> w -> w -> 10)")
         axis.set_ylabel(label)
+        if not trained:  # nothing to put on a log scale
+            axis.text(0.5, 0.5, "no width trained", ha="center", va="center", transform=axis.transAxes)
+            continue
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)
     time_axis.set_title("Truly sparse training step (numba)")
     memory_axis.set_title("Memory")
-    figure.tight_layout()
+    refused = [f"width {row['width']} at {row['density']}" for row in rows if "skipped" in row]
+    if refused:
+        figure.text(0.5, 0.01, "does not fit in memory, refused before allocating: " + "; ".join(refused),
+                    ha="center", fontsize=8)
+    figure.tight_layout(rect=(0, 0.04 if refused else 0, 1, 1))
     return figure
 
 

@@ -111,3 +111,16 @@ def test_the_scale_table_compares_the_widest_width_with_the_reference_per_active
     assert table.endswith(f"width 524288 costs 2.50x what width {scale.SCALING_REFERENCE} does in this run "
                           "(the goal: within 2x).")
     assert "costs" not in scale.readme_table([row(2**19, 0.5)])  # no reference width run: no ratio
+
+
+def test_the_figure_names_a_width_refused_for_memory_even_when_nothing_trained():
+    refused = {"width": 262144, "density": "0.99", "skipped": "needs 44.87 GiB"}
+    trained = {"width": 4096, "density": "eps20", "step_ms_median": 6.0, "peak_rss_bytes": 2**30,
+               "rss_before_model_bytes": 2**29, "model_bytes_after": 2**22}
+    for rows in ([refused], [trained, refused]):
+        figure = scale.plot(rows)
+        figure.canvas.draw()  # the layout and the log scales must work, not only the calls
+        notes = [text.get_text() for text in figure.texts]
+        assert notes == ["does not fit in memory, refused before allocating: width 262144 at 0.99"]
+        axis_texts = [text.get_text() for axis in figure.axes for text in axis.texts]
+        assert axis_texts == (["no width trained"] * 2 if rows == [refused] else [])
