@@ -7,6 +7,9 @@ the cores of the engine timed next. The packages come from ``requirements-benchm
 installs it); where they are missing, the function returns the one-line reason instead and the benchmark skips
 the row.
 
+``torch_channels_last_forwards`` runs the same plain dense model in torch with channels-last activations, the
+layout torch's CPU convolutions run fastest in (the notebook's inputs are channels-last too); torch is always here.
+
 ``mkl_forwards`` runs this package's scipy engine (im2col convolutions, CSR linears) with every CSR x dense
 product done by Intel MKL's sparse BLAS (``sparse_dot_mkl.dot_product_mkl``): the engine a user gets by
 pointing the reference backend at MKL. MKL is loaded from ``$MKL_RT``, or else from the ``libmkl_rt.so`` that
@@ -28,7 +31,22 @@ from dst.csr.model import SparseNet
 from dst.engine.masked import MaskedNet
 
 ONNXRUNTIME = "onnxruntime (dense model)"
+TORCH_CHANNELS_LAST = "torch dense, channels_last"
 MKL = "MKL sparse BLAS (scipy engine)"
+
+
+def plain_dense(masked: MaskedNet) -> MaskedNet:
+    """A copy of ``masked`` in eval mode without its mask step: the stored inactive weights are zero, so it is the
+    same function as a plain dense net."""
+    plain = copy.deepcopy(masked).eval()
+    for layer in plain.masked_layers().values():
+        layer.apply_mask = False
+    return plain
+
+
+def computes_the_same(got: np.ndarray, expected: np.ndarray) -> bool:
+    """Whether a peer's logits match the masked net's, to float32 tolerance scaled by their size."""
+    return np.allclose(got, expected, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(expected).max())))
 
 
 def onnxruntime_forwards(masked: MaskedNet, inputs: torch.Tensor) -> dict[str, object] | str:
@@ -39,9 +57,7 @@ def onnxruntime_forwards(masked: MaskedNet, inputs: torch.Tensor) -> dict[str, o
         import onnxruntime
     except ImportError as error:
         return f"{ONNXRUNTIME}: not installed ({error.name}); make benchmarks installs requirements-benchmarks.txt"
-    plain = copy.deepcopy(masked).eval()
-    for layer in plain.masked_layers().values():
-        layer.apply_mask = False  # the stored inactive weights are zero: the same function, no mask step
+    plain = plain_dense(masked)
     exported = io.BytesIO()
     # The TorchScript exporter (dynamo=False): the torch.export one needs onnxscript besides onnx, for a plain
     # Sequential of convs and linears that both export alike. Its deprecation notice says nothing about this net.
@@ -59,10 +75,27 @@ def onnxruntime_forwards(masked: MaskedNet, inputs: torch.Tensor) -> dict[str, o
         session = onnxruntime.InferenceSession(exported.getvalue(), options, providers=["CPUExecutionProvider"])
         expected = plain(inputs).detach().numpy()
         got = session.run(None, feed)[0]
-        if not np.allclose(got, expected, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(expected).max()))):
+        if not computes_the_same(got, expected):
             raise ValueError("onnxruntime's exported model does not compute the masked net's function")
         forwards[label] = (lambda session=session: session.run(None, feed)), None
     return forwards
+
+
+def torch_channels_last_forwards(masked: MaskedNet, inputs: torch.Tensor) -> dict[str, object]:
+    """``{"own threads": forward, "1 thread": forward}`` running ``masked``'s function as a plain dense torch model
+    on channels-last activations; the benchmark sets torch's thread count for each block, as for the masked net."""
+    plain = plain_dense(masked).to(memory_format=torch.channels_last)
+    batch = inputs.detach().cpu().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got, expected = plain(batch).numpy(), copy.deepcopy(masked).eval()(inputs).detach().numpy()
+    if not computes_the_same(got, expected):
+        raise ValueError("the channels_last dense model does not compute the masked net's function")
+
+    def run():
+        with torch.inference_mode():
+            return plain(batch)
+
+    return {"own threads": (run, None), "1 thread": (run, None)}
 
 
 def mkl_forwards(masked: MaskedNet, inputs: torch.Tensor) -> dict[str, object] | str:
@@ -87,7 +120,7 @@ def mkl_forwards(masked: MaskedNet, inputs: torch.Tensor) -> dict[str, object] |
     model.ops.matmul = product  # this model's own operations object: every step of it multiplies through MKL
     expected = copy.deepcopy(masked).eval()(inputs).detach().numpy()  # the caller's net keeps its mode
     got = np.asarray(model(inputs))
-    if not calls or not np.allclose(got, expected, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(expected).max()))):
+    if not calls or not computes_the_same(got, expected):
         raise ValueError("the MKL engine does not compute the masked net's function")
 
     def forward(threads: int):
