@@ -77,9 +77,10 @@ def serial_case(out_features, in_features, density, batch, seed):
     return (indptr, columns, weight), (inputs, grad_outputs, bias, relu), (outputs, grad_inputs, weight_grad)
 
 
-def unwritten(*shape):
-    """NaNs: a kernel must overwrite every entry (empty rows and columns too)."""
-    return np.full(shape, np.nan, np.float32)
+def unwritten(serial):
+    """NaN arrays shaped like the serial products: a kernel must overwrite every entry (empty rows and columns
+    too)."""
+    return tuple(np.full(product.shape, np.nan, np.float32) for product in serial)
 
 
 @settings(max_examples=60, deadline=None)
@@ -92,8 +93,7 @@ def test_blocked_kernels_equal_the_serial_ones_bitwise(case):
     (indptr, columns, weight), (inputs, grad_outputs, bias, relu), serial = serial_case(
         out_features, in_features, density, batch, seed)
     row_items = balanced_items(indptr, items)
-    outputs, grad_inputs, weight_grad = unwritten(out_features, batch), unwritten(in_features, batch), unwritten(
-        len(weight))
+    outputs, grad_inputs, weight_grad = unwritten(serial)
     blocked_matmul(indptr, columns, weight, inputs, bias, relu, outputs, row_items, block)
     csc = csc_of(indptr, columns, in_features)
     blocked_matmul_transposed(*csc, weight, grad_outputs, grad_inputs, balanced_items(csc[0], items), block)
@@ -117,19 +117,11 @@ def test_csc_permutation_lists_each_column_rows_ascending(out_features, in_featu
 
 
 def tiles_of(indptr, columns, shape, height, width):
-    """Both tile layouts of a CSR pattern, built by the kernels' builders."""
-    from dst.csr.numba_training_kernels import column_tiles, row_tiles
+    """Both tile layouts of a CSR pattern, as the layer's ``TrainingLayout`` builds them."""
+    from dst.csr.numba_training import TrainingLayout
 
-    def entries():
-        return tuple(np.empty(len(columns), dtype=dtype) for dtype in (columns.dtype, columns.dtype, indptr.dtype))
-
-    rows, cols, order = entries()
-    row_tiles(indptr, columns, shape[1], height, rows, cols, order)
-    row_pointers = indptr[np.append(np.arange(0, shape[0], height), shape[0])].astype(np.int64)
-    column_pointers = np.zeros(-(-shape[1] // width) + 1, dtype=np.int64)
-    by_column = entries()
-    column_tiles(indptr, columns, width, column_pointers, *by_column)
-    return (row_pointers, rows, cols, order), (column_pointers, *by_column)
+    layout = TrainingLayout(None, columns, indptr, shape)
+    return layout.row_tiles(height), layout.column_tiles(width)
 
 
 @settings(max_examples=60, deadline=None)
@@ -141,8 +133,7 @@ def test_tiled_kernels_equal_the_serial_ones_bitwise(case):
     (indptr, columns, weight), (inputs, grad_outputs, bias, relu), serial = serial_case(
         out_features, in_features, density, batch, seed)
     by_row, by_column = tiles_of(indptr, columns, (out_features, in_features), height, width)
-    outputs, grad_inputs, weight_grad = unwritten(out_features, batch), unwritten(in_features, batch), unwritten(
-        len(weight))
+    outputs, grad_inputs, weight_grad = unwritten(serial)
     tiled_matmul(*by_row, weight, inputs, bias, relu, outputs, height)
     tiled_backward(*by_column, weight, grad_outputs, inputs, relu, grad_inputs, weight_grad, width)
     np.testing.assert_array_equal(outputs, serial[0])
