@@ -212,10 +212,9 @@ def numba_training() -> TrainingProducts:
     def matmul(layer, inputs, relu: bool):
         batch = inputs.shape[1]
         outputs = layer.work_buffer("outputs", (layer.shape[0], batch), inputs.dtype)
-        height = row_tiling(layer.shape, batch)
         if not parallel(layer, batch):
             train_matmul(layer.indptr, layer.columns, layer.weight, inputs, layer.bias, relu, outputs)
-        elif height is not None:
+        elif (height := row_tiling(layer.shape, batch)) is not None:
             with numba.parallel_chunksize(1):
                 tiled_matmul(*layer.matrix.row_tiles(height), layer.weight, inputs, layer.bias, relu, outputs, height)
         else:
@@ -245,8 +244,8 @@ def numba_training() -> TrainingProducts:
 
     def backward(layer, grad_outputs, inputs, need_input_grad: bool, relu_input: bool):
         batch = grad_outputs.shape[1]
-        width = column_tiling(layer.shape, batch)
-        if not (need_input_grad and parallel(layer, batch) and width is not None):
+        width = column_tiling(layer.shape, batch) if need_input_grad and parallel(layer, batch) else None
+        if width is None:
             return separate_backward(layer, grad_outputs, inputs, need_input_grad, relu_input)
         grad_inputs = layer.work_buffer("grad_inputs", (layer.shape[1], batch), grad_outputs.dtype)
         with numba.parallel_chunksize(1):
