@@ -220,7 +220,7 @@ def train_width(spec: dict) -> dict:
     row["active_weights"] = model.active_counts()
     row["model_bytes"] = model.nbytes()
     row |= train_epochs(model, run, spec, train_x, train_y)
-    row["model_bytes_after"] = model.nbytes()  # with the CSC permutations the parallel W.T @ dZ built
+    row["model_bytes_after"] = model.nbytes()  # with the index layouts the parallel products built
     row["peak_rss_bytes"] = peak_rss_bytes()
     if row["finished_epochs"] == spec["epochs"]:
         row["test_accuracy"] = model.evaluate(test_x, test_y, batch_size=spec["batch_size"])
@@ -236,7 +236,7 @@ def train_epochs(model: SparseMLP, run: dict, spec: dict, train_x, train_y) -> d
     checkpoint = Path(spec["checkpoint"] or CHECKPOINTS / f"sparse_training_scale_{run['width']}_{run['density']}.npz")
     bar = Progress(total, f"width {run['width']} {run['density']}", enabled=spec["progress"])
     bar.update(model.steps)
-    untimed = 1  # the first step of a process: buffers and CSC permutations are made there
+    untimed = 1  # the first step of a process: buffers and the kernels' index layouts are made there
     started = time.perf_counter()
     while run["epoch"] < spec["epochs"] and model.steps < total:
         order = run["order"]

@@ -63,7 +63,7 @@ class SparseLinear:
         indptr: (out + 1,) row ``i`` owns entries ``indptr[i]:indptr[i + 1]``.
         rows: (nnz,) each weight's row, only where the backend's SDDMM needs it (else None).
         matrix: the backend's CSR matrix over those same arrays (for numba, a ``TrainingLayout``: its
-            work split and the CSC permutation of these arrays its parallel W.T @ dZ gathers over).
+            work split and the index layouts its parallel products read, built on first use).
         bias, bias_grad: (out,) dense.
         weight_grad: (nnz,) the loss gradient at the active positions only.
         state, bias_state: optimizer values by name (momentum, Adam moments),
@@ -198,7 +198,7 @@ class SparseLinear:
         count = moved_count(len(before), numel, prune_ratio)
         if count == 0:
             return LayerUpdate(active=len(before), pruned=0, regrown=0)
-        # The gradient (never an input here: RigL is refused) and numba's CSC permutation are remade
+        # The gradient (never an input here: RigL is refused) and numba's index layouts (CSC, tiles) are remade
         # for the new topology anyway; freed now, they leave room for the update's own temporaries.
         self.matrix = self.weight_grad = None
         magnitudes = self.ops.to_numpy(xp.abs(self.weight))
